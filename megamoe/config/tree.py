@@ -1,0 +1,194 @@
+"""The config tree: frozen dataclasses, one per YAML section. Defaults are the base; YAML files hold deltas.
+
+Field names follow Megatron-LM's command-line arguments where one exists (`--train-iters` is
+`train.train_iters`), grouped by section. Every field has a docstring; the README's configuration
+reference is generated from them (`tools/config_reference.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelConfig:
+    """GPT architecture, built from megatron-core (Llama/Mixtral options by default)."""
+
+    num_layers: int
+    """Transformer layers."""
+    hidden_size: int
+    """Model width d."""
+    num_attention_heads: int
+    """Query heads."""
+    ffn_hidden_size: int | None = None
+    """Width of the dense MLP. None: 4 * hidden_size (Megatron's default)."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention. None: one per query head (multi-head attention)."""
+    kv_channels: int | None = None
+    """Head dimension. None: hidden_size / num_attention_heads."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Norm type of every norm in the model."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the norms."""
+    swiglu: bool = True
+    """SwiGLU MLP (gated SiLU). False: GELU MLP."""
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    """Rotary (Llama) or learned absolute (GPT-2) position embeddings."""
+    rotary_base: int = 10000
+    """RoPE theta."""
+    max_position_embeddings: int | None = None
+    """Longest sequence the position embedding covers. None: data.seq_length."""
+    untie_embeddings_and_output_weights: bool = True
+    """Separate input embedding and output projection (Llama). False ties them (GPT-2)."""
+    add_bias_linear: bool = False
+    """Biases in the linear layers (False for Llama/Mixtral)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    vocab_size: int | None = None
+    """Tokenizer vocabulary size. None: read from data.tokenizer_model; if set it must agree with it."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this times the tensor-parallel size (Megatron's rule)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelConfig:
+    """Process layout. Data-parallel size is derived: world size / (TP x PP)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel (Megatron intra-layer) size."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline stages."""
+    sequence_parallel: bool = False
+    """Shard norms and dropout along the sequence across the tensor-parallel group (needs TP > 1)."""
+    distributed_timeout_minutes: float = 10.0
+    """A collective that waits longer than this fails instead of hanging (a rank died)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """Optimisation schedule and batch sizes."""
+
+    micro_batch_size: int = 1
+    """Sequences per rank per forward pass."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all data-parallel ranks. None: micro_batch_size x DP (no accumulation).
+    Gradient-accumulation steps = global_batch_size / (micro_batch_size x DP)."""
+    train_iters: int
+    """Optimizer steps to train for."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_warmup_iters: int = 0
+    """Linear warm-up steps from 0 to lr."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from lr to min_lr after warm-up."""
+    lr_decay_iters: int | None = None
+    """Steps over which warm-up + decay run. None: train_iters."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables clipping."""
+    bf16: bool = False
+    """bfloat16 training (fp32 master weights in the optimizer)."""
+    fp16: bool = False
+    """float16 training with dynamic loss scaling (CUDA only)."""
+    seed: int = 1234
+    """Seed of every random number generator (weights, data order, dropout)."""
+    eval_interval: int = 100
+    """Run validation every this many steps (and at step 0 and at the end)."""
+    eval_iters: int = 10
+    """Micro-batches per validation run on every data-parallel rank; 0 disables validation."""
+    log_interval: int = 10
+    """Log training metrics every this many steps."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    """Megatron indexed datasets made by tools/preprocess_data.py."""
+
+    data_path: list[str]
+    """Dataset prefixes (without .bin/.idx), Megatron style: [prefix] or [weight1, prefix1, weight2, prefix2, ...]
+    for a weighted blend."""
+    tokenizer_model: str
+    """The sentencepiece model the data was tokenized with."""
+    seq_length: int = 1024
+    """Tokens per training sample."""
+    split: str = "969,30,1"
+    """Train/valid/test proportions of every dataset, e.g. '90,5,5'."""
+    data_cache_path: str | None = None
+    """Where sample indices are cached. None: a 'cache' folder next to the first dataset."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+    eod_mask_loss: bool = False
+    """Exclude end-of-document tokens from the loss."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class DeepSpeedConfig:
+    """The DeepSpeed engine. Its JSON config is generated from the whole tree (train.*, here)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config keys, merged into the generated config (e.g. {'zero_optimization':
+    {'overlap_comm': true}}). Keys megamoe generates from other settings are refused."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class CheckpointConfig:
+    """DeepSpeed checkpoints plus megamoe's own state (data position, RNG, resolved config)."""
+
+    save: str | None = None
+    """Directory to save checkpoints to. None: no checkpoints."""
+    load: str | None = None
+    """Directory to resume from (its 'latest' tag). A directory without a checkpoint starts a new run."""
+    save_interval: int = 1000
+    """Save every this many steps (and at the end of training)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class LoggingConfig:
+    """Console, metrics.jsonl, TensorBoard and Weights & Biases."""
+
+    log_dir: str = "runs/megamoe"
+    """Run directory: metrics.jsonl, tensorboard/ and wandb/ go here."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to log_dir/tensorboard."""
+    wandb: bool = True
+    """Log to Weights & Biases; offline (log_dir/wandb) when no API key is configured."""
+    wandb_project: str = "megamoe"
+    """W&B project."""
+    wandb_exp_name: str | None = None
+    """W&B run name. None: the last component of log_dir."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class RunConfig:
+    """Everything a training run needs; saved as config.yaml beside every checkpoint."""
+
+    model: ModelConfig
+    """Model architecture."""
+    data: DataConfig
+    """Training data."""
+    train: TrainConfig
+    """Optimisation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""

@@ -1,0 +1,202 @@
+"""Cross-field checks, done once at start-up before any process group exists.
+
+Pure: the facts about the environment (world size, CUDA, the tokenizer's vocabulary) are arguments.
+Every error is a one-line ConfigError naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from megamoe.config.loader import ConfigError
+from megamoe.config.tree import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+
+# Keys of the generated DeepSpeed config: set through the megamoe key instead.
+GENERATED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size",
+    "gradient_clipping": "train.clip_grad",
+    "bf16": "train.bf16",
+    "fp16": "train.fp16",
+    "optimizer": "train.lr / train.adam_*",
+    "scheduler": "train.lr_* keys",
+    "seed": "train.seed",
+}
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What validation needs to know about the machine and the files."""
+
+    world_size: int
+    cuda_available: bool
+    tokenizer_vocab_size: int | None
+    """Read from data.tokenizer_model by the caller; None when the file is missing."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes derived from the config and the world size."""
+
+    data_parallel_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+
+
+def validate(cfg: RunConfig, env: Environment) -> Layout:
+    """Raise ConfigError on the first inconsistency; return the derived sizes."""
+    _check_model(cfg.model, cfg.data, cfg.parallel)
+    layout = _check_parallel(cfg.parallel, cfg.train, cfg.model, env.world_size)
+    _check_train(cfg.train, env.cuda_available)
+    _check_data(cfg.data, cfg.model, env.tokenizer_vocab_size)
+    _check_deepspeed(cfg)
+    return layout
+
+
+def _fail(message: str) -> None:
+    raise ConfigError(message)
+
+
+def _check_model(model: ModelConfig, data: DataConfig, par: ParallelConfig) -> None:
+    for key in ("num_layers", "hidden_size", "num_attention_heads"):
+        if getattr(model, key) <= 0:
+            _fail(f"model.{key}={getattr(model, key)} must be positive")
+    heads, groups = model.num_attention_heads, model.num_query_groups or model.num_attention_heads
+    if model.kv_channels is None and model.hidden_size % heads:
+        _fail(f"model.hidden_size={model.hidden_size} is not divisible by model.num_attention_heads={heads}; "
+              "change one of them or set model.kv_channels")
+    if heads % groups:
+        _fail(f"model.num_attention_heads={heads} is not divisible by model.num_query_groups={groups}; "
+              "use a divisor of the head count")
+    head_dim = model.kv_channels or model.hidden_size // heads
+    if model.position_embedding_type == "rope" and head_dim % 2:
+        _fail(f"head dimension {head_dim} is odd; rotary embeddings need an even head dimension "
+              "(change model.hidden_size, model.num_attention_heads or model.kv_channels)")
+    max_pos = model.max_position_embeddings
+    if max_pos is not None and data.seq_length > max_pos:
+        _fail(f"data.seq_length={data.seq_length} exceeds model.max_position_embeddings={max_pos}; "
+              "raise max_position_embeddings or shorten the sequences")
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(model, key) < 1.0:
+            _fail(f"model.{key}={getattr(model, key)} must be in [0, 1)")
+
+
+def _check_parallel(par: ParallelConfig, train: TrainConfig, model: ModelConfig,
+                    world_size: int) -> Layout:
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        _fail(f"parallel sizes must be >= 1, got tensor_model_parallel_size={tp}, "
+              f"pipeline_model_parallel_size={pp}")
+    if pp > 1:
+        _fail(f"parallel.pipeline_model_parallel_size={pp}: pipeline parallelism is not available in this "
+              "version of megamoe; use 1 (tensor and data parallelism work)")
+    if world_size % (tp * pp):
+        _fail(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; launch a multiple of "
+              f"{tp * pp} processes or change parallel.tensor_model_parallel_size / pipeline_model_parallel_size")
+    heads, groups = model.num_attention_heads, model.num_query_groups or model.num_attention_heads
+    for key, value in (("num_attention_heads", heads), ("num_query_groups", groups),
+                       ("ffn_hidden_size", model.ffn_hidden_size or 4 * model.hidden_size)):
+        if value % tp:
+            _fail(f"model.{key}={value} is not divisible by parallel.tensor_model_parallel_size={tp}; "
+                  "choose a TP size that divides it")
+    if model.num_layers % pp:
+        _fail(f"model.num_layers={model.num_layers} is not divisible by "
+              f"parallel.pipeline_model_parallel_size={pp}")
+    if par.sequence_parallel and tp == 1:
+        warnings.warn("parallel.sequence_parallel=true is ignored with tensor_model_parallel_size=1",
+                      stacklevel=2)
+    dp = world_size // (tp * pp)
+    return _batch_layout(train, dp)
+
+
+def _batch_layout(train: TrainConfig, dp: int) -> Layout:
+    if train.micro_batch_size < 1:
+        _fail(f"train.micro_batch_size={train.micro_batch_size} must be >= 1")
+    per_step = train.micro_batch_size * dp
+    gbs = train.global_batch_size if train.global_batch_size is not None else per_step
+    if gbs < 1 or gbs % per_step:
+        _fail(f"train.global_batch_size={gbs} is not a multiple of micro_batch_size x data-parallel size = "
+              f"{train.micro_batch_size} x {dp} = {per_step}; use a multiple of {per_step}")
+    return Layout(data_parallel_size=dp, grad_accum_steps=gbs // per_step, global_batch_size=gbs)
+
+
+def _check_train(train: TrainConfig, cuda_available: bool) -> None:
+    if train.train_iters < 1:
+        _fail(f"train.train_iters={train.train_iters} must be >= 1")
+    if train.lr <= 0 or train.min_lr < 0 or train.min_lr > train.lr:
+        _fail(f"learning rates must satisfy 0 <= train.min_lr <= train.lr and lr > 0; got lr={train.lr}, "
+              f"min_lr={train.min_lr}")
+    decay_iters = train.lr_decay_iters or train.train_iters
+    if not 0 <= train.lr_warmup_iters <= decay_iters:
+        _fail(f"train.lr_warmup_iters={train.lr_warmup_iters} must be between 0 and the decay length "
+              f"{decay_iters} (train.lr_decay_iters, default train.train_iters)")
+    if train.bf16 and train.fp16:
+        _fail("train.bf16 and train.fp16 are both true; choose one precision")
+    if train.fp16 and not cuda_available:
+        _fail("train.fp16=true needs CUDA (DeepSpeed's CPU accelerator has no fp16 support); "
+              "use train.bf16=true or fp32 on CPU")
+    if train.clip_grad < 0:
+        _fail(f"train.clip_grad={train.clip_grad} must be >= 0 (0 disables clipping)")
+    for key in ("eval_interval", "log_interval"):
+        if getattr(train, key) < 1:
+            _fail(f"train.{key}={getattr(train, key)} must be >= 1")
+    if train.eval_iters < 0:
+        _fail(f"train.eval_iters={train.eval_iters} must be >= 0 (0 disables validation)")
+
+
+def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+    """Megatron's data_path: [prefix] or [w1, p1, w2, p2, ...] -> (prefixes, weights or None)."""
+    if len(data_path) == 1:
+        return list(data_path), None
+    if len(data_path) % 2:
+        _fail(f"data.data_path={data_path} must be [prefix] or [weight, prefix, weight, prefix, ...]")
+    try:
+        weights = [float(w) for w in data_path[0::2]]
+    except ValueError:
+        _fail(f"data.data_path={data_path}: every other entry must be a weight, as in "
+              "[0.7, data/a_text_document, 0.3, data/b_text_document]")
+    if any(w <= 0 for w in weights):
+        _fail(f"data.data_path weights {weights} must be positive")
+    return list(data_path[1::2]), weights
+
+
+def _check_data(data: DataConfig, model: ModelConfig, tokenizer_vocab_size: int | None) -> None:
+    if data.seq_length < 2:
+        _fail(f"data.seq_length={data.seq_length} must be >= 2")
+    if not data.data_path:
+        _fail("data.data_path is empty; give the prefix written by tools/preprocess_data.py")
+    prefixes, _ = parse_data_path(data.data_path)
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                _fail(f"data.data_path: '{prefix}{suffix}' does not exist; run tools/preprocess_data.py "
+                      "or fix the prefix (give it without .bin/.idx)")
+    parts = data.split.split(",")
+    try:
+        shares = [float(p) for p in parts]
+    except ValueError:
+        shares = []
+    if len(shares) != 3 or any(s < 0 for s in shares) or shares[0] <= 0:
+        _fail(f"data.split='{data.split}' must be three non-negative numbers 'train,valid,test' with "
+              "train > 0, e.g. '90,5,5'")
+    if not Path(data.tokenizer_model).is_file() or tokenizer_vocab_size is None:
+        _fail(f"data.tokenizer_model: '{data.tokenizer_model}' does not exist; point it at the .model file "
+              "written by tools/preprocess_data.py")
+    if model.vocab_size is not None and model.vocab_size != tokenizer_vocab_size:
+        _fail(f"model.vocab_size={model.vocab_size} disagrees with the tokenizer "
+              f"'{data.tokenizer_model}' ({tokenizer_vocab_size} tokens); remove model.vocab_size or use the "
+              "tokenizer the data was made with")
+    if data.num_workers < 0:
+        _fail(f"data.num_workers={data.num_workers} must be >= 0")
+
+
+def _check_deepspeed(cfg: RunConfig) -> None:
+    for key, ours in GENERATED_DEEPSPEED_KEYS.items():
+        if key in cfg.deepspeed.extra:
+            _fail(f"deepspeed.extra.{key} is generated by megamoe; set {ours} instead")
+    zero = cfg.deepspeed.extra.get("zero_optimization", {})
+    if not isinstance(zero, dict) or "stage" in zero:
+        _fail("deepspeed.extra.zero_optimization.stage is generated by megamoe; set deepspeed.zero_stage instead")

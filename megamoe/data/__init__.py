@@ -1,0 +1,1 @@
+"""Tokenizer, preprocessing and data loaders: glue over megatron.core.datasets (L3)."""

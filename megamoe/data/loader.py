@@ -1,0 +1,75 @@
+"""GPTDatasetConfig -> BlendedMegatronDatasetBuilder(GPTDataset) -> per-rank micro-batch loaders.
+
+Sample order is a pure function of (seed, consumed samples): step i of training uses global samples
+[i*G, (i+1)*G) (G = global batch), and data-parallel rank r takes its micro_batch_size rows of every
+micro_batch_size x DP block. So a resumed run continues the same data, and DP=2 sees exactly what DP=1
+sees with a doubled micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from megamoe.config import Layout, RunConfig, parse_data_path
+from megamoe.parallel.groups import ParallelGroups
+
+
+@dataclass(frozen=True)
+class Datasets:
+    train: Dataset
+    valid: Dataset | None
+
+
+def build_datasets(cfg: RunConfig, layout: Layout, tokenizer) -> Datasets:
+    """Train and validation GPTDatasets sized for the run (a blend when data_path has weights).
+
+    Validation always reads the same first eval_iters micro-batches, so values are comparable over time.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes, weights = parse_data_path(cfg.data.data_path)
+    cache = cfg.data.data_cache_path or str(Path(prefixes[0]).parent / "cache")
+    dataset_cfg = GPTDatasetConfig(
+        random_seed=cfg.train.seed, sequence_length=cfg.data.seq_length, blend=(prefixes, weights),
+        split=cfg.data.split, path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=cfg.data.eod_mask_loss,
+        create_attention_mask=False,  # causal masks are built once per shape, not per sample
+    )
+    num_valid = cfg.train.eval_iters * cfg.train.micro_batch_size * layout.data_parallel_size
+    sizes = [cfg.train.train_iters * layout.global_batch_size, num_valid, 0]
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, dataset_cfg).build()
+    return Datasets(train=train, valid=valid if num_valid else None)
+
+
+class MicroBatchSampler:
+    """Index lists of this rank's micro-batches, starting after `consumed_samples` global samples."""
+
+    def __init__(self, num_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int) -> None:
+        self.num_samples, self.consumed = num_samples, consumed_samples
+        self.micro, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        block = self.micro * self.dp_size  # one micro-step of every data-parallel rank
+        for block_start in range(self.consumed, self.num_samples - block + 1, block):
+            first = block_start + self.dp_rank * self.micro
+            yield list(range(first, first + self.micro))
+
+    def __len__(self) -> int:
+        return max(0, (self.num_samples - self.consumed) // (self.micro * self.dp_size))
+
+
+def build_loader(dataset: Dataset, consumed_samples: int, cfg: RunConfig,
+                 groups: ParallelGroups) -> DataLoader:
+    """Micro-batches of `dataset` for this data-parallel rank (TP peers read the same rows)."""
+    sampler = MicroBatchSampler(len(dataset), consumed_samples, cfg.train.micro_batch_size,
+                                groups.dp_rank, groups.dp_size)
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, prefetch_factor=2 if workers else None)

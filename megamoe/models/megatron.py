@@ -1,0 +1,83 @@
+"""The one place megamoe's config becomes megatron-core's: TransformerConfig and the layer specs.
+
+Every layer comes from megatron-core's local (pure PyTorch) GPT layer spec with megamoe's norms; the MLP
+slot is chosen per layer by `mlp_spec` — the dense megatron MLP here, MoE layers plug in there.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megamoe.config import RunConfig
+from megamoe.models.norms import NORMS
+
+
+def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
+    """megatron-core's TransformerConfig for `cfg` (parameters created in fp32; DeepSpeed casts for bf16)."""
+    model, par = cfg.model, cfg.parallel
+    tp = par.tensor_model_parallel_size
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        sequence_parallel=par.sequence_parallel and tp > 1,
+        bf16=cfg.train.bf16,
+        fp16=cfg.train.fp16,
+        params_dtype=torch.float32,
+        # Initialise each full weight on the CPU and keep this rank's shard: the model is then the same
+        # for every TP size (TP runs compare exactly with TP=1). Required without CUDA anyway.
+        use_cpu_initialization=True,
+        # The fused kernels come from TransformerEngine/apex builds megamoe does not require.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+def mlp_spec(cfg: RunConfig, layer_number: int, dense_mlp: ModuleSpec) -> ModuleSpec:
+    """The module in layer `layer_number`'s MLP slot (1-based, global). Every layer is dense for now."""
+    del cfg, layer_number
+    return dense_mlp
+
+
+def decoder_block_spec(cfg: RunConfig) -> TransformerBlockSubmodules:
+    """One layer spec per decoder layer: megatron's local GPT layer, megamoe's norms, a per-layer MLP."""
+    norm = NORMS[cfg.model.normalization]
+    base = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    layers = []
+    for layer_number in range(1, cfg.model.num_layers + 1):
+        spec = copy.deepcopy(base)
+        spec.submodules.input_layernorm = norm
+        spec.submodules.pre_mlp_layernorm = norm
+        spec.submodules.mlp = mlp_spec(cfg, layer_number, base.submodules.mlp)
+        layers.append(spec)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Megatron's rule: pad the embedding rows to a multiple of divisible_by x TP."""
+    multiple = divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple

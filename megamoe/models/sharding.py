@@ -1,0 +1,59 @@
+"""Tensor-parallel shards <-> full tensors, from the attributes megatron puts on every parameter.
+
+megatron marks a sharded parameter with `tensor_model_parallel=True`, the split axis `partition_dim` and
+`partition_stride`: with stride s the full tensor is cut into TP*s chunks and rank r holds chunks
+r, r+TP, r+2TP, ... (SwiGLU's fc1 uses s=2 so each rank holds matching gate and up rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megamoe.parallel.groups import ParallelGroups
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def gather_tp(shard: torch.Tensor, param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """The full tensor of which `shard` is this rank's part (`param` carries the partition attributes)."""
+    if groups.tp_size == 1 or not _is_sharded(param):
+        return shard
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    shards = [torch.empty_like(shard) for _ in range(groups.tp_size)]
+    dist.all_gather(shards, shard.contiguous(), group=groups.tp_group)
+    chunks = [shard_r.chunk(stride, dim=dim) for shard_r in shards]
+    return torch.cat([chunks[r][j] for j in range(stride) for r in range(groups.tp_size)], dim=dim)
+
+
+def shard_tp(full: torch.Tensor, param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """This rank's part of `full`, laid out as `param`."""
+    if groups.tp_size == 1 or not _is_sharded(param):
+        return full
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunks = full.chunk(groups.tp_size * stride, dim=dim)
+    return torch.cat(chunks[groups.tp_rank::groups.tp_size], dim=dim)
+
+
+def full_state_dict(model: torch.nn.Module, groups: ParallelGroups,
+                    grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter (or its gradient) as the full, unsharded tensor, on every TP rank."""
+    out = {}
+    for name, param in model.named_parameters():
+        tensor = param.grad if grads else param.data
+        if tensor is None:
+            tensor = torch.zeros_like(param)
+        out[name] = gather_tp(tensor.detach(), param, groups)
+    return out
+
+
+@torch.no_grad()
+def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], groups: ParallelGroups) -> None:
+    """Copy full tensors into this rank's shards; every parameter must be given, with its full shape."""
+    params = dict(model.named_parameters())
+    if missing := sorted(params.keys() - full.keys()):
+        raise KeyError(f"{len(missing)} parameters missing from the full state dict, e.g. {missing[:3]}")
+    for name, param in params.items():
+        param.copy_(shard_tp(full[name], param, groups))

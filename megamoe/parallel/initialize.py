@@ -1,0 +1,88 @@
+"""Start the default process group and megatron-core's model-parallel groups; the sole caller of
+megatron's parallel_state."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from megamoe import platform
+from megamoe.config import ParallelConfig
+from megamoe.parallel.groups import ParallelGroups
+from megamoe.utils import get_logger
+
+
+def init_default_group(timeout_minutes: float) -> None:
+    """The world group from the launcher's environment: NCCL on GPUs, gloo on CPU."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        _share_cpu_cores()
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _share_cpu_cores() -> None:
+    # The deepspeed launcher, unlike torchrun, does not set OMP_NUM_THREADS: N ranks x all cores
+    # oversubscribe the CPU (integration.md 13). Split the cores unless the user chose.
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE")  # torchrun
+                      or os.environ.get("LOCAL_SIZE")  # deepspeed launcher
+                      or os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, local_world)))
+
+
+def initialize(par: ParallelConfig, seed: int) -> ParallelGroups:
+    """Process groups for `par` (patching megatron for CPU first when there is no GPU) and seeded RNGs."""
+    platform.apply()
+    init_default_group(par.distributed_timeout_minutes)
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        distributed_timeout_minutes=int(par.distributed_timeout_minutes),
+    )
+    seed_everything(seed)
+    model_parallel_cuda_manual_seed(seed)
+    groups = ParallelGroups(
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+    get_logger().info(f"world {dist.get_world_size()} ({dist.get_backend()}): TP={groups.tp_size} "
+                      f"DP={groups.dp_size}, platform patches: {platform.apply() or 'none (CUDA)'}")
+    return groups
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch generators. Every rank draws the same initial weights (megatron
+    initialises the full weight on CPU and keeps its shard, so any TP size gives the same model)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the world group (tests run several layouts in one process)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

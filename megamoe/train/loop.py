@@ -1,0 +1,134 @@
+"""run(cfg): build the parallel groups, model, engine and data, then train with periodic validation."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from megamoe.config import Layout, RunConfig
+from megamoe.data.loader import Datasets, build_datasets, build_loader
+from megamoe.data.tokenizer import load_tokenizer
+from megamoe.models.gpt import build_model
+from megamoe.parallel.groups import ParallelGroups
+from megamoe.parallel.initialize import initialize
+from megamoe.train import checkpoint
+from megamoe.train.checkpoint import Progress
+from megamoe.train.deepspeed import build_engine, grad_norm_before_step
+from megamoe.train.metrics import MetricsWriter
+from megamoe.utils import get_logger
+
+
+@dataclass
+class Trainer:
+    """What a training run holds between steps."""
+
+    cfg: RunConfig
+    layout: Layout
+    groups: ParallelGroups
+    engine: object  # deepspeed.DeepSpeedEngine
+    datasets: Datasets
+    progress: Progress
+
+
+def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
+    """Groups -> tokenizer -> model -> engine -> datasets -> resume (last: it restores the RNG streams)."""
+    groups = initialize(cfg.parallel, cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    engine = build_engine(build_model(cfg, tokenizer.vocab_size), cfg, layout)
+    datasets = build_datasets(cfg, layout, tokenizer)
+    progress = checkpoint.load(engine, cfg)
+    return Trainer(cfg=cfg, layout=layout, groups=groups, engine=engine, datasets=datasets, progress=progress)
+
+
+def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, s, s] bool, True above the diagonal (= masked), as megatron's attention expects."""
+    return torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device).triu(1)
+
+
+def lm_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross entropy over the loss-masked tokens of one micro-batch."""
+    device = engine.device
+    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+    loss_mask = batch["loss_mask"].to(device).float()
+    loss_BS = engine(tokens, batch["position_ids"].to(device), causal_mask(tokens.shape[1], device),
+                     labels=labels)
+    return (loss_BS.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+def dp_mean(value: torch.Tensor, groups: ParallelGroups) -> float:
+    """Average a scalar over the data-parallel ranks (TP peers already agree)."""
+    value = value.detach().float().clone()
+    if groups.dp_size > 1:
+        dist.all_reduce(value, group=groups.dp_group)
+        value /= groups.dp_size
+    return value.item()
+
+
+def train_step(trainer: Trainer, batches: Iterator[dict]) -> dict[str, float]:
+    """One optimizer step: grad_accum_steps micro-batches, each backward scaled by DeepSpeed (1/GAS)."""
+    engine = trainer.engine
+    lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
+    losses, grad_norm = [], None
+    for _ in range(trainer.layout.grad_accum_steps):
+        loss = lm_loss(engine, next(batches))
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary():
+            grad_norm = grad_norm_before_step(engine)
+        engine.step(lr_kwargs={"increment": 1})  # optimizer and LR step only at the accumulation boundary
+        losses.append(loss.detach())
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    return {"train/loss": dp_mean(torch.stack(losses).mean(), trainer.groups), "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer) -> dict[str, float]:
+    """Validation loss and perplexity over the same first eval_iters micro-batches every time."""
+    engine = trainer.engine
+    engine.eval()
+    loader = build_loader(trainer.datasets.valid, 0, trainer.cfg, trainer.groups)
+    losses = [lm_loss(engine, batch) for batch in loader]
+    engine.train()
+    loss = dp_mean(torch.stack(losses).mean(), trainer.groups)
+    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
+
+
+def train(trainer: Trainer, metrics: MetricsWriter) -> None:
+    """Steps from trainer.progress to train_iters: log, validate, checkpoint."""
+    cfg, layout = trainer.cfg, trainer.layout
+    tokens_per_step = layout.global_batch_size * cfg.data.seq_length
+    do_eval = trainer.datasets.valid is not None
+    if do_eval and trainer.progress.iteration == 0:
+        metrics.log(0, evaluate(trainer))
+    batches = iter(build_loader(trainer.datasets.train, trainer.progress.consumed_samples, cfg, trainer.groups))
+    while trainer.progress.iteration < cfg.train.train_iters:
+        start = time.perf_counter()
+        values = train_step(trainer, batches)
+        step_s = time.perf_counter() - start
+        trainer.progress = replace(trainer.progress, iteration=trainer.progress.iteration + 1,
+                                   consumed_samples=trainer.progress.consumed_samples + layout.global_batch_size)
+        step, last = trainer.progress.iteration, trainer.progress.iteration == cfg.train.train_iters
+        if step % cfg.train.log_interval == 0 or last:
+            metrics.log(step, {**values, "train/tokens_per_s": tokens_per_step / step_s,
+                               "train/step_s": step_s, "train/consumed_samples": trainer.progress.consumed_samples})
+        if do_eval and (step % cfg.train.eval_interval == 0 or last):
+            metrics.log(step, evaluate(trainer))
+        if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0 or last):
+            checkpoint.save(trainer.engine, cfg, trainer.progress)
+
+
+def run(cfg: RunConfig, layout: Layout) -> None:
+    """Train `cfg` on the processes of this launch (the config is already validated for it)."""
+    trainer = build_trainer(cfg, layout)
+    metrics = MetricsWriter(cfg)
+    try:
+        train(trainer, metrics)
+    finally:
+        metrics.close()
+    get_logger().info(f"done: {trainer.progress.iteration} steps")

@@ -1,0 +1,48 @@
+"""Tokenize a corpus into a Megatron indexed dataset, training the sentencepiece model first if asked.
+
+  python tools/preprocess_data.py --input data/shakespeare-train.jsonl.gz --output-prefix data/processed/shakespeare \
+      --train-tokenizer --vocab-size 4000
+writes data/processed/shakespeare.model (the tokenizer) and data/processed/shakespeare_text_document.{bin,idx}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from megamoe.data import preprocess  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help=".jsonl, .jsonl.gz or .txt files")
+    parser.add_argument("--output-prefix", required=True, help="output path prefix")
+    parser.add_argument("--json-keys", default="text", help="JSON field holding the document text")
+    tok = parser.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer-model", help="an existing sentencepiece .model file")
+    tok.add_argument("--train-tokenizer", action="store_true",
+                     help="train a sentencepiece model on the input first (<output-prefix>.model)")
+    parser.add_argument("--vocab-size", type=int, default=4000, help="vocabulary of a trained tokenizer")
+    parser.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default="bpe")
+    args = parser.parse_args(argv)
+    for path in args.input:
+        if not Path(path).is_file():
+            parser.error(f"--input file '{path}' does not exist")
+    start = time.perf_counter()
+    model = args.tokenizer_model
+    if args.train_tokenizer:
+        model = preprocess.train_tokenizer(args.input, args.output_prefix, args.vocab_size, args.tokenizer_type,
+                                           args.json_keys)
+        print(f"tokenizer: {model} ({args.vocab_size} {args.tokenizer_type} pieces)")
+    prefix, docs, tokens = preprocess.encode_corpus(args.input, model, args.output_prefix, args.json_keys)
+    print(f"dataset: {prefix}.bin/.idx  {docs} documents, {tokens} tokens, "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
