@@ -71,5 +71,9 @@ def build_loader(dataset: Dataset, consumed_samples: int, cfg: RunConfig,
     sampler = MicroBatchSampler(len(dataset), consumed_samples, cfg.train.micro_batch_size,
                                 groups.dp_rank, groups.dp_size)
     workers = cfg.data.num_workers
+    # Its own generator: a DataLoader iterator otherwise draws its worker seed from the global torch RNG,
+    # and a resumed run (which restores that RNG before creating its loaders) would drift from the
+    # uninterrupted one. The samples themselves are fixed by the sampler.
+    generator = torch.Generator().manual_seed(cfg.train.seed)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=2 if workers else None)
+                      prefetch_factor=2 if workers else None, generator=generator)

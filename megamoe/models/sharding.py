@@ -39,13 +39,13 @@ def shard_tp(full: torch.Tensor, param: torch.Tensor, groups: ParallelGroups) ->
 
 def full_state_dict(model: torch.nn.Module, groups: ParallelGroups,
                     grads: bool = False) -> dict[str, torch.Tensor]:
-    """Every parameter (or its gradient) as the full, unsharded tensor, on every TP rank."""
+    """Every parameter (or its gradient) as a full, unsharded copy, on every TP rank."""
     out = {}
     for name, param in model.named_parameters():
         tensor = param.grad if grads else param.data
         if tensor is None:
             tensor = torch.zeros_like(param)
-        out[name] = gather_tp(tensor.detach(), param, groups)
+        out[name] = gather_tp(tensor.detach(), param, groups).clone()
     return out
 
 

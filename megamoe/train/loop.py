@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -69,8 +69,12 @@ def dp_mean(value: torch.Tensor, groups: ParallelGroups) -> float:
     return value.item()
 
 
-def train_step(trainer: Trainer, batches: Iterator[dict]) -> dict[str, float]:
-    """One optimizer step: grad_accum_steps micro-batches, each backward scaled by DeepSpeed (1/GAS)."""
+def train_step(trainer: Trainer, batches: Iterator[dict],
+               before_step: Callable[[object], None] | None = None) -> dict[str, float]:
+    """One optimizer step: grad_accum_steps micro-batches, each backward scaled by DeepSpeed (1/GAS).
+
+    `before_step(engine)` runs once the step's gradients are complete, before the optimizer uses them.
+    """
     engine = trainer.engine
     lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
     losses, grad_norm = [], None
@@ -79,6 +83,8 @@ def train_step(trainer: Trainer, batches: Iterator[dict]) -> dict[str, float]:
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
             grad_norm = grad_norm_before_step(engine)
+            if before_step is not None:
+                before_step(engine)
         engine.step(lr_kwargs={"increment": 1})  # optimizer and LR step only at the accumulation boundary
         losses.append(loss.detach())
     if grad_norm is None:

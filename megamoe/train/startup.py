@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -21,7 +22,15 @@ def check(cfg: RunConfig) -> Layout:
     """Validate `cfg` for this launch (ConfigError on a mistake) and select DeepSpeed's accelerator."""
     env = environment(cfg)
     layout = validate(cfg, env)
-    if not env.cuda_available:
+    set_runtime_environment(env.cuda_available)
+    return layout
+
+
+def set_runtime_environment(cuda_available: bool) -> None:
+    """Environment DeepSpeed reads at import: its accelerator, and where it JIT-builds C++ ops."""
+    if not cuda_available:
         # DeepSpeed picks its accelerator at import; its CPU accelerator communicates over gloo.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return layout
+    # One JIT cache per environment: two environments sharing ~/.cache/torch_extensions rebuild each
+    # other's ops on every start (integration.md 1).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))

@@ -1,0 +1,88 @@
+"""Test helpers: multi-process gloo runs that finish or fail together, and tiny configs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from megamoe import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(
+        world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    try:
+        # Plain pickle bytes: torch.multiprocessing would share tensors through handles that die with
+        # this process, and the parent would block on them.
+        results.put((rank, "ok", pickle.dumps(fn(*args))))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+        raise SystemExit(1)
+
+
+def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:
+    """Run fn(*args) on `world_size` fresh processes (RANK/WORLD_SIZE/MASTER_* set); return each rank's value.
+
+    If any rank fails or the timeout passes, every rank is killed and the first error is raised: a
+    broken rank never leaves the others hanging in a collective.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, results), daemon=True)
+             for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    values: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(values) < world_size:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - values.keys())} did not finish "
+                                   f"within {timeout:.0f} s")
+            try:
+                rank, status, value = results.get(timeout=1.0)
+            except Exception:  # queue.Empty
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in values]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+                continue
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            values[rank] = pickle.loads(value)
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    return [values[r] for r in range(world_size)]
+
+
+def tiny_config(data: dict[str, str], *overrides: str) -> config.RunConfig:
+    """A 2-layer Llama-style GPT on the test corpus; no logging sinks, no checkpoints, no validation."""
+    base = [
+        "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
+        "model.ffn_hidden_size=128", "model.make_vocab_size_divisible_by=64",
+        f"data.data_path=[{data['prefix']}]", f"data.tokenizer_model={data['tokenizer']}",
+        "data.seq_length=32", "data.split=90,10,0", "data.num_workers=0",
+        "train.micro_batch_size=4", "train.train_iters=3", "train.lr=1e-3", "train.lr_warmup_iters=1",
+        "train.eval_iters=0", "train.log_interval=1",
+        "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={data['root']}/runs",
+    ]
+    return config.load(None, base + list(overrides))
