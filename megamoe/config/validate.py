@@ -51,7 +51,7 @@ def validate(cfg: RunConfig, env: Environment) -> Layout:
     _check_model(cfg.model, cfg.data, cfg.parallel)
     layout = _check_parallel(cfg.parallel, cfg.train, cfg.model, env.world_size)
     _check_train(cfg.train, env.cuda_available)
-    _check_data(cfg.data, cfg.model, env.tokenizer_vocab_size)
+    _check_data(cfg.data, cfg.model, cfg.train.eval_iters, env.tokenizer_vocab_size)
     _check_deepspeed(cfg)
     return layout
 
@@ -90,9 +90,6 @@ def _check_parallel(par: ParallelConfig, train: TrainConfig, model: ModelConfig,
     if tp < 1 or pp < 1:
         _fail(f"parallel sizes must be >= 1, got tensor_model_parallel_size={tp}, "
               f"pipeline_model_parallel_size={pp}")
-    if pp > 1:
-        _fail(f"parallel.pipeline_model_parallel_size={pp}: pipeline parallelism is not available in this "
-              "version of megamoe; use 1 (tensor and data parallelism work)")
     if world_size % (tp * pp):
         _fail(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; launch a multiple of "
               f"{tp * pp} processes or change parallel.tensor_model_parallel_size / pipeline_model_parallel_size")
@@ -105,6 +102,9 @@ def _check_parallel(par: ParallelConfig, train: TrainConfig, model: ModelConfig,
     if model.num_layers % pp:
         _fail(f"model.num_layers={model.num_layers} is not divisible by "
               f"parallel.pipeline_model_parallel_size={pp}")
+    if pp > 1:
+        _fail(f"parallel.pipeline_model_parallel_size={pp}: pipeline parallelism is not available in this "
+              "version of megamoe; use 1 (tensor and data parallelism work)")
     if par.sequence_parallel and tp == 1:
         warnings.warn("parallel.sequence_parallel=true is ignored with tensor_model_parallel_size=1",
                       stacklevel=2)
@@ -163,7 +163,7 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     return list(data_path[1::2]), weights
 
 
-def _check_data(data: DataConfig, model: ModelConfig, tokenizer_vocab_size: int | None) -> None:
+def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer_vocab_size: int | None) -> None:
     if data.seq_length < 2:
         _fail(f"data.seq_length={data.seq_length} must be >= 2")
     if not data.data_path:
@@ -182,6 +182,9 @@ def _check_data(data: DataConfig, model: ModelConfig, tokenizer_vocab_size: int 
     if len(shares) != 3 or any(s < 0 for s in shares) or shares[0] <= 0:
         _fail(f"data.split='{data.split}' must be three non-negative numbers 'train,valid,test' with "
               "train > 0, e.g. '90,5,5'")
+    if shares[1] == 0 and eval_iters > 0:
+        _fail(f"data.split='{data.split}' leaves no validation data but train.eval_iters={eval_iters}; "
+              "give the validation split a share or set train.eval_iters=0")
     if not Path(data.tokenizer_model).is_file() or tokenizer_vocab_size is None:
         _fail(f"data.tokenizer_model: '{data.tokenizer_model}' does not exist; point it at the .model file "
               "written by tools/preprocess_data.py")

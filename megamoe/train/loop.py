@@ -105,13 +105,20 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
 
 
-def train(trainer: Trainer, metrics: MetricsWriter) -> None:
-    """Steps from trainer.progress to train_iters: log, validate, checkpoint."""
+def train(trainer: Trainer, metrics: MetricsWriter) -> dict[int, float]:
+    """Steps from trainer.progress to train_iters: log, validate, checkpoint. Returns {step: valid ppl}."""
     cfg, layout = trainer.cfg, trainer.layout
     tokens_per_step = layout.global_batch_size * cfg.data.seq_length
     do_eval = trainer.datasets.valid is not None
+    perplexity = {}
+
+    def validate(step: int) -> None:
+        values = evaluate(trainer)
+        perplexity[step] = values["valid/ppl"]
+        metrics.log(step, values)
+
     if do_eval and trainer.progress.iteration == 0:
-        metrics.log(0, evaluate(trainer))
+        validate(0)
     batches = iter(build_loader(trainer.datasets.train, trainer.progress.consumed_samples, cfg, trainer.groups))
     while trainer.progress.iteration < cfg.train.train_iters:
         start = time.perf_counter()
@@ -124,9 +131,10 @@ def train(trainer: Trainer, metrics: MetricsWriter) -> None:
             metrics.log(step, {**values, "train/tokens_per_s": tokens_per_step / step_s,
                                "train/step_s": step_s, "train/consumed_samples": trainer.progress.consumed_samples})
         if do_eval and (step % cfg.train.eval_interval == 0 or last):
-            metrics.log(step, evaluate(trainer))
+            validate(step)
         if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0 or last):
             checkpoint.save(trainer.engine, cfg, trainer.progress)
+    return perplexity
 
 
 def run(cfg: RunConfig, layout: Layout) -> None:
@@ -134,7 +142,11 @@ def run(cfg: RunConfig, layout: Layout) -> None:
     trainer = build_trainer(cfg, layout)
     metrics = MetricsWriter(cfg)
     try:
-        train(trainer, metrics)
+        perplexity = train(trainer, metrics)
     finally:
         metrics.close()
-    get_logger().info(f"done: {trainer.progress.iteration} steps")
+    summary = f"done: {trainer.progress.iteration} steps"
+    if perplexity:
+        (first, ppl_first), (last, ppl_last) = min(perplexity.items()), max(perplexity.items())
+        summary += f"; validation perplexity {ppl_first:.1f} at step {first} -> {ppl_last:.1f} at step {last}"
+    get_logger().info(summary)

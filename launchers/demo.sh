@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The embedded demo: tokenize the bundled Shakespeare sample and train the tiny model on 2 processes
+# (CPU + gloo without a GPU) through the deepspeed launcher. Extra arguments are config overrides.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+if [ ! -f data/processed/shakespeare_text_document.idx ]; then
+  python tools/preprocess_data.py --input data/shakespeare-train.jsonl.gz \
+    --output-prefix data/processed/shakespeare --train-tokenizer --vocab-size 4000
+fi
+rm -rf runs/tiny-dense  # a fresh run each time (the demo's checkpoints and logs live there)
+deepspeed --num_gpus 2 launchers/pretrain.py --config configs/tiny-dense.yaml "$@"

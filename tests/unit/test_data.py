@@ -1,0 +1,60 @@
+"""Preprocessing into Megatron indexed datasets, and the data-parallel sample order."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from megamoe.data.loader import MicroBatchSampler
+from megamoe.data.preprocess import encode_corpus, read_documents
+from megamoe.data.tokenizer import load_tokenizer, spm_vocab_size
+
+
+def test_indexed_dataset_round_trip(tiny_data):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokenizer = load_tokenizer(tiny_data["tokenizer"])
+    docs = list(read_documents(tiny_data["corpus"]))
+    dataset = IndexedDataset(tiny_data["prefix"])
+    assert len(dataset) == len(docs) == 300
+    for i in (0, 1, 150, 299):
+        want = tokenizer.tokenize(docs[i]) + [tokenizer.eod]
+        assert np.array_equal(dataset[i], np.array(want)), f"document {i}"
+    assert dataset.index.dtype == np.uint16 and spm_vocab_size(tiny_data["tokenizer"]) == 512
+
+
+def test_read_documents_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"text": "hello"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    assert list(read_documents(tmp_path / "a.txt")) == ["first doc", "second doc"]
+    docs = read_documents(tmp_path / "b.jsonl.gz")
+    assert next(docs) == "hello"
+    with pytest.raises(ValueError, match=r"b.jsonl.gz:2 has no 'text' field"):
+        next(docs)
+
+
+def test_encode_names_files_like_megatron(tiny_data, tmp_path):
+    prefix, docs, tokens = encode_corpus([tiny_data["corpus"]], tiny_data["tokenizer"], str(tmp_path / "c"))
+    assert prefix.endswith("c_text_document") and docs == 300 and tokens > 300
+    assert (tmp_path / "c_text_document.bin").stat().st_size == 2 * tokens  # uint16
+
+
+def _indices(sampler: MicroBatchSampler) -> list[list[int]]:
+    return list(iter(sampler))
+
+
+def test_dp2_sees_what_dp1_sees_with_a_doubled_micro_batch():
+    single = _indices(MicroBatchSampler(40, 0, 4, dp_rank=0, dp_size=1))
+    rank0 = _indices(MicroBatchSampler(40, 0, 2, dp_rank=0, dp_size=2))
+    rank1 = _indices(MicroBatchSampler(40, 0, 2, dp_rank=1, dp_size=2))
+    assert [a + b for a, b in zip(rank0, rank1)] == single
+    assert len(single) == len(rank0) == 10
+
+
+def test_sampler_resumes_after_consumed_samples():
+    assert _indices(MicroBatchSampler(20, 12, 2, dp_rank=1, dp_size=2)) == [[14, 15], [18, 19]]
+    assert len(MicroBatchSampler(20, 12, 2, dp_rank=1, dp_size=2)) == 2

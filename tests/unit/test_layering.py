@@ -1,0 +1,106 @@
+"""Imports flow one way (style.md §2-3), and only megamoe/platform.py patches third-party modules."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "megamoe"
+LAYER = {"__init__": 0, "config": 0, "utils": 0, "platform": 1, "parallel": 1, "moe": 2, "models": 3, "data": 3,
+         "hf": 3, "train": 4}
+BANNED = {"config": {"torch", "megatron", "deepspeed", "numpy"}, "moe": {"megatron", "deepspeed"},
+          "hf": {"megatron", "deepspeed"}, "parallel": {"deepspeed"}, "platform": {"deepspeed"},
+          "models": {"deepspeed"}, "data": {"deepspeed"}, "utils": {"megatron", "deepspeed"}}
+SIBLINGS_APART = {("data", "hf"), ("hf", "data")}
+# Third-party modules confined to single files inside their package.
+CONFINED = {"deepspeed": {"megamoe/train/deepspeed.py"},
+            "megatron": {"megamoe/platform.py", "megamoe/parallel/initialize.py", "megamoe/models",
+                         "megamoe/data", "megamoe/train"}}
+THIRD_PARTY = {"torch", "megatron", "deepspeed", "numpy", "transformers", "sentencepiece"}
+
+
+def modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+    return found
+
+
+def package_of(path: Path) -> str:
+    return path.relative_to(PACKAGE).with_suffix("").parts[0]
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_import_direction(path):
+    pkg, rel = package_of(path), str(path.relative_to(ROOT))
+    for name in imports(path):
+        top, *rest = name.split(".")
+        if top == "megamoe" and rest:
+            target = rest[0]
+            assert LAYER[target] <= LAYER[pkg], f"{rel} (layer {LAYER[pkg]}) must not import {name}"
+            assert (pkg, target) not in SIBLINGS_APART, f"{rel} must not import {name}"
+        assert top not in BANNED.get(pkg, ()), f"{rel} must not import {top}"
+        if top in CONFINED:
+            assert any(rel.startswith(allowed) for allowed in CONFINED[top]), f"{rel} must not import {top}"
+        if pkg == "config":
+            assert top in sys.stdlib_module_names or top in {"yaml", "megamoe", "__future__"}, \
+                f"{rel}: config imports only stdlib and yaml, not {top}"
+
+
+def _third_party_aliases(tree: ast.AST) -> set[str]:
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in THIRD_PARTY:
+                    aliases.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in THIRD_PARTY:
+            aliases |= {alias.asname or alias.name for alias in node.names}
+    return aliases
+
+
+def _root_name(node: ast.expr) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def patch_sites(source: str) -> list[str]:
+    """Lines of `source` that assign to (or setattr on) an attribute of an imported third-party module."""
+    tree = ast.parse(source)
+    aliases = _third_party_aliases(tree)
+    sites = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        sites += [f"line {node.lineno}: {ast.unparse(t)}" for t in targets
+                  if isinstance(t, ast.Attribute) and _root_name(t) in aliases]
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args \
+                and _root_name(node.args[0]) in aliases:
+            sites.append(f"line {node.lineno}: setattr")
+    return sites
+
+
+@pytest.mark.parametrize("path", [p for p in modules() if p.name != "platform.py"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_platform_patches_third_party_code(path):
+    assert not patch_sites(path.read_text()), "patches belong in megamoe/platform.py"
+
+
+def test_the_scan_catches_a_patch():
+    """The scan is not vacuous."""
+    assert patch_sites("import torch\ntorch.cuda.current_device = lambda: 0\n") == [
+        "line 2: torch.cuda.current_device"]
+    assert patch_sites("from megatron.core import utils as u\nsetattr(u, 'x', 1)\n") == ["line 2: setattr"]

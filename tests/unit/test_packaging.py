@@ -1,0 +1,39 @@
+"""Install metadata: pins agree everywhere; the README and CI say the same commands."""
+
+from __future__ import annotations
+
+import re
+
+from tests.helpers import ROOT
+
+
+def setup_pins() -> dict[str, str]:
+    text = (ROOT / "setup.py").read_text()
+    return dict(re.findall(r'"([a-z0-9-]+)==([0-9.]+)"', text))
+
+
+def test_dockerfile_pins_equal_setup_py():
+    docker = dict(re.findall(r'"([a-z0-9-]+)==([0-9.]+)"', (ROOT / "docker" / "Dockerfile").read_text()))
+    pins = setup_pins()
+    assert docker and all(pins[name] == version for name, version in docker.items()), (docker, pins)
+    assert {"megatron-core", "deepspeed"} <= docker.keys()
+
+
+def test_no_pypi_apex_anywhere():
+    for path in [ROOT / "setup.py", ROOT / "tools" / "install.sh", ROOT / ".ci" / "run", ROOT / "docker" / "Dockerfile"]:
+        for line in path.read_text().splitlines():
+            assert not re.search(r"pip install[^#]*\s[\"']?apex\b", line), f"{path.name}: {line}"
+
+
+def test_ci_runs_the_readme_commands():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"```bash\n(bash tools/install.sh[^\n]*)\n```", readme)
+    assert len(commands) == 2, commands  # (a) the demo, (b) the test suite
+    assert commands[1] in ci, f"CI does not run the README test command: {commands[1]}"
+
+
+def test_readme_config_reference_is_current():
+    from megamoe.config.reference import markdown
+
+    readme = (ROOT / "README.md").read_text()
+    assert markdown() in readme, "run: python tools/config_reference.py --update"

@@ -1,0 +1,52 @@
+"""The generated DeepSpeed config, optimizer groups and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megamoe.config import Layout
+from tests.helpers import tiny_config
+
+
+def test_deepspeed_config_generated_and_extra_merged(tiny_data):
+    from megamoe.train.deepspeed import to_deepspeed_config
+
+    cfg = tiny_config(tiny_data, "deepspeed.zero_stage=2", "train.bf16=true", "train.clip_grad=0.5",
+                      "deepspeed.extra.zero_optimization.overlap_comm=true")
+    ds = to_deepspeed_config(cfg, Layout(data_parallel_size=2, grad_accum_steps=3, global_batch_size=24))
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True,
+                                       "overlap_comm": True}
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+
+
+def test_norms_and_biases_get_no_weight_decay():
+    from megamoe.train.optim import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    groups = {g["name"]: g for g in param_groups(model)}
+    assert [p.shape for p in groups["decay"]["params"]] == [torch.Size([4, 4])]
+    assert len(groups["no_decay"]["params"]) == 3 and groups["no_decay"]["wd_mult"] == 0.0
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear", "constant"])
+def test_lr_schedule_warmup_then_decay(style, tiny_data):
+    from megamoe.train.optim import lr_scheduler_factory
+
+    cfg = tiny_config(tiny_data, "train.train_iters=100", "train.lr=1.0", "train.min_lr=0.1",
+                      "train.lr_warmup_iters=10", f"train.lr_decay_style={style}")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=cfg.train.lr)
+    scheduler = lr_scheduler_factory(cfg.train)(optimizer)
+    lrs = []
+    for _ in range(101):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(increment=1)
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    want_mid = {"cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)), "linear": 1.0 - 0.9 * 45 / 90,
+                "constant": 1.0}[style]
+    assert lrs[55] == pytest.approx(want_mid)
+    assert lrs[100] == pytest.approx(1.0 if style == "constant" else 0.1)

@@ -1,0 +1,36 @@
+"""Print the configuration reference (markdown) from the config tree; README.md embeds its output.
+
+  python tools/config_reference.py            print it
+  python tools/config_reference.py --update   rewrite the README section between its markers
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from megamoe.config.reference import markdown  # noqa: E402
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--update", action="store_true", help=f"rewrite {README.name} between the markers")
+    args = parser.parse_args(argv)
+    if not args.update:
+        print(markdown())
+        return 0
+    text = README.read_text()
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    README.write_text(f"{head}{BEGIN}\n{markdown()}\n{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
