@@ -74,9 +74,13 @@ def grad_norm_before_step(engine: deepspeed.DeepSpeedEngine) -> float | None:
     it). Call after the last backward of a step, before engine.step(); None where DeepSpeed reports it."""
     if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return None
-    from deepspeed.runtime.utils import get_flattened_grad_norm
+    from deepspeed.runtime.utils import get_flattened_grad_norm, is_model_parallel_parameter
 
-    return float(get_flattened_grad_norm(engine.module.parameters(), mpu=engine.mpu))
+    # Each TP rank holds its own shard of a TP-parallel weight but a copy of a replicated one (norms):
+    # count the copies once, as DeepSpeed's clipping does.
+    tp_rank = engine.mpu.get_model_parallel_rank()
+    params = [p for p in engine.module.parameters() if tp_rank == 0 or is_model_parallel_parameter(p)]
+    return float(get_flattened_grad_norm(params, mpu=engine.mpu))
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout) -> deepspeed.DeepSpeedEngine:

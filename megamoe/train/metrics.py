@@ -7,10 +7,10 @@ import math
 import os
 from pathlib import Path
 
+import yaml
+
 from megamoe.config import LoggingConfig, RunConfig, dump
 from megamoe.utils import get_logger, global_rank
-
-import yaml
 
 
 def _wandb_mode() -> str:

@@ -58,3 +58,33 @@ def test_dp2_sees_what_dp1_sees_with_a_doubled_micro_batch():
 def test_sampler_resumes_after_consumed_samples():
     assert _indices(MicroBatchSampler(20, 12, 2, dp_rank=1, dp_size=2)) == [[14, 15], [18, 19]]
     assert len(MicroBatchSampler(20, 12, 2, dp_rank=1, dp_size=2)) == 2
+
+
+def _blend_fractions(data: dict, second_prefix: str) -> dict:
+    import numpy as np
+
+    from megamoe.data.loader import build_datasets
+    from megamoe.data.tokenizer import load_tokenizer
+    from megamoe.parallel.initialize import initialize
+    from megamoe.train import startup
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(data, f"data.data_path=[0.7, {data['prefix']}, 0.3, {second_prefix}]", "train.train_iters=50",
+                      "train.eval_iters=2")
+    layout = startup.check(cfg)
+    initialize(cfg.parallel, cfg.train.seed)  # blends cache their indices: megatron wants a process group
+    datasets = build_datasets(cfg, layout, load_tokenizer(data["tokenizer"]))
+    sample = datasets.train[0]
+    return {"fractions": np.bincount(datasets.train.dataset_index, minlength=2) / len(datasets.train),
+            "train": len(datasets.train), "valid": len(datasets.valid), "keys": sorted(sample),
+            "shifted": bool((sample["tokens"][1:] == sample["labels"][:-1]).all())}
+
+
+def test_weighted_blend_through_megatron_builder(tiny_data, tmp_path):
+    from tests.helpers import spawn
+
+    second, _, _ = encode_corpus([tiny_data["corpus"]], tiny_data["tokenizer"], str(tmp_path / "second"))
+    got = spawn(_blend_fractions, 1, tiny_data, second)[0]
+    assert got["fractions"].round(2).tolist() == [0.7, 0.3]
+    assert got["train"] == 50 * 4 and got["valid"] >= 2 * 4  # train_iters x global batch; eval_iters x micro
+    assert got["keys"] == ["dataset_id", "labels", "loss_mask", "position_ids", "tokens"] and got["shifted"]
