@@ -28,7 +28,7 @@ CORE = [
 EXTRAS = {
     "hf": ["transformers~=5.23", "safetensors~=0.8"],
     "mpi": ["mpi4py~=4.1"],
-    "dev": ["pytest~=9.0", "pytest-timeout~=2.4"],
+    "dev": ["pytest~=9.0", "pytest-timeout~=2.4", "ruff~=0.17"],
 }
 
 setup(

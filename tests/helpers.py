@@ -33,7 +33,7 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
         results.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         results.put((rank, "error", traceback.format_exc()))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:

@@ -1,8 +1,16 @@
 """One typed config tree, loaded from YAML with dotted overrides and validated once (L0: stdlib + yaml)."""
 
 from megamoe.config.loader import ConfigError, build, dump, load
-from megamoe.config.tree import (CheckpointConfig, DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig,
-                                 ParallelConfig, RunConfig, TrainConfig)
+from megamoe.config.tree import (
+                                 CheckpointConfig,
+                                 DataConfig,
+                                 DeepSpeedConfig,
+                                 LoggingConfig,
+                                 ModelConfig,
+                                 ParallelConfig,
+                                 RunConfig,
+                                 TrainConfig,
+)
 from megamoe.config.validate import Environment, Layout, parse_data_path, validate
 
 __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "Environment", "Layout",

@@ -16,7 +16,7 @@ def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of dataclass `cls`."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {}
-    for node, after in zip(body, body[1:]):
+    for node, after in zip(body, body[1:], strict=False):
         if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
             docs[node.target.id] = " ".join(str(after.value.value).split())
     return docs

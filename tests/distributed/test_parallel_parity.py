@@ -74,7 +74,7 @@ def _assert_losses_match(losses: list[float], reference: list[float], tol: float
                          what: str = "loss") -> None:
     for step, (got, want) in enumerate(zip(losses, reference, strict=True), 1):
         assert abs(got - want) / abs(want) <= tol, f"step {step}: {what} {got} vs reference {want}"
-    print(f"max rel {what} diff {max(abs(g - w) / abs(w) for g, w in zip(losses, reference)):.2e}")
+    print(f"max rel {what} diff {max(abs(g - w) / abs(w) for g, w in zip(losses, reference, strict=True)):.2e}")
 
 
 def _assert_grads_match(grads: list[dict], reference: list[dict], tol: float = 1e-5) -> None:

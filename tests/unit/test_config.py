@@ -21,7 +21,8 @@ def data_args(data: dict) -> list[str]:
 
 
 def test_yaml_and_overrides(tiny_data):
-    cfg = config.load(DEMO, [*data_args(tiny_data), "train.lr=1e-3", "deepspeed.extra.zero_optimization.overlap_comm=true",
+    cfg = config.load(DEMO, [*data_args(tiny_data), "train.lr=1e-3",
+                             "deepspeed.extra.zero_optimization.overlap_comm=true",
                              "parallel.tensor_model_parallel_size=2", "model.num_query_groups=null"])
     assert cfg.model.num_layers == 4 and cfg.train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
     assert cfg.deepspeed.extra == {"zero_optimization": {"overlap_comm": True}}

@@ -51,7 +51,7 @@ def test_dp2_sees_what_dp1_sees_with_a_doubled_micro_batch():
     single = _indices(MicroBatchSampler(40, 0, 4, dp_rank=0, dp_size=1))
     rank0 = _indices(MicroBatchSampler(40, 0, 2, dp_rank=0, dp_size=2))
     rank1 = _indices(MicroBatchSampler(40, 0, 2, dp_rank=1, dp_size=2))
-    assert [a + b for a, b in zip(rank0, rank1)] == single
+    assert [a + b for a, b in zip(rank0, rank1, strict=True)] == single
     assert len(single) == len(rank0) == 10
 
 

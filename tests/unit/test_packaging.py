@@ -20,7 +20,8 @@ def test_dockerfile_pins_equal_setup_py():
 
 
 def test_no_pypi_apex_anywhere():
-    for path in [ROOT / "setup.py", ROOT / "tools" / "install.sh", ROOT / ".ci" / "run", ROOT / "docker" / "Dockerfile"]:
+    for path in [ROOT / "setup.py", ROOT / "tools" / "install.sh", ROOT / ".ci" / "run",
+                 ROOT / "docker" / "Dockerfile"]:
         for line in path.read_text().splitlines():
             assert not re.search(r"pip install[^#]*\s[\"']?apex\b", line), f"{path.name}: {line}"
 
@@ -37,3 +38,16 @@ def test_readme_config_reference_is_current():
 
     readme = (ROOT / "README.md").read_text()
     assert markdown() in readme, "run: python tools/config_reference.py --update"
+
+
+def test_ruff_clean():
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        import pytest
+
+        pytest.skip("ruff is not installed (bash tools/install.sh dev installs it)")
+    proc = subprocess.run([ruff, "check", "--output-format", "concise", str(ROOT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
