@@ -24,6 +24,7 @@ CORE = [
     "pyyaml~=6.0",
     "numpy>=1.26,<3",
     "ninja",  # DeepSpeed JIT-builds its CPU communication op
+    "matplotlib>=3.8",  # expert-load heatmaps, comparison plots
 ]
 EXTRAS = {
     "hf": ["transformers~=5.23", "safetensors~=0.8"],

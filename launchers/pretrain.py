@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from megamoe import config  # noqa: E402
 from megamoe.train import startup  # noqa: E402
+from megamoe.utils import global_rank  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(args.config, args.overrides)
         layout = startup.check(cfg)
     except config.ConfigError as err:
-        print(f"megamoe: config error: {err}", file=sys.stderr)
+        if global_rank() == 0:  # every rank finds the same mistake: say it once
+            print(f"megamoe: config error: {err}", file=sys.stderr)
         return 2
     from megamoe.train import loop  # heavy imports (megatron, deepspeed) only after the config is good
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from megamoe.config.tree import RunConfig
+from megamoe.config.tree import MOE_CONFIGS, MoEConfig, RunConfig
 
 
 class ConfigError(ValueError):
@@ -92,10 +92,21 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
                                   f"add it to the YAML file or pass {key}=<value>")
             continue
         if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = build(hints[name], data[name] if data[name] is not None else {}, key + ".")
+            section = data[name] if data[name] is not None else {}
+            kwargs[name] = build(_section_class(hints[name], section, key), section, key + ".")
         else:
             kwargs[name] = _coerce(data[name], hints[name], key)
     return cls(**kwargs)
+
+
+def _section_class(cls: type, section: Any, key: str) -> type:
+    """The dataclass that reads `section`: the moe: section's class depends on its variant."""
+    if cls is not MoEConfig or not isinstance(section, dict):
+        return cls
+    variant = section.get("variant", "topk")
+    if variant not in MOE_CONFIGS:
+        raise ConfigError(f"{key}.variant={variant!r} is unknown; choose one of {', '.join(sorted(MOE_CONFIGS))}")
+    return MOE_CONFIGS[variant]
 
 
 def _unknown_key_message(prefix: str, key: str, known: list[str]) -> str:

@@ -9,7 +9,7 @@ import json
 import types
 import typing
 
-from megamoe.config.tree import RunConfig
+from megamoe.config.tree import MOE_CONFIGS, MoEConfig, RunConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -44,16 +44,28 @@ def _default(f: dataclasses.Field) -> str:
     return "**required**"
 
 
+def _table(section: str, cls: type, fields: list[dataclasses.Field]) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(field_docs(klass))
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{section}.{f.name}` | {_type(hints[f.name])} | {_default(f)} | {docs.get(f.name, '')} |"
+             for f in fields]
+    return rows + [""]
+
+
 def markdown() -> str:
-    """One table per section: key, type, default, meaning."""
+    """One table per section (key, type, default, meaning); moe: adds one table per variant's own keys."""
     out = []
     for section in dataclasses.fields(RunConfig):
         cls = typing.get_type_hints(RunConfig)[section.name]
-        hints, docs = typing.get_type_hints(cls), field_docs(cls)
-        out += [f"### `{section.name}:` — {(cls.__doc__ or '').strip()}", "",
-                "| key | type | default | meaning |", "|---|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            out.append(f"| `{section.name}.{f.name}` | {_type(hints[f.name])} | {_default(f)} | "
-                       f"{docs.get(f.name, '')} |")
-        out.append("")
+        out += [f"### `{section.name}:` — {' '.join((cls.__doc__ or '').split())}", ""]
+        out += _table(section.name, cls, list(dataclasses.fields(cls)))
+        if cls is MoEConfig:
+            base = {f.name for f in dataclasses.fields(MoEConfig)}
+            for variant, sub in MOE_CONFIGS.items():
+                out += [f"With `moe.variant: {variant}` — {' '.join((sub.__doc__ or '').split())}", ""]
+                out += _table(section.name, sub, [f for f in dataclasses.fields(sub) if f.name not in base])
     return "\n".join(out)

@@ -56,6 +56,61 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts layers in the MLP slot. Keys shared by every variant; `variant` picks the subclass
+    (config.MOE_CONFIGS) that reads the rest. Megatron's `moe_*` names, without the prefix."""
+
+    variant: str = "topk"
+    """The MoE layer: one of config.MOE_CONFIGS (= megamoe.moe.VARIANTS)."""
+    num_experts: int | None = None
+    """Routed experts per MoE layer. None: a dense model (no MoE layers)."""
+    layer_freq: int | list[int] = 1
+    """Which layers are MoE: N = every N-th layer starting with the first (1 = all), or a 0/1 list per layer."""
+    ffn_hidden_size: int | None = None
+    """Width of one routed expert. None: model.ffn_hidden_size (fine-grained experts use a fraction)."""
+    shared_expert_intermediate_size: int | None = None
+    """Width of the always-on shared expert(s) (DeepSeekMoE). None: no shared expert."""
+    shared_expert_combine: Literal["add", "gate", "residual"] = "add"
+    """How the shared expert joins: 'add' (DeepSeekMoE), 'gate' = sigmoid(x w) scaling (Qwen2-MoE),
+    'residual' = softmax(Linear(d, 2)) mix of routed and shared outputs (DeepSpeed Residual-MoE)."""
+    router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    """Switch balancing loss over each micro-batch, over each sequence, or over the global batch (all ranks,
+    all micro-batches of the step so far)."""
+    aux_loss_coeff: float = 0.01
+    """Weight alpha of the Switch load-balancing loss."""
+    z_loss_coeff: float = 0.0
+    """Weight beta of the router z-loss (ST-MoE); 0 disables it."""
+    expert_capacity_factor: float | None = None
+    """None: dropless. Else each expert takes at most ceil(factor x copies / experts) copies per rank."""
+    token_drop_policy: Literal["probs", "position"] = "probs"
+    """Which copies an over-full expert keeps: the highest router probabilities, or the earliest tokens."""
+    pad_expert_input_to_capacity: bool = False
+    """Pad every expert's input to its capacity: static shapes, and no count exchange before the all-to-all."""
+    grouped_gemm: Literal["auto", "on", "off"] = "auto"
+    """Expert GEMMs through torch._grouped_mm ('auto': on CUDA in bf16) or a loop over experts."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class TopKMoEConfig(MoEConfig):
+    """Token-choice top-k routing: Switch (top-1), GShard (top-2), Mixtral (top-k), fine-grained + shared."""
+
+    router_topk: int = 2
+    """Experts per token k."""
+    router_pre_softmax: bool = False
+    """True: weights are the full softmax's probabilities of the chosen experts (Switch, Qwen2-MoE).
+    False: softmax over the chosen k logits, i.e. renormalised (Mixtral, GShard)."""
+    input_jitter_eps: float = 0.0
+    """Multiply router inputs by U(1 - eps, 1 + eps) while training (Switch); 0 disables it."""
+    router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for selection only."""
+    router_bias_update_rate: float = 1e-3
+    """Step of the expert-bias update per optimizer step."""
+
+
+MOE_CONFIGS: dict[str, type[MoEConfig]] = {"topk": TopKMoEConfig}
+
+
+@dataclass(kw_only=True, frozen=True)
 class ParallelConfig:
     """Process layout. Data-parallel size is derived: world size / (TP x PP)."""
 
@@ -63,6 +118,9 @@ class ParallelConfig:
     """Tensor-parallel (Megatron intra-layer) size."""
     pipeline_model_parallel_size: int = 1
     """Pipeline stages."""
+    expert_model_parallel_size: int = 1
+    """Expert-parallel size: each group of this many ranks shares the experts of a layer (tokens travel
+    by all-to-all). Expert-tensor parallelism is 1: every expert lives whole on one rank."""
     sequence_parallel: bool = False
     """Shard norms and dropout along the sequence across the tensor-parallel group (needs TP > 1)."""
     distributed_timeout_minutes: float = 10.0
@@ -184,6 +242,8 @@ class RunConfig:
     """Training data."""
     train: TrainConfig
     """Optimisation."""
+    moe: MoEConfig = field(default_factory=TopKMoEConfig)
+    """Mixture-of-Experts layers (none unless moe.num_experts is set)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallel layout."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

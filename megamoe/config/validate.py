@@ -11,7 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megamoe.config.loader import ConfigError
-from megamoe.config.tree import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from megamoe.config.tree import (
+    DataConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    RunConfig,
+    TopKMoEConfig,
+    TrainConfig,
+)
 
 # Keys of the generated DeepSpeed config: set through the megamoe key instead.
 GENERATED_DEEPSPEED_KEYS = {
@@ -52,6 +60,7 @@ def validate(cfg: RunConfig, env: Environment) -> Layout:
     layout = _check_parallel(cfg.parallel, cfg.train, cfg.model, env.world_size)
     _check_train(cfg.train, env.cuda_available)
     _check_data(cfg.data, cfg.model, cfg.train.eval_iters, env.tokenizer_vocab_size)
+    _check_moe(cfg.moe, cfg, env.world_size)
     _check_deepspeed(cfg)
     return layout
 
@@ -194,6 +203,71 @@ def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer
               "tokenizer the data was made with")
     if data.num_workers < 0:
         _fail(f"data.num_workers={data.num_workers} must be >= 0")
+
+
+def moe_layer_numbers(moe: MoEConfig, num_layers: int) -> list[int]:
+    """1-based numbers of the layers whose MLP slot holds an MoE layer (empty for a dense model)."""
+    if moe.num_experts is None:
+        return []
+    if isinstance(moe.layer_freq, int):
+        return [n for n in range(1, num_layers + 1) if (n - 1) % moe.layer_freq == 0]
+    return [n for n, flag in enumerate(moe.layer_freq, 1) if flag]
+
+
+def _check_moe(moe: MoEConfig, cfg: RunConfig, world_size: int) -> None:
+    ep = cfg.parallel.expert_model_parallel_size
+    if moe.num_experts is None:
+        if ep != 1:
+            _fail(f"parallel.expert_model_parallel_size={ep} needs MoE layers; set moe.num_experts or use 1")
+        return
+    experts = moe.num_experts
+    if experts < 1:
+        _fail(f"moe.num_experts={experts} must be >= 1 (or null for a dense model)")
+    if ep < 1 or experts % ep:
+        _fail(f"moe.num_experts={experts} is not divisible by parallel.expert_model_parallel_size={ep}; "
+              "choose a divisor of the expert count")
+    stage_ranks = world_size // cfg.parallel.pipeline_model_parallel_size
+    if stage_ranks % ep:
+        _fail(f"parallel.expert_model_parallel_size={ep} does not divide the {stage_ranks} ranks of a pipeline "
+              "stage; use a divisor")
+    if cfg.parallel.tensor_model_parallel_size > 1 and not cfg.parallel.sequence_parallel:
+        _fail("MoE layers with parallel.tensor_model_parallel_size > 1 need parallel.sequence_parallel=true "
+              "(each TP rank routes its own slice of the sequence)")
+    if isinstance(moe.layer_freq, int):
+        if moe.layer_freq < 1:
+            _fail(f"moe.layer_freq={moe.layer_freq} must be >= 1 (1 = every layer)")
+    elif len(moe.layer_freq) != cfg.model.num_layers or set(moe.layer_freq) - {0, 1} or not any(moe.layer_freq):
+        _fail(f"moe.layer_freq={moe.layer_freq} must be a list of {cfg.model.num_layers} zeros and ones "
+              "(one per layer) with at least one 1")
+    for key in ("ffn_hidden_size", "shared_expert_intermediate_size"):
+        value = getattr(moe, key)
+        if value is not None and value < 1:
+            _fail(f"moe.{key}={value} must be >= 1")
+    if moe.expert_capacity_factor is not None and moe.expert_capacity_factor <= 0:
+        _fail(f"moe.expert_capacity_factor={moe.expert_capacity_factor} must be > 0 (null = dropless)")
+    if moe.pad_expert_input_to_capacity and moe.expert_capacity_factor is None:
+        _fail("moe.pad_expert_input_to_capacity=true needs moe.expert_capacity_factor (capacity to pad to)")
+    if moe.aux_loss_coeff < 0 or moe.z_loss_coeff < 0:
+        _fail(f"moe.aux_loss_coeff={moe.aux_loss_coeff} and moe.z_loss_coeff={moe.z_loss_coeff} must be >= 0")
+    if ep > 1 and cfg.deepspeed.zero_stage == 0 and cfg.train.clip_grad > 0:
+        _fail("deepspeed.zero_stage=0 with expert parallelism and train.clip_grad > 0: DeepSpeed's stage-0 clipping "
+              "averages per-rank norms, which is wrong when ranks hold different experts; use deepspeed.zero_stage=1 "
+              "or 2 (or train.clip_grad=0)")
+    if ep > 1 and cfg.deepspeed.zero_stage == 3:
+        _fail("deepspeed.zero_stage=3 with expert parallelism is not supported by DeepSpeed's MoE; use ZeRO 1 or "
+              "2, or parallel.expert_model_parallel_size=1")
+    if isinstance(moe, TopKMoEConfig):
+        _check_topk(moe)
+
+
+def _check_topk(moe: TopKMoEConfig) -> None:
+    if not 1 <= moe.router_topk <= moe.num_experts:
+        _fail(f"moe.router_topk={moe.router_topk} must be between 1 and moe.num_experts={moe.num_experts}")
+    if not 0 <= moe.input_jitter_eps < 1:
+        _fail(f"moe.input_jitter_eps={moe.input_jitter_eps} must be in [0, 1)")
+    if moe.router_topk == 1 and not moe.router_pre_softmax:
+        warnings.warn("moe.router_topk=1 with router_pre_softmax=false gives every token weight 1 and the router "
+                      "no gradient from the LM loss; Switch uses moe.router_pre_softmax=true", stacklevel=3)
 
 
 def _check_deepspeed(cfg: RunConfig) -> None:

@@ -6,17 +6,18 @@ from megatron.core.models.gpt import GPTModel
 
 from megamoe.config import RunConfig
 from megamoe.models.megatron import decoder_block_spec, padded_vocab_size, to_transformer_config
+from megamoe.parallel.groups import ParallelGroups
 
 
-def build_model(cfg: RunConfig, vocab_size: int) -> GPTModel:
-    """The GPT for this rank's tensor-parallel shard (model-parallel groups must exist).
+def build_model(cfg: RunConfig, vocab_size: int, groups: ParallelGroups) -> GPTModel:
+    """The GPT for this rank's tensor- and expert-parallel shard (the parallel groups must exist).
 
     `vocab_size` is the tokenizer's; the embedding is padded as Megatron pads it.
     """
     model = cfg.model
     return GPTModel(
         config=to_transformer_config(cfg),
-        transformer_layer_spec=decoder_block_spec(cfg),
+        transformer_layer_spec=decoder_block_spec(cfg, groups),
         vocab_size=padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by,
                                      cfg.parallel.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings or cfg.data.seq_length,

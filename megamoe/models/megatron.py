@@ -16,7 +16,11 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamoe.config import RunConfig
+from megamoe.config.validate import moe_layer_numbers
+from megamoe.models.moe_mlp import moe_mlp_spec
 from megamoe.models.norms import NORMS
+from megamoe.moe import LayerShape
+from megamoe.parallel.groups import ParallelGroups
 
 
 def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
@@ -57,13 +61,18 @@ def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
     )
 
 
-def mlp_spec(cfg: RunConfig, layer_number: int, dense_mlp: ModuleSpec) -> ModuleSpec:
-    """The module in layer `layer_number`'s MLP slot (1-based, global). Every layer is dense for now."""
-    del cfg, layer_number
-    return dense_mlp
+def mlp_spec(cfg: RunConfig, layer_number: int, dense_mlp: ModuleSpec, groups: ParallelGroups) -> ModuleSpec:
+    """The module in layer `layer_number`'s MLP slot (1-based, global): MoE where moe.layer_freq says."""
+    if layer_number not in moe_layer_numbers(cfg.moe, cfg.model.num_layers):
+        return dense_mlp
+    model = cfg.model
+    shape = LayerShape(hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+                       swiglu=model.swiglu, init_std=model.init_method_std, num_layers=model.num_layers,
+                       layer_number=layer_number, seed=cfg.train.seed)
+    return moe_mlp_spec(cfg.moe, shape, groups)
 
 
-def decoder_block_spec(cfg: RunConfig) -> TransformerBlockSubmodules:
+def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlockSubmodules:
     """One layer spec per decoder layer: megatron's local GPT layer, megamoe's norms, a per-layer MLP."""
     norm = NORMS[cfg.model.normalization]
     base = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
@@ -72,7 +81,7 @@ def decoder_block_spec(cfg: RunConfig) -> TransformerBlockSubmodules:
         spec = copy.deepcopy(base)
         spec.submodules.input_layernorm = norm
         spec.submodules.pre_mlp_layernorm = norm
-        spec.submodules.mlp = mlp_spec(cfg, layer_number, base.submodules.mlp)
+        spec.submodules.mlp = mlp_spec(cfg, layer_number, base.submodules.mlp, groups)
         layers.append(spec)
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)
 

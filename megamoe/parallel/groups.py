@@ -14,13 +14,30 @@ class ParallelGroups:
     tp_group: dist.ProcessGroup | None
     """Tensor-parallel peers (they hold shards of the same layers and see the same data)."""
     dp_group: dist.ProcessGroup | None
-    """Data-parallel peers (same shard of the model, different data)."""
+    """Data-parallel peers of dense parameters (same shard of the model, different data; includes EP)."""
+    ep_group: dist.ProcessGroup | None
+    """Expert-parallel peers: together they hold all experts of a layer and exchange tokens."""
+    edp_group: dist.ProcessGroup | None
+    """Expert-data-parallel peers: they hold the same experts."""
+    tp_dp_group: dist.ProcessGroup | None
+    """Every rank of this pipeline stage: the ranks that see different tokens (MoE statistics)."""
     tp_rank: int
     tp_size: int
     dp_rank: int
     dp_size: int
+    ep_rank: int
+    ep_size: int
+    edp_rank: int
+    sequence_parallel: bool
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        """Where replicated parameters of the MoE layer see different tokens (sequence parallelism)."""
+        return self.tp_group if self.sequence_parallel and self.tp_size > 1 else None
 
     @classmethod
     def single_process(cls) -> ParallelGroups:
         """The layout of one process holding the whole model."""
-        return cls(tp_group=None, dp_group=None, tp_rank=0, tp_size=1, dp_rank=0, dp_size=1)
+        return cls(tp_group=None, dp_group=None, ep_group=None, edp_group=None, tp_dp_group=None, tp_rank=0,
+                   tp_size=1, dp_rank=0, dp_size=1, ep_rank=0, ep_size=1, edp_rank=0,
+                   sequence_parallel=False)

@@ -50,21 +50,40 @@ def initialize(par: ParallelConfig, seed: int) -> ParallelGroups:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=1,
         distributed_timeout_minutes=int(par.distributed_timeout_minutes),
     )
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)
-    groups = ParallelGroups(
-        tp_group=parallel_state.get_tensor_model_parallel_group(),
-        dp_group=parallel_state.get_data_parallel_group(),
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-    )
+    groups = _groups(par.sequence_parallel)
     get_logger().info(f"world {dist.get_world_size()} ({dist.get_backend()}): TP={groups.tp_size} "
-                      f"DP={groups.dp_size}, platform patches: {platform.apply() or 'none (CUDA)'}")
+                      f"DP={groups.dp_size} EP={groups.ep_size}, platform patches: "
+                      f"{platform.apply() or 'none (CUDA)'}")
     return groups
+
+
+def _groups(sequence_parallel: bool) -> ParallelGroups:
+    from megatron.core import parallel_state as ps
+
+    def group_or_none(group):  # size-1 groups become None: nothing to communicate
+        return group if dist.get_world_size(group) > 1 else None
+
+    return ParallelGroups(
+        tp_group=group_or_none(ps.get_tensor_model_parallel_group()),
+        dp_group=group_or_none(ps.get_data_parallel_group()),
+        ep_group=group_or_none(ps.get_expert_model_parallel_group()),
+        edp_group=group_or_none(ps.get_expert_data_parallel_group()),
+        tp_dp_group=group_or_none(ps.get_tensor_and_data_parallel_group()),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        edp_rank=ps.get_expert_data_parallel_rank(),
+        sequence_parallel=sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1,
+    )
 
 
 def seed_everything(seed: int) -> None:

@@ -1,8 +1,13 @@
-"""Checkpoints: DeepSpeed's engine state plus megamoe's own (step, data position, every RNG, config).
+"""Checkpoints: DeepSpeed's engine state plus megamoe's own (step, data position, RNG, config, experts).
 
-Layout of `<save>/iter_0000010/`: DeepSpeed's model/optimizer/scheduler files, `rng_state_rank<r>.pt` per
-rank (dropout streams differ per rank), `config.yaml` (the resolved config) and `client_state` inside
-DeepSpeed's model file (iteration, consumed samples). `<save>/latest` names the newest tag.
+Layout of `<save>/iter_0000010/`: DeepSpeed's model/optimizer/scheduler files; `rng_state_rank<r>.pt` per
+rank (dropout streams differ per rank); `config.yaml` (the resolved config); `experts_ep<r>.pt`, the routed
+experts of expert-parallel rank r keyed by global expert id (DeepSpeed's model file holds only EP rank 0's
+experts, integration.md 6.4). `<save>/latest` names the newest tag.
+
+Resuming with the saved expert-parallel size restores everything. With another EP size the model weights
+are loaded (experts resharded from the shards) before the engine exists, the LR schedule and data position
+continue, and the optimizer state starts afresh (DeepSpeed cannot reshard it).
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from megamoe.config import RunConfig, dump
+from megamoe.moe.experts import GroupedExperts
+from megamoe.parallel.groups import ParallelGroups
 from megamoe.utils import get_logger
 
 
@@ -29,6 +37,17 @@ class Progress:
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def latest_tag_dir(load_dir: str | None) -> Path | None:
+    """The checkpoint `<load_dir>/latest` names, or None (with a warning if load_dir was given)."""
+    if load_dir is None:
+        return None
+    latest = Path(load_dir) / "latest"
+    if not latest.is_file():
+        get_logger().warning(f"no checkpoint in {load_dir} ('latest' missing): starting a new run")
+        return None
+    return Path(load_dir) / latest.read_text().strip()
 
 
 def rng_state() -> dict:
@@ -59,17 +78,56 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, cfg: RunConfig, progress: Progress) -> Path:
+def _experts(model: torch.nn.Module) -> dict[str, GroupedExperts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, GroupedExperts)}
+
+
+def save_expert_shard(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> None:
+    """The first expert-data-parallel replica of each EP rank writes its experts, keyed by global id."""
+    experts = _experts(model)
+    if not experts or groups.edp_rank != 0:
+        return
+    shard = {name: {"first_expert": m.first_expert,
+                    "tensors": {p: t.detach().cpu().clone() for p, t in m.named_parameters(recurse=False)}}
+             for name, m in experts.items()}
+    torch.save(shard, tag_dir / f"experts_ep{groups.ep_rank:03d}.pt")
+
+
+@torch.no_grad()
+def load_expert_shards(model: torch.nn.Module, tag_dir: Path) -> None:
+    """Fill this rank's experts from the shards, whatever EP size wrote them."""
+    experts = _experts(model)
+    if not experts:
+        return
+    shards = [torch.load(path, weights_only=True) for path in sorted(tag_dir.glob("experts_ep*.pt"))]
+    if not shards:
+        raise FileNotFoundError(f"{tag_dir} holds no experts_ep*.pt expert shards; it was not written by megamoe "
+                                "with MoE layers")
+    for name, module in experts.items():
+        for pname, param in module.named_parameters(recurse=False):
+            filled = torch.zeros(module.num_local, dtype=torch.bool)
+            for shard in shards:
+                first, saved = shard[name]["first_expert"], shard[name]["tensors"][pname]
+                mine = module.first_expert
+                lo, hi = max(first, mine), min(first + len(saved), mine + module.num_local)
+                if lo < hi:
+                    param[lo - mine:hi - mine] = saved[lo - first:hi - first]
+                    filled[lo - mine:hi - mine] = True
+            if not filled.all():
+                raise ValueError(f"{tag_dir}: experts of {name}.{pname} missing from the shards")
+
+
+def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> Path:
     """Write a checkpoint of this step under cfg.checkpoint.save; every rank calls this."""
     assert cfg.checkpoint.save is not None
     tag = tag_for(progress.iteration)
     tag_dir = Path(cfg.checkpoint.save) / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
-    rank = dist.get_rank()
-    torch.save(rng_state(), tag_dir / f"rng_state_rank{rank}.pt")
-    if rank == 0:
+    torch.save(rng_state(), tag_dir / f"rng_state_rank{dist.get_rank()}.pt")
+    save_expert_shard(engine.module, tag_dir, groups)
+    if dist.get_rank() == 0:
         (tag_dir / "config.yaml").write_text(dump(cfg))
-    # RNG and config files exist before DeepSpeed's save publishes the tag in `latest`.
+    # RNG, expert and config files exist before DeepSpeed's save publishes the tag in `latest`.
     dist.barrier()
     engine.save_checkpoint(cfg.checkpoint.save, tag=tag,
                            client_state={"iteration": progress.iteration,
@@ -78,22 +136,63 @@ def save(engine, cfg: RunConfig, progress: Progress) -> Path:
     return tag_dir
 
 
-def load(engine, cfg: RunConfig) -> Progress:
-    """Resume from cfg.checkpoint.load's latest tag; a fresh Progress when there is none."""
-    load_dir = cfg.checkpoint.load
-    if load_dir is None or not (Path(load_dir) / "latest").is_file():
-        if load_dir is not None:
-            get_logger().warning(f"no checkpoint in {load_dir} ('latest' missing): starting a new run")
+def saved_layout(tag_dir: Path) -> tuple[int, int]:
+    """(tensor-parallel size, expert-parallel size) the checkpoint was written with."""
+    parallel = yaml.safe_load((tag_dir / "config.yaml").read_text()).get("parallel", {})
+    return parallel.get("tensor_model_parallel_size", 1), parallel.get("expert_model_parallel_size", 1)
+
+
+def needs_reshard(tag_dir: Path | None, cfg: RunConfig) -> bool:
+    """True when the checkpoint's expert-parallel size differs from this run's (then load_resharded)."""
+    if tag_dir is None:
+        return False
+    tp, ep = saved_layout(tag_dir)
+    if tp != cfg.parallel.tensor_model_parallel_size:
+        raise ValueError(f"checkpoint {tag_dir} was written with tensor_model_parallel_size={tp}; resume with the "
+                         f"same size (this run has {cfg.parallel.tensor_model_parallel_size})")
+    return ep != cfg.parallel.expert_model_parallel_size
+
+
+def _model_states(tag_dir: Path, groups: ParallelGroups) -> dict:
+    # DeepSpeed's own file (written by deepspeed.save_checkpoint): it holds plain containers besides tensors.
+    return torch.load(tag_dir / f"mp_rank_{groups.tp_rank:02d}_model_states.pt", weights_only=False)
+
+
+@torch.no_grad()
+def load_resharded(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> dict:
+    """Weights from a checkpoint written with another EP size, before the engine exists (so DeepSpeed's
+    fp32 master weights start from them). Returns DeepSpeed's saved state for load_progress."""
+    states = _model_states(tag_dir, groups)
+    expert_keys = {f"{name}.{p}" for name, m in _experts(model).items() for p, _ in m.named_parameters(recurse=False)}
+    dense = {k: v for k, v in states["module"].items() if k not in expert_keys}
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    if (not_loaded := sorted(set(missing) - expert_keys)) or unexpected:
+        raise ValueError(f"{tag_dir}: checkpoint does not fit the model (missing {not_loaded[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    load_expert_shards(model, tag_dir)
+    get_logger().warning(f"{tag_dir} was written with another expert-parallel size: weights resharded, "
+                         "optimizer state starts afresh")
+    return states
+
+
+def load(engine, tag_dir: Path | None, groups: ParallelGroups, resharded_states: dict | None = None) -> Progress:
+    """Resume from `tag_dir` (None: a new run). Call last in setup: it restores the RNG streams."""
+    if tag_dir is None:
         return Progress()
-    path, client_state = engine.load_checkpoint(load_dir)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint named by {load_dir}/latest")
-    tag_dir = Path(load_dir) / (Path(load_dir) / "latest").read_text().strip()
+    if resharded_states is not None:
+        client_state = resharded_states
+        if engine.lr_scheduler is not None and "lr_scheduler" in resharded_states:
+            engine.lr_scheduler.load_state_dict(resharded_states["lr_scheduler"])
+    else:
+        path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+        load_expert_shards(engine.module, tag_dir)  # DeepSpeed's file holds EP rank 0's experts only
     rng_file = tag_dir / f"rng_state_rank{dist.get_rank()}.pt"
-    if rng_file.is_file():
+    if rng_file.is_file() and resharded_states is None:
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:
-        get_logger().warning(f"{rng_file} missing (different world size?): random streams restart")
+        get_logger().warning(f"{rng_file.name} not restored (another layout): random streams restart")
     progress = Progress(iteration=client_state["iteration"], consumed_samples=client_state["consumed_samples"])
     get_logger().info(f"resumed from {tag_dir} at iteration {progress.iteration}")
     return progress

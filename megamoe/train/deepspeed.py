@@ -8,10 +8,16 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups as ds_groups
 from deepspeed.utils import logger as ds_logger
 from megatron.core import parallel_state
 
 from megamoe.config import Layout, RunConfig
+from megamoe.moe.experts import GroupedExperts
+from megamoe.parallel.groups import ParallelGroups
 from megamoe.train.optim import build_optimizer, lr_scheduler_factory, param_groups
 
 
@@ -83,10 +89,97 @@ def grad_norm_before_step(engine: deepspeed.DeepSpeedEngine) -> float | None:
     return float(get_flattened_grad_norm(params, mpu=engine.mpu))
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout) -> deepspeed.DeepSpeedEngine:
-    """deepspeed.initialize with megamoe's optimizer, LR schedule and megatron's groups."""
+def expert_group_name(ep_size: int) -> str:
+    return f"ep_size_{ep_size}"
+
+
+class ExpertParallelMarker(DeepSpeedMoE):
+    """Tells DeepSpeed the model holds expert-parallel parameters it did not create (integration.md 6.3).
+
+    Without a deepspeed.moe.layer.MoE in the model, DeepSpeed broadcasts every parameter from rank 0 and
+    averages every gradient over all data-parallel ranks: experts of different EP ranks silently become
+    copies of rank 0's. This zero-parameter subclass makes the engine MoE-aware, owns the creation of
+    DeepSpeed's expert groups, and checks them against megatron-core's. `num_local_experts = 0`: DeepSpeed
+    neither writes nor expects per-expert checkpoint files (megamoe writes its own expert shards).
+    """
+
+    def __init__(self, num_experts: int, ep_size: int) -> None:
+        torch.nn.Module.__init__(self)  # not MoE.__init__: no gate, no experts, no parameters
+        self.num_experts, self.ep_size, self.num_local_experts = num_experts, ep_size, 0
+        self.expert_group_name = expert_group_name(ep_size)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the engine: create DeepSpeed's EP/EDP groups and require them equal to megatron's."""
+        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+            ds_groups._create_expert_and_data_parallel(
+                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        got = (list(ds_groups._get_expert_parallel_group_ranks(self.expert_group_name)),
+               list(ds_groups._get_expert_data_parallel_group_ranks(self.expert_group_name)))
+        want = (dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group()),
+                dist.get_process_group_ranks(parallel_state.get_expert_data_parallel_group()))
+        if got != want:
+            raise RuntimeError(f"DeepSpeed's expert-parallel / expert-data-parallel ranks {got} differ from "
+                               f"megatron-core's {want}: expert gradients would be reduced over the wrong ranks")
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("ExpertParallelMarker is a marker; the MoE layers live in the MLP slots")
+
+
+def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()]
+
+
+def prepare_expert_parallelism(model: torch.nn.Module, groups: ParallelGroups, num_experts: int | None) -> int:
+    """Tag expert parameters for DeepSpeed and add the marker (EP > 1); returns the number tagged.
+
+    Tagged parameters (`allreduce=False`, `group_name`) are reduced over the expert-data-parallel group only;
+    everything else over the whole data-parallel group. Where tensor-parallel peers hold different experts
+    (EP folded over TP), experts are also marked model-parallel so the global norm counts each once.
+    """
+    params = expert_parameters(model)
+    if groups.ep_size == 1:
+        return 0
+    if not params:
+        raise RuntimeError("expert parallelism is on but the model has no GroupedExperts parameters to tag")
+    tp_peers_differ = groups.tp_size > 1 and _tp_peers_hold_different_experts(groups)
+    for param in params:
+        param.allreduce = False
+        param.group_name = expert_group_name(groups.ep_size)
+        if tp_peers_differ:
+            param.model_parallel = True
+    model.add_module("deepspeed_ep_marker", ExpertParallelMarker(num_experts, groups.ep_size))
+    return len(params)
+
+
+def _tp_peers_hold_different_experts(groups: ParallelGroups) -> bool:
+    ep_ranks = [torch.zeros((), dtype=torch.int64) for _ in range(groups.tp_size)]
+    dist.all_gather(ep_ranks, torch.tensor(groups.ep_rank), group=groups.tp_group)
+    return len({int(r) for r in ep_ranks}) == groups.tp_size
+
+
+def optimizer_param_groups(model: torch.nn.Module, groups: ParallelGroups) -> list[dict]:
+    """megamoe's weight-decay groups, split so that expert parameters sit in DeepSpeed MoE groups."""
+    param_groups_ = param_groups(model)
+    if groups.ep_size == 1:
+        return param_groups_
+    return split_params_into_different_moe_groups_for_optimizer(param_groups_)
+
+
+def aux_loss_scale(engine: deepspeed.DeepSpeedEngine) -> float:
+    """The gradient of an attached aux loss: DeepSpeed divides the LM loss by the accumulation steps and, in
+    fp16, multiplies it by the current loss scale; the aux losses must be scaled alike."""
+    scale = 1.0 / engine.gradient_accumulation_steps()
+    if engine.fp16_enabled():
+        scale *= float(engine.optimizer.cur_scale)
+    return scale
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout,
+                 groups: ParallelGroups) -> deepspeed.DeepSpeedEngine:
+    """deepspeed.initialize with megamoe's optimizer, LR schedule, expert parallelism and megatron's groups."""
     ds_logger.setLevel(logging.WARNING)
-    optimizer = build_optimizer(param_groups(model), cfg.train)
+    prepare_expert_parallelism(model, groups, cfg.moe.num_experts)
+    optimizer = build_optimizer(optimizer_param_groups(model, groups), cfg.train)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler_factory(cfg.train),
         mpu=MegatronMPU(), config=to_deepspeed_config(cfg, layout), dist_init_required=False)

@@ -14,12 +14,13 @@ from megamoe.config import Layout, RunConfig
 from megamoe.data.loader import Datasets, build_datasets, build_loader
 from megamoe.data.tokenizer import load_tokenizer
 from megamoe.models.gpt import build_model
+from megamoe.moe.losses import set_aux_loss_scale
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.initialize import initialize
 from megamoe.train import checkpoint
 from megamoe.train.checkpoint import Progress
-from megamoe.train.deepspeed import build_engine, grad_norm_before_step
-from megamoe.train.metrics import MetricsWriter
+from megamoe.train.deepspeed import aux_loss_scale, build_engine, grad_norm_before_step
+from megamoe.train.metrics import ExpertLoadLog, MetricsWriter, collect_moe_metrics, moe_layers
 from megamoe.utils import get_logger
 
 
@@ -36,12 +37,19 @@ class Trainer:
 
 
 def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
-    """Groups -> tokenizer -> model -> engine -> datasets -> resume (last: it restores the RNG streams)."""
+    """Groups -> tokenizer -> model -> engine -> datasets -> resume (last: it restores the RNG streams).
+
+    A checkpoint written with another expert-parallel size is loaded into the model before the engine
+    exists, so DeepSpeed's master weights start from it.
+    """
     groups = initialize(cfg.parallel, cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
-    engine = build_engine(build_model(cfg, tokenizer.vocab_size), cfg, layout)
+    model = build_model(cfg, tokenizer.vocab_size, groups)
+    tag_dir = checkpoint.latest_tag_dir(cfg.checkpoint.load)
+    resharded = checkpoint.load_resharded(model, tag_dir, groups) if checkpoint.needs_reshard(tag_dir, cfg) else None
+    engine = build_engine(model, cfg, layout, groups)
     datasets = build_datasets(cfg, layout, tokenizer)
-    progress = checkpoint.load(engine, cfg)
+    progress = checkpoint.load(engine, tag_dir, groups, resharded)
     return Trainer(cfg=cfg, layout=layout, groups=groups, engine=engine, datasets=datasets, progress=progress)
 
 
@@ -73,16 +81,20 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
                before_step: Callable[[object], None] | None = None) -> dict[str, float]:
     """One optimizer step: grad_accum_steps micro-batches, each backward scaled by DeepSpeed (1/GAS).
 
-    `before_step(engine)` runs once the step's gradients are complete, before the optimizer uses them.
+    `before_step(engine)` runs once the step's gradients are complete, before the optimizer uses them
+    (after the MoE layers' own step work: expert-bias updates).
     """
     engine = trainer.engine
     lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
     losses, grad_norm = [], None
     for _ in range(trainer.layout.grad_accum_steps):
+        set_aux_loss_scale(aux_loss_scale(engine))  # the fp16 loss scale may change between micro-batches
         loss = lm_loss(engine, next(batches))
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
             grad_norm = grad_norm_before_step(engine)
+            for layer in moe_layers(engine.module):
+                layer.finish_step()
             if before_step is not None:
                 before_step(engine)
         engine.step(lr_kwargs={"increment": 1})  # optimizer and LR step only at the accumulation boundary
@@ -101,11 +113,13 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     loader = build_loader(trainer.datasets.valid, 0, trainer.cfg, trainer.groups)
     losses = [lm_loss(engine, batch) for batch in loader]
     engine.train()
+    for layer in moe_layers(engine.module):
+        layer.pop_stats()  # training statistics only
     loss = dp_mean(torch.stack(losses).mean(), trainer.groups)
     return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
 
 
-def train(trainer: Trainer, metrics: MetricsWriter) -> dict[int, float]:
+def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog) -> dict[int, float]:
     """Steps from trainer.progress to train_iters: log, validate, checkpoint. Returns {step: valid ppl}."""
     cfg, layout = trainer.cfg, trainer.layout
     tokens_per_step = layout.global_batch_size * cfg.data.seq_length
@@ -128,23 +142,26 @@ def train(trainer: Trainer, metrics: MetricsWriter) -> dict[int, float]:
                                    consumed_samples=trainer.progress.consumed_samples + layout.global_batch_size)
         step, last = trainer.progress.iteration, trainer.progress.iteration == cfg.train.train_iters
         if step % cfg.train.log_interval == 0 or last:
-            metrics.log(step, {**values, "train/tokens_per_s": tokens_per_step / step_s,
-                               "train/step_s": step_s, "train/consumed_samples": trainer.progress.consumed_samples})
+            moe_values, loads = collect_moe_metrics(trainer.engine.module, trainer.groups)
+            expert_load.add(step, loads)
+            metrics.log(step, {**values, "train/tokens_per_s": tokens_per_step / step_s, "train/step_s": step_s,
+                               "train/consumed_samples": trainer.progress.consumed_samples, **moe_values})
         if do_eval and (step % cfg.train.eval_interval == 0 or last):
             validate(step)
         if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0 or last):
-            checkpoint.save(trainer.engine, cfg, trainer.progress)
+            checkpoint.save(trainer.engine, cfg, trainer.progress, trainer.groups)
     return perplexity
 
 
 def run(cfg: RunConfig, layout: Layout) -> None:
     """Train `cfg` on the processes of this launch (the config is already validated for it)."""
     trainer = build_trainer(cfg, layout)
-    metrics = MetricsWriter(cfg)
+    metrics, expert_load = MetricsWriter(cfg), ExpertLoadLog(cfg.logging.log_dir)
     try:
-        perplexity = train(trainer, metrics)
+        perplexity = train(trainer, metrics, expert_load)
     finally:
         metrics.close()
+        expert_load.write_heatmap()
     summary = f"done: {trainer.progress.iteration} steps"
     if perplexity:
         (first, ppl_first), (last, ppl_last) = min(perplexity.items()), max(perplexity.items())

@@ -7,9 +7,13 @@ import math
 import os
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 import yaml
 
 from megamoe.config import LoggingConfig, RunConfig, dump
+from megamoe.moe import MoELayer
+from megamoe.parallel.groups import ParallelGroups
 from megamoe.utils import get_logger, global_rank
 
 
@@ -58,7 +62,8 @@ class MetricsWriter:
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
-        get_logger().info(f"step {step:>6} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in values.items()))
+        shown = {k: v for k, v in values.items() if "/layer" not in k}  # per-layer values: files and dashboards
+        get_logger().info(f"step {step:>6} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
 
     def close(self) -> None:
         if not self.enabled:
@@ -74,3 +79,94 @@ def _fmt(value: float) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.4g}" if math.isfinite(value) and abs(value) < 1e5 else f"{value:.4e}"
+
+
+def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def collect_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple[dict[str, float], dict[int, list]]:
+    """Every MoE layer's statistics since the last call, summed over the ranks that saw different tokens.
+
+    Returns scalar metrics (per layer: load imbalance max/mean, dropped share, mean and max experts per token,
+    balancing and z losses) and each layer's expert load (share of copies per expert). Collective: every
+    rank calls it.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        return {}, {}
+    device = next(model.parameters()).device
+    stats = [layer.pop_stats() for layer in layers]
+    fields = ("copies", "valid_tokens", "dropped", "balance_loss", "z_loss", "forwards")
+    sums = torch.cat([torch.cat([s.get("tokens_per_expert", torch.zeros(layer.num_experts, device=device)).float(),
+                                 torch.stack([s.get(f, torch.zeros((), device=device)).float() for f in fields])])
+                      for layer, s in zip(layers, stats, strict=True)]).to(device)
+    k_max = torch.stack([s.get("k_max", torch.zeros((), device=device)).float() for s in stats]).to(device)
+    if groups.tp_dp_group is not None:
+        dist.all_reduce(sums, group=groups.tp_dp_group)
+        dist.all_reduce(k_max, op=dist.ReduceOp.MAX, group=groups.tp_dp_group)
+    scalars, loads, offset = {}, {}, 0
+    for i, layer in enumerate(layers):
+        load_E = sums[offset:offset + layer.num_experts]
+        copies, valid, dropped, balance, z, forwards = sums[offset + layer.num_experts:offset + layer.num_experts + 6]
+        offset += layer.num_experts + 6
+        name, ranks_forwards = f"moe/layer{layer.shape.layer_number}", forwards.clamp(min=1.0)
+        share_E = load_E / load_E.sum().clamp(min=1.0)
+        loads[layer.shape.layer_number] = share_E.tolist()
+        scalars.update({
+            f"{name}/load_max_over_mean": (share_E.max() * layer.num_experts).item(),
+            f"{name}/dropped_frac": (dropped / (copies + dropped).clamp(min=1.0)).item(),
+            f"{name}/experts_per_token_mean": (copies / valid.clamp(min=1.0)).item(),
+            f"{name}/experts_per_token_max": k_max[i].item(),
+            f"{name}/balance_loss": (balance / ranks_forwards).item(),
+            f"{name}/z_loss": (z / ranks_forwards).item(),
+        })
+    scalars.update({
+        "moe/balance_loss": sum(scalars[f"moe/layer{m.shape.layer_number}/balance_loss"] for m in layers) / len(layers),
+        "moe/load_max_over_mean": max(scalars[f"moe/layer{m.shape.layer_number}/load_max_over_mean"] for m in layers),
+        "moe/dropped_frac": sum(scalars[f"moe/layer{m.shape.layer_number}/dropped_frac"] for m in layers) / len(layers),
+    })
+    return scalars, loads
+
+
+class ExpertLoadLog:
+    """Expert load per layer over training: expert_load.jsonl while training, expert_load.png at the end."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.enabled = global_rank() == 0
+        self.path = Path(log_dir) / "expert_load.jsonl"
+        self.history: dict[int, list[tuple[int, list[float]]]] = {}
+
+    def add(self, step: int, loads: dict[int, list[float]]) -> None:
+        if not self.enabled or not loads:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as out:
+            out.write(json.dumps({"step": step, "load": {str(k): v for k, v in loads.items()}}) + "\n")
+        for layer, share in loads.items():
+            self.history.setdefault(layer, []).append((step, share))
+
+    def write_heatmap(self) -> Path | None:
+        """One panel per MoE layer: steps left to right, experts top to bottom, colour = share of copies."""
+        if not self.enabled or not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        layers = sorted(self.history)
+        fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.6 * len(layers)), squeeze=False)
+        for ax, layer in zip(axes[:, 0], layers, strict=True):
+            steps, shares = zip(*self.history[layer], strict=True)
+            image = ax.imshow(torch.tensor(shares).T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+                              extent=(steps[0] - 0.5, steps[-1] + 0.5, len(shares[0]) - 0.5, -0.5))
+            ax.set_ylabel(f"layer {layer}\nexpert")
+            fig.colorbar(image, ax=ax, label="share of copies")
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle("expert load")
+        fig.tight_layout()
+        out = self.path.with_suffix(".png")
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out

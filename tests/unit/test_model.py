@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megamoe.parallel.groups import ParallelGroups
 from tests.helpers import spawn, tiny_config
 
 VARIANTS = {
@@ -23,8 +24,8 @@ def _forward_backward(data: dict) -> dict:
     out = {}
     for name, overrides in VARIANTS.items():
         cfg = tiny_config(data, *overrides)
-        initialize(cfg.parallel, cfg.train.seed)
-        model = build_model(cfg, vocab_size=500)
+        groups = initialize(cfg.parallel, cfg.train.seed)
+        model = build_model(cfg, 500, groups)
         ids = torch.randint(0, 500, (2, 32))
         mask = torch.ones(1, 1, 32, 32, dtype=torch.bool).triu(1)
         loss = model(ids, torch.arange(32).expand(2, -1), mask, labels=ids).mean()
@@ -74,8 +75,8 @@ def test_mlp_slot_is_chosen_per_layer(tiny_data, monkeypatch):
 
     seen = []
     real = mm.mlp_spec
-    monkeypatch.setattr(mm, "mlp_spec", lambda cfg, n, dense: seen.append(n) or real(cfg, n, dense))
-    spec = mm.decoder_block_spec(tiny_config(tiny_data, "model.num_layers=3"))
+    monkeypatch.setattr(mm, "mlp_spec", lambda cfg, n, dense, g: seen.append(n) or real(cfg, n, dense, g))
+    spec = mm.decoder_block_spec(tiny_config(tiny_data, "model.num_layers=3"), ParallelGroups.single_process())
     assert seen == [1, 2, 3] and len(spec.layer_specs) == 3
     assert spec.layer_specs[0].submodules.mlp.module.__name__ == "MLP"
 

@@ -1,0 +1,22 @@
+"""Mixture-of-Experts layers in plain PyTorch (L2: imports neither megatron nor DeepSpeed)."""
+
+from __future__ import annotations
+
+from megamoe.config import MoEConfig
+from megamoe.moe.layer import LayerShape, MoELayer
+from megamoe.moe.variants import topk
+from megamoe.parallel.groups import ParallelGroups
+
+VARIANTS: dict[str, type[MoELayer]] = {
+    "topk": topk.TopKMoE,  # Switch / GShard / Mixtral, fine-grained + shared experts
+}
+
+
+def build_moe(cfg: MoEConfig, shape: LayerShape, groups: ParallelGroups) -> MoELayer:
+    """The MoE layer of variant cfg.variant for one layer of the model."""
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"moe.variant={cfg.variant!r} is unknown; choose one of {sorted(VARIANTS)}")
+    return VARIANTS[cfg.variant](cfg, shape, groups)
+
+
+__all__ = ["VARIANTS", "LayerShape", "MoELayer", "build_moe"]

@@ -1,0 +1,112 @@
+"""Routed experts computed on contiguous row slices (grouped GEMM), and the always-on shared expert.
+
+Shapes: R rows (grouped by expert), D hidden, F expert width, e local experts.
+Weights use torch.nn.Linear's [out, in] layout stacked over experts (transformers 5's fused layout):
+linear_fc1 [e, 2F, D] (SwiGLU: gate rows then up rows) or [e, F, D], linear_fc2 [e, D, F].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megamoe.parallel.comm import reduce_grad
+
+
+def expert_generator(seed: int, layer_number: int, expert: int) -> torch.Generator:
+    """Each expert's own random stream: initial weights do not depend on how experts are sharded."""
+    return torch.Generator().manual_seed(seed + 7919 * layer_number + 104729 * (expert + 1))
+
+
+def _ffn_activation(h_RF: Tensor, swiglu: bool) -> Tensor:
+    if swiglu:
+        gate, up = h_RF.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h_RF)
+
+
+class GroupedExperts(torch.nn.Module):
+    """The experts [first_expert, first_expert + num_local) of one layer: SwiGLU or GELU FFNs, no biases."""
+
+    def __init__(self, *, num_local: int, first_expert: int, hidden_size: int, ffn_hidden_size: int,
+                 swiglu: bool, init_std: float, output_init_std: float, seed: int, layer_number: int,
+                 grouped_gemm: str = "auto") -> None:
+        super().__init__()
+        self.num_local, self.first_expert, self.swiglu = num_local, first_expert, swiglu
+        self.grouped_gemm = grouped_gemm
+        fc1_rows = 2 * ffn_hidden_size if swiglu else ffn_hidden_size
+        self.linear_fc1 = torch.nn.Parameter(torch.empty(num_local, fc1_rows, hidden_size))
+        self.linear_fc2 = torch.nn.Parameter(torch.empty(num_local, hidden_size, ffn_hidden_size))
+        with torch.no_grad():
+            for j in range(num_local):
+                gen = expert_generator(seed, layer_number, first_expert + j)
+                self.linear_fc1[j].normal_(0.0, init_std, generator=gen)
+                self.linear_fc2[j].normal_(0.0, output_init_std, generator=gen)
+
+    def forward(self, x_RD: Tensor, counts_e: Tensor) -> Tensor:
+        """Expert j transforms rows [sum(counts_e[:j]), sum(counts_e[:j+1])); experts with 0 rows are fine."""
+        if self._grouped(x_RD):
+            offsets = torch.cumsum(counts_e, 0).to(torch.int32)
+            h_RF = torch._grouped_mm(x_RD, self.linear_fc1.transpose(1, 2), offs=offsets)
+            return torch._grouped_mm(_ffn_activation(h_RF, self.swiglu), self.linear_fc2.transpose(1, 2),
+                                     offs=offsets)
+        # One GEMM pair per expert on its contiguous slice (the fastest correct path on CPU).
+        outs = []
+        for j, x_jD in enumerate(x_RD.split(counts_e.tolist())):
+            h_jF = _ffn_activation(x_jD @ self.linear_fc1[j].t(), self.swiglu)
+            outs.append(h_jF @ self.linear_fc2[j].t())
+        return torch.cat(outs) if outs else x_RD.new_zeros((0, x_RD.shape[1]))
+
+    def _grouped(self, x_RD: Tensor) -> bool:
+        """torch._grouped_mm: 'on' always, 'auto' for bf16 on CUDA (its fast kernel), 'off' never."""
+        if self.grouped_gemm == "auto":
+            return x_RD.is_cuda and x_RD.dtype == torch.bfloat16
+        return self.grouped_gemm == "on"
+
+    def dense_state_dict(self, local_expert: int) -> dict[str, Tensor]:
+        """Expert `local_expert` in megatron's dense MLP layout (linear_fc1.weight, linear_fc2.weight)."""
+        return {"linear_fc1.weight": self.linear_fc1[local_expert], "linear_fc2.weight": self.linear_fc2[local_expert]}
+
+
+class SharedExperts(torch.nn.Module):
+    """Always-on expert(s) of width F_s, joined to the routed output by `combine`:
+    'add' (DeepSeekMoE), 'gate' (sigmoid(x w_g) scaling, Qwen2-MoE), 'residual'
+    (c = softmax(Linear(d, 2)(x)); y = c0 routed + c1 shared, DeepSpeed Residual-MoE, arXiv:2201.05596).
+
+    Replicated on every rank; under sequence parallelism its gradients are summed over `sp_group`.
+    """
+
+    def __init__(self, *, hidden_size: int, ffn_hidden_size: int, swiglu: bool, combine: str, init_std: float,
+                 output_init_std: float, sp_group=None) -> None:
+        super().__init__()
+        self.swiglu, self.combine, self.sp_group = swiglu, combine, sp_group
+        fc1_rows = 2 * ffn_hidden_size if swiglu else ffn_hidden_size
+        self.linear_fc1 = torch.nn.Parameter(torch.empty(fc1_rows, hidden_size).normal_(0.0, init_std))
+        self.linear_fc2 = torch.nn.Parameter(torch.empty(hidden_size, ffn_hidden_size).normal_(0.0, output_init_std))
+        if combine == "gate":
+            self.gate_weight = torch.nn.Parameter(torch.empty(1, hidden_size).normal_(0.0, init_std))
+        elif combine == "residual":
+            self.coefficient = torch.nn.Linear(hidden_size, 2)
+            torch.nn.init.normal_(self.coefficient.weight, 0.0, init_std)
+            torch.nn.init.zeros_(self.coefficient.bias)
+
+    def _w(self, param: Tensor) -> Tensor:
+        return reduce_grad(param, self.sp_group)
+
+    def forward(self, x_TD: Tensor, routed_TD: Tensor) -> Tensor:
+        h_TF = _ffn_activation(x_TD @ self._w(self.linear_fc1).t(), self.swiglu)
+        shared_TD = h_TF @ self._w(self.linear_fc2).t()
+        if self.combine == "add":
+            return routed_TD + shared_TD
+        if self.combine == "gate":
+            return routed_TD + torch.sigmoid(x_TD @ self._w(self.gate_weight).t()) * shared_TD
+        coef_T2 = F.linear(x_TD, self._w(self.coefficient.weight), self._w(self.coefficient.bias)).softmax(dim=-1)
+        return coef_T2[:, :1] * routed_TD + coef_T2[:, 1:] * shared_TD
+
+
+def output_init_std(init_std: float, num_layers: int) -> float:
+    """Megatron's scaled initialisation of output projections: std / sqrt(2 * layers)."""
+    return init_std / math.sqrt(2.0 * num_layers)

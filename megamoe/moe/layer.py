@@ -1,0 +1,160 @@
+"""MoELayer: route -> dispatch -> experts -> combine -> shared experts, in plain PyTorch.
+
+A variant (moe/variants/*.py) supplies `route` and the nominal experts per token; it overrides `forward`
+only when its algorithm differs. The layer keeps per-layer statistics as fp32 tensors outside its buffers
+(a bf16 cast of the module must not round counts; tensor ops only, no host sync in forward); the trainer
+reads and resets them at log time.
+
+Shapes: T tokens on this rank, D hidden, E experts, e local experts, N routed copies, R expert rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megamoe.config import MoEConfig
+from megamoe.moe.dispatch import AllToAllDispatcher, LocalDispatcher
+from megamoe.moe.experts import GroupedExperts, SharedExperts, output_init_std
+from megamoe.moe.losses import (
+    attach_aux_loss,
+    global_balance_loss,
+    sequence_balance_loss,
+    switch_balance_loss,
+    z_loss,
+)
+from megamoe.moe.routing import Routing, apply_capacity, expert_capacity
+from megamoe.parallel.comm import all_reduce_sum
+from megamoe.parallel.groups import ParallelGroups
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What an MoE layer needs to know about the model around it."""
+
+    hidden_size: int
+    ffn_hidden_size: int
+    """The dense FFN width: routed experts default to it."""
+    swiglu: bool
+    init_std: float
+    num_layers: int
+    layer_number: int
+    """1-based and global; seeds the experts' initialisation."""
+    seed: int
+
+
+class MoELayer(torch.nn.Module):
+    """The shared pipeline of every variant."""
+
+    def __init__(self, cfg: MoEConfig, shape: LayerShape, groups: ParallelGroups, nominal_k: int) -> None:
+        super().__init__()
+        self.cfg, self.shape, self.groups, self.nominal_k = cfg, shape, groups, nominal_k
+        self.num_experts = cfg.num_experts
+        num_local = cfg.num_experts // groups.ep_size
+        self.experts = GroupedExperts(
+            num_local=num_local, first_expert=groups.ep_rank * num_local, hidden_size=shape.hidden_size,
+            ffn_hidden_size=cfg.ffn_hidden_size or shape.ffn_hidden_size, swiglu=shape.swiglu,
+            init_std=shape.init_std, output_init_std=output_init_std(shape.init_std, shape.num_layers),
+            seed=shape.seed, layer_number=shape.layer_number, grouped_gemm=cfg.grouped_gemm)
+        self.shared_experts = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_experts = SharedExperts(
+                hidden_size=shape.hidden_size, ffn_hidden_size=cfg.shared_expert_intermediate_size,
+                swiglu=shape.swiglu, combine=cfg.shared_expert_combine, init_std=shape.init_std,
+                output_init_std=output_init_std(shape.init_std, shape.num_layers), sp_group=groups.sp_group)
+        self.dispatcher = (LocalDispatcher(cfg.num_experts) if groups.ep_group is None
+                           else AllToAllDispatcher(cfg.num_experts, groups.ep_group, groups.ep_size))
+        self._stats: dict[str, Tensor] = {}
+        # Assignments of the current optimizer step over all ranks (global balancing loss).
+        self._step_tokens_per_expert: Tensor | None = None
+
+    FP32_BUFFERS: tuple[str, ...] = ()
+    """Persistent buffers that stay fp32 when the module is cast (e.g. to bf16 by the engine)."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in self.FP32_BUFFERS:
+            buffer = getattr(self, name, None)
+            if buffer is not None and buffer.dtype != torch.float32:
+                setattr(self, name, buffer.float())
+        return self
+
+    def route(self, x_TD: Tensor, valid_T: Tensor | None) -> Routing:
+        raise NotImplementedError
+
+    def forward(self, x_TD: Tensor, valid_T: Tensor | None = None, sequence_T: Tensor | None = None,
+                num_sequences: int = 1) -> Tensor:
+        """1. route 2. drop over capacity 3. send copies to expert owners 4. experts 5. combine 6. shared."""
+        routing = self.route(x_TD, valid_T)
+        routing, dropped, pad_to = self._apply_capacity(routing)
+        x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, routing, pad_to)
+        out_TD = self.dispatcher.combine(self.experts(x_RD, counts_e), routing, meta)
+        if self.shared_experts is not None:
+            out_TD = self.shared_experts(x_TD, out_TD)
+        aux = self.aux_loss(routing, sequence_T, num_sequences)
+        self._record(routing, dropped)
+        return attach_aux_loss(out_TD, aux)
+
+    def _apply_capacity(self, routing: Routing) -> tuple[Routing, Tensor, int | None]:
+        if self.cfg.expert_capacity_factor is None:
+            return routing, torch.zeros((), device=routing.token_N.device), None
+        # From shapes, not from the copies: equal on every rank, which padding without a count exchange needs.
+        capacity = expert_capacity(routing.num_tokens * self.nominal_k, self.num_experts,
+                                   self.cfg.expert_capacity_factor)
+        routing, dropped = apply_capacity(routing, capacity, self.cfg.token_drop_policy)
+        return routing, dropped, capacity if self.cfg.pad_expert_input_to_capacity else None
+
+    def aux_loss(self, routing: Routing, sequence_T: Tensor | None, num_sequences: int) -> Tensor:
+        """coeff x balancing loss + coeff x z-loss (each also recorded, without its coefficient)."""
+        cfg, device = self.cfg, routing.token_N.device
+        total = torch.zeros((), device=device)
+        kind = cfg.router_load_balancing_type
+        if kind != "none" and routing.probs_TE is not None:
+            if kind == "seq_aux_loss" and sequence_T is not None:
+                balance = sequence_balance_loss(routing, sequence_T, num_sequences)
+            elif kind == "global_aux_loss":
+                balance = global_balance_loss(routing, self._step_share(routing))
+            else:
+                balance = switch_balance_loss(routing)
+            self._add_stat("balance_loss", balance.detach())
+            total = total + cfg.aux_loss_coeff * balance
+        if cfg.z_loss_coeff > 0 and routing.logits_TE is not None:
+            z = z_loss(routing)
+            self._add_stat("z_loss", z.detach())
+            total = total + cfg.z_loss_coeff * z
+        return total
+
+    def _step_share(self, routing: Routing) -> Tensor:
+        counts_E = all_reduce_sum(routing.tokens_per_expert().float(), self.groups.tp_dp_group)
+        if self.training:
+            if self._step_tokens_per_expert is None:
+                self._step_tokens_per_expert = torch.zeros_like(counts_E)
+            self._step_tokens_per_expert += counts_E
+            counts_E = self._step_tokens_per_expert
+        return counts_E / counts_E.sum().clamp(min=1.0)
+
+    def _add_stat(self, name: str, value: Tensor) -> None:
+        value = value.float()
+        self._stats[name] = self._stats[name] + value if name in self._stats else value.clone()
+
+    @torch.no_grad()
+    def _record(self, routing: Routing, dropped: Tensor) -> None:
+        self._add_stat("tokens_per_expert", routing.tokens_per_expert())
+        self._add_stat("copies", torch.tensor(routing.token_N.numel()))
+        valid = routing.valid_T.sum() if routing.valid_T is not None else torch.tensor(routing.num_tokens)
+        self._add_stat("valid_tokens", valid)
+        self._add_stat("dropped", dropped)
+        k_max = (routing.copies_per_token().max() if routing.token_N.numel() else torch.zeros(())).float()
+        self._stats["k_max"] = torch.maximum(self._stats.get("k_max", torch.zeros_like(k_max)), k_max)
+        self._add_stat("forwards", torch.tensor(1.0))
+
+    def finish_step(self) -> None:
+        """Called once per optimizer step, after the last backward and before the update."""
+        self._step_tokens_per_expert = None
+
+    def pop_stats(self) -> dict[str, Tensor]:
+        """This rank's statistics since the last call (the caller reduces them over ranks), then reset."""
+        stats, self._stats = self._stats, {}
+        return stats

@@ -1,0 +1,1 @@
+"""One file per MoE variant; megamoe.moe.VARIANTS lists them."""
