@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import sys
 from typing import Any
 
 import deepspeed
@@ -184,3 +186,19 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout,
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler_factory(cfg.train),
         mpu=MegatronMPU(), config=to_deepspeed_config(cfg, layout), dist_init_required=False)
     return engine
+
+
+def build_deepspeed_moe_layer(hidden_size: int, expert: torch.nn.Module, *, num_experts: int, topk: int,
+                              ep_size: int) -> DeepSpeedMoE:
+    """DeepSpeed's own MoE layer outside an engine (benchmarks): dropless and deterministic.
+
+    Needs the torch process group. Dropless: each expert's capacity is the largest count any rank routes to
+    it. Deterministic: top-2's second expert is the second-highest logit (DeepSpeed samples it by default),
+    and no random token selection.
+    """
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints op builds and group creation to stdout
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing torch group
+        layer = DeepSpeedMoE(hidden_size=hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size,
+                             k=topk, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
+        layer.set_deepspeed_parallelism()  # deepspeed.initialize would: create and attach the expert group
+    return layer

@@ -1,0 +1,172 @@
+"""MoE GPT training under DeepSpeed with expert parallelism, against one process without ZeRO.
+
+- reference: 1 process, EP=1, ZeRO-0, micro-batch 8; the run under test: 2 processes, EP=2, ZeRO-2,
+  micro-batch 4 (same global batches). Sequence-wise balancing loss on (a mean over sequences, so the split
+  of sequences over ranks does not change it), clipping active. Losses and final weights must agree.
+- negative control: the same run without megamoe's expert tags and marker is silently wrong (DeepSpeed
+  broadcasts rank 0's experts and averages expert gradients over all ranks).
+- the EP=2 checkpoint reloads with EP=1 and EP=4 and gives the same outputs.
+- a 1-expert top-1 MoE GPT equals the dense GPT with the same weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import spawn, tiny_config
+
+STEPS = 3
+MOE = ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64", "moe.router_load_balancing_type=seq_aux_loss",
+       "moe.aux_loss_coeff=0.01", "train.clip_grad=0.05", f"train.train_iters={STEPS}"]
+
+
+def _eval_batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(99)
+    tokens = torch.randint(0, 500, (4, 32), generator=gen)
+    return {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(4, 32),
+            "position_ids": torch.arange(32).expand(4, -1)}
+
+
+def _full_params(trainer) -> dict[str, torch.Tensor]:
+    """Every parameter as the full tensor: experts gathered over the expert-parallel group."""
+    import torch.distributed as dist
+
+    from megamoe.models.sharding import full_state_dict
+    from megamoe.moe.experts import GroupedExperts
+
+    full = full_state_dict(trainer.engine.module, trainer.groups)
+    groups = trainer.groups
+    for name, module in trainer.engine.module.named_modules():
+        if isinstance(module, GroupedExperts) and groups.ep_group is not None:
+            for pname, param in module.named_parameters(recurse=False):
+                parts = [torch.empty_like(param) for _ in range(groups.ep_size)]
+                dist.all_gather(parts, param.detach().contiguous(), group=groups.ep_group)
+                full[f"{name}.{pname}"] = torch.cat(parts)
+    return full
+
+
+def _train(data: dict, overrides: list[str], untagged: bool = False) -> dict:
+    import torch.distributed as dist
+
+    from megamoe.data.loader import build_loader
+    from megamoe.train import deepspeed as ds
+    from megamoe.train import startup
+    from megamoe.train.loop import build_trainer, lm_loss, train_step
+
+    if untagged:  # the negative control: DeepSpeed is not told which parameters are experts
+        ds.prepare_expert_parallelism = lambda *args, **kwargs: 0
+    cfg = tiny_config(data, *MOE, *overrides)
+    trainer = build_trainer(cfg, startup.check(cfg))
+    batches = iter(build_loader(trainer.datasets.train, 0, cfg, trainer.groups))
+    steps = [train_step(trainer, batches) for _ in range(STEPS)]
+    losses, norms = [v["train/loss"] for v in steps], [v["train/grad_norm"] for v in steps]
+    trainer.engine.eval()
+    with torch.no_grad():
+        eval_loss = lm_loss(trainer.engine, _eval_batch()).item()
+    if cfg.checkpoint.save:
+        from megamoe.train import checkpoint
+
+        checkpoint.save(trainer.engine, cfg, trainer.progress, trainer.groups)
+    local_experts = trainer.engine.module.decoder.layers[0].mlp.moe.experts.linear_fc1.detach().clone()
+    full = _full_params(trainer)
+    return {"losses": losses, "grad_norms": norms, "eval_loss": eval_loss, "full": full if dist.get_rank() == 0 else None,
+            "local_experts": local_experts}
+
+
+def _load_and_evaluate(data: dict, overrides: list[str]) -> float:
+    from megamoe.train import startup
+    from megamoe.train.loop import build_trainer, lm_loss
+
+    cfg = tiny_config(data, *MOE, *overrides)
+    trainer = build_trainer(cfg, startup.check(cfg))
+    trainer.engine.eval()
+    with torch.no_grad():
+        return lm_loss(trainer.engine, _eval_batch()).item()
+
+
+def _one_expert_equals_dense(data: dict) -> float:
+    from megamoe.models.gpt import build_model
+    from megamoe.parallel.initialize import initialize
+
+    dense_cfg = tiny_config(data)
+    moe_cfg = tiny_config(data, "moe.num_experts=1", "moe.router_topk=1", "moe.router_pre_softmax=true",
+                          "moe.aux_loss_coeff=0")
+    groups = initialize(dense_cfg.parallel, dense_cfg.train.seed)
+    dense, moe = build_model(dense_cfg, 500, groups), build_model(moe_cfg, 500, groups)
+    moe_state = moe.state_dict()
+    for key, value in dense.state_dict().items():
+        if ".mlp.linear_fc" in key and key.endswith(".weight"):  # megatron's dense MLP -> expert 0
+            key, value = key.replace(".mlp.linear_fc1.weight", ".mlp.moe.experts.linear_fc1").replace(
+                ".mlp.linear_fc2.weight", ".mlp.moe.experts.linear_fc2"), value[None]
+        if key in moe_state:
+            moe_state[key] = value
+    moe.load_state_dict(moe_state)
+    batch = _eval_batch()
+    mask = torch.ones(1, 1, 32, 32, dtype=torch.bool).triu(1)
+    with torch.no_grad():
+        outs = [m(batch["tokens"], batch["position_ids"], mask) for m in (dense, moe)]
+    return ((outs[0] - outs[1]).abs().max() / outs[0].abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory) -> dict:
+    ckpt = tmp_path_factory.mktemp("moe_ckpt")
+    out = {"reference": spawn(_train, 1, tiny_data, ["train.micro_batch_size=8"])[0]}
+    ep2 = ["train.micro_batch_size=4", "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=2"]
+    out["ep2"] = spawn(_train, 2, tiny_data, ep2 + [f"checkpoint.save={ckpt}"])
+    out["untagged"] = spawn(_train, 2, tiny_data, ep2, True)
+    load = [f"checkpoint.load={ckpt}", f"train.train_iters={STEPS + 1}"]
+    out["ep1_from_ep2"] = spawn(_load_and_evaluate, 1, tiny_data, load)
+    out["ep4_from_ep2"] = spawn(_load_and_evaluate, 4, tiny_data, load + [
+        "parallel.expert_model_parallel_size=4", "deepspeed.zero_stage=1", "train.micro_batch_size=2"])
+    out["one_expert"] = spawn(_one_expert_equals_dense, 1, tiny_data)[0]
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_zero2_ep2_matches_the_single_process_run(runs):
+    ref, ep2 = runs["reference"], runs["ep2"][0]
+    loss_diff = max(abs(a - b) / b for a, b in zip(ep2["losses"], ref["losses"], strict=True))
+    param_diff = max(_rel(ep2["full"][k], v) for k, v in ref["full"].items())
+    print(f"losses {ep2['losses']} vs {ref['losses']}: max rel {loss_diff:.1e}; weights after {STEPS} steps: "
+          f"max rel {param_diff:.1e}")
+    assert loss_diff <= 1e-5 and param_diff <= 1e-5
+    assert ep2["full"].keys() == ref["full"].keys()
+
+
+def test_gradient_clipping_counts_every_expert_once(runs):
+    """Clipping was active (norm > 0.05) and DeepSpeed's global norm equals the single-process norm."""
+    ref, ep2 = runs["reference"]["grad_norms"], runs["ep2"][0]["grad_norms"]
+    print(f"grad norms EP=2 ZeRO-2 {ep2} vs single process {ref}")
+    assert all(n > 0.05 for n in ref)
+    assert max(abs(a - b) / b for a, b in zip(ep2, ref, strict=True)) <= 1e-5
+
+
+def test_experts_stay_distinct_across_expert_parallel_ranks(runs):
+    rank0, rank1 = (r["local_experts"] for r in runs["ep2"])
+    assert not torch.allclose(rank0, rank1)
+
+
+def test_untagged_experts_are_silently_wrong(runs):
+    """The negative control: without the marker and tags training runs, but the experts are wrong."""
+    ref, bad = runs["reference"], runs["untagged"]
+    assert torch.equal(bad[0]["local_experts"], bad[1]["local_experts"]), "rank 0's experts were broadcast"
+    param_diff = max(_rel(bad[0]["full"][k], v) for k, v in ref["full"].items())
+    print(f"untagged run: weights differ from the reference by {param_diff:.1e}")
+    assert param_diff > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["ep1_from_ep2", "ep4_from_ep2"])
+def test_checkpoint_reloads_with_another_expert_parallel_size(runs, layout):
+    want = runs["ep2"][0]["eval_loss"]
+    print(f"{layout}: eval loss per rank {runs[layout]!r} vs EP=2 {want!r}")
+    for got in runs[layout]:
+        assert abs(got - want) / want <= 1e-6
+
+
+def test_one_expert_moe_equals_the_dense_model(runs):
+    assert runs["one_expert"] <= 1e-6
