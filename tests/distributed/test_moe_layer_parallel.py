@@ -43,7 +43,8 @@ def _layers(par: dict, **moe):
 
 def _global_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(123)
-    return torch.randn(world * TOKENS_PER_RANK, D, generator=gen), torch.randn(world * TOKENS_PER_RANK, D, generator=gen)
+    rows = world * TOKENS_PER_RANK
+    return torch.randn(rows, D, generator=gen), torch.randn(rows, D, generator=gen)
 
 
 def _sum_over(tensor: torch.Tensor, group) -> torch.Tensor:

@@ -17,8 +17,9 @@ import torch
 from tests.helpers import spawn, tiny_config
 
 STEPS = 3
-MOE = ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64", "moe.router_load_balancing_type=seq_aux_loss",
-       "moe.aux_loss_coeff=0.01", "train.clip_grad=0.05", f"train.train_iters={STEPS}"]
+MOE = ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64",
+       "moe.router_load_balancing_type=seq_aux_loss", "moe.aux_loss_coeff=0.01", "train.clip_grad=0.05",
+       f"train.train_iters={STEPS}"]
 
 
 def _eval_batch() -> dict[str, torch.Tensor]:
@@ -70,7 +71,8 @@ def _train(data: dict, overrides: list[str], untagged: bool = False) -> dict:
         checkpoint.save(trainer.engine, cfg, trainer.progress, trainer.groups)
     local_experts = trainer.engine.module.decoder.layers[0].mlp.moe.experts.linear_fc1.detach().clone()
     full = _full_params(trainer)
-    return {"losses": losses, "grad_norms": norms, "eval_loss": eval_loss, "full": full if dist.get_rank() == 0 else None,
+    return {"losses": losses, "grad_norms": norms, "eval_loss": eval_loss,
+            "full": full if dist.get_rank() == 0 else None,
             "local_experts": local_experts}
 
 
