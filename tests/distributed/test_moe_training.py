@@ -47,16 +47,23 @@ def _full_params(trainer) -> dict[str, torch.Tensor]:
     return full
 
 
-def _train(data: dict, overrides: list[str], untagged: bool = False) -> dict:
+def _train_several(data: dict, runs: list[tuple[list[str], str]]) -> list[dict]:
+    return [_train(data, overrides, control) for overrides, control in runs]
+
+
+def _train(data: dict, overrides: list[str], control: str = "") -> dict:
+    """control: "untagged" (DeepSpeed is not told which parameters are experts) or "unscaled" (aux-loss
+    gradient left at 1 under gradient accumulation): negative controls that must break parity."""
     import torch.distributed as dist
 
     from megamoe.data.loader import build_loader
     from megamoe.train import deepspeed as ds
-    from megamoe.train import startup
+    from megamoe.train import loop, startup
     from megamoe.train.loop import build_trainer, lm_loss, train_step
 
-    if untagged:  # the negative control: DeepSpeed is not told which parameters are experts
+    if control == "untagged":
         ds.prepare_expert_parallelism = lambda *args, **kwargs: 0
+    loop.aux_loss_scale = (lambda engine: 1.0) if control == "unscaled" else ds.aux_loss_scale
     cfg = tiny_config(data, *MOE, *overrides)
     trainer = build_trainer(cfg, startup.check(cfg))
     batches = iter(build_loader(trainer.datasets.train, 0, cfg, trainer.groups))
@@ -114,10 +121,13 @@ def _one_expert_equals_dense(data: dict) -> float:
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory) -> dict:
     ckpt = tmp_path_factory.mktemp("moe_ckpt")
-    out = {"reference": spawn(_train, 1, tiny_data, ["train.micro_batch_size=8"])[0]}
+    single = [(["train.micro_batch_size=8"], ""), (["train.micro_batch_size=4", "train.global_batch_size=8"], ""),
+              (["train.micro_batch_size=4", "train.global_batch_size=8"], "unscaled")]
+    out = dict(zip(["reference", "gas2", "gas2_unscaled"], spawn(_train_several, 1, tiny_data, single)[0],
+                   strict=True))
     ep2 = ["train.micro_batch_size=4", "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=2"]
     out["ep2"] = spawn(_train, 2, tiny_data, ep2 + [f"checkpoint.save={ckpt}"])
-    out["untagged"] = spawn(_train, 2, tiny_data, ep2, True)
+    out["untagged"] = spawn(_train, 2, tiny_data, ep2, "untagged")
     load = [f"checkpoint.load={ckpt}", f"train.train_iters={STEPS + 1}"]
     out["ep1_from_ep2"] = spawn(_load_and_evaluate, 1, tiny_data, load)
     out["ep4_from_ep2"] = spawn(_load_and_evaluate, 4, tiny_data, load + [
@@ -146,6 +156,16 @@ def test_gradient_clipping_counts_every_expert_once(runs):
     print(f"grad norms EP=2 ZeRO-2 {ep2} vs single process {ref}")
     assert all(n > 0.05 for n in ref)
     assert max(abs(a - b) / b for a, b in zip(ep2, ref, strict=True)) <= 1e-5
+
+
+def test_aux_loss_gradient_is_scaled_for_gradient_accumulation(runs):
+    """2 micro-batches of 4 equal 1 of 8 (sequence-wise aux loss: a mean over sequences); with the aux
+    gradient left at 1 (DeepSpeed divides only the LM loss by the accumulation steps) they do not."""
+    ref = runs["reference"]["full"]
+    good = max(_rel(runs["gas2"]["full"][k], v) for k, v in ref.items())
+    bad = max(_rel(runs["gas2_unscaled"]["full"][k], v) for k, v in ref.items())
+    print(f"weights after {STEPS} steps, GAS=2 vs GAS=1: aux scaled 1/GAS {good:.1e}, unscaled {bad:.1e}")
+    assert good <= 1e-5 and bad > 1e-4
 
 
 def test_experts_stay_distinct_across_expert_parallel_ranks(runs):

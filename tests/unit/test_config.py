@@ -79,6 +79,20 @@ MISTAKES = [
                                                 r"set train.global_batch_size instead"),
     (["model.max_position_embeddings=64"], 1, r"data.seq_length=128 exceeds model.max_position_embeddings=64"),
     (["model.hidden_size=36"], 1, r"head dimension 9 is odd"),
+    (["moe.variant=unknown"], 1, r"moe.variant='unknown' is unknown; choose one of topk"),
+    (["parallel.expert_model_parallel_size=2"], 2, r"expert_model_parallel_size=2 needs MoE layers"),
+    (["moe.num_experts=6", "parallel.expert_model_parallel_size=4", "deepspeed.zero_stage=1",
+      "train.micro_batch_size=4"], 4,
+     r"moe.num_experts=6 is not divisible by parallel.expert_model_parallel_size=4"),
+    (["moe.num_experts=4", "moe.router_topk=5"], 1, r"moe.router_topk=5 must be between 1 and moe.num_experts=4"),
+    (["moe.num_experts=4", "parallel.tensor_model_parallel_size=2"], 2, r"need parallel.sequence_parallel=true"),
+    (["moe.num_experts=4", "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=3"], 2,
+     r"deepspeed.zero_stage=3 with expert parallelism is not supported"),
+    (["moe.num_experts=4", "parallel.expert_model_parallel_size=2"], 2,
+     r"deepspeed.zero_stage=0 with expert parallelism and train.clip_grad > 0"),
+    (["moe.num_experts=4", "moe.layer_freq=[1, 0]"], 1, r"moe.layer_freq=\[1, 0\] must be a list of 4 zeros and ones"),
+    (["moe.num_experts=4", "moe.pad_expert_input_to_capacity=true"], 1,
+     r"pad_expert_input_to_capacity=true needs moe.expert_capacity_factor"),
 ]
 
 

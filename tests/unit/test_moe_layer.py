@@ -154,3 +154,40 @@ def test_statistics_stay_exact_and_pads_are_excluded():
     stats = layer.pop_stats()
     assert stats["copies"] == 14 and stats["valid_tokens"] == 7 and stats["k_max"] == 2
     assert stats["tokens_per_expert"].sum() == 14 and layer.pop_stats() == {}
+
+
+def test_global_balance_loss_accumulates_over_the_step():
+    from megamoe.moe.losses import global_balance_loss, switch_balance_loss
+
+    layer = make_layer(router_load_balancing_type="global_aux_loss", aux_loss_coeff=0.01)
+    x1, x2 = torch.randn(8, D), torch.randn(8, D)
+    layer(x1)
+    first = layer.pop_stats()["balance_loss"]
+    torch.testing.assert_close(first, switch_balance_loss(layer.route(x1, None)))  # one micro-batch so far
+    layer(x2)
+    r1, r2 = layer.route(x1, None), layer.route(x2, None)
+    share_E = (r1.tokens_per_expert() + r2.tokens_per_expert()).float() / 32
+    torch.testing.assert_close(layer.pop_stats()["balance_loss"], global_balance_loss(r2, share_E))
+    layer.finish_step()  # a new step starts counting afresh
+    layer(x2)
+    torch.testing.assert_close(layer.pop_stats()["balance_loss"], switch_balance_loss(r2))
+
+
+def test_jitter_is_reproducible_and_leaves_the_global_rng_alone():
+    a, b = make_layer(input_jitter_eps=0.1), make_layer(input_jitter_eps=0.1)
+    b.load_state_dict(a.state_dict())
+    x_TD = torch.randn(16, D)
+    state = torch.get_rng_state()
+    out_a, out_b = a(x_TD), b(x_TD)
+    assert torch.equal(torch.get_rng_state(), state)  # routing never draws from the global RNG
+    torch.testing.assert_close(out_a, out_b)
+    assert not torch.allclose(a(x_TD), out_a)  # a new draw per forward
+    a.eval()
+    torch.testing.assert_close(a(x_TD), a(x_TD))  # no jitter in evaluation
+
+
+def test_router_runs_in_fp32_under_bf16():
+    layer = make_layer().to(torch.bfloat16)
+    routing = layer.route(torch.randn(8, D).to(torch.bfloat16), None)
+    assert routing.logits_TE.dtype == routing.probs_TE.dtype == routing.weight_N.dtype == torch.float32
+    assert layer(torch.randn(8, D).to(torch.bfloat16)).dtype == torch.bfloat16
