@@ -53,11 +53,12 @@ class GroupedExperts(torch.nn.Module):
             h_RF = torch._grouped_mm(x_RD, self.linear_fc1.transpose(1, 2), offs=offsets)
             return torch._grouped_mm(_ffn_activation(h_RF, self.swiglu), self.linear_fc2.transpose(1, 2),
                                      offs=offsets)
-        # One GEMM pair per expert on its contiguous slice (the fastest correct path on CPU).
+        # One GEMM pair per expert on its contiguous slice. The weights are split once (unbind): indexing
+        # linear_fc1[j] per expert would make every expert's backward build a full-size zero gradient.
         outs = []
-        for j, x_jD in enumerate(x_RD.split(counts_e.tolist())):
-            h_jF = _ffn_activation(x_jD @ self.linear_fc1[j].t(), self.swiglu)
-            outs.append(h_jF @ self.linear_fc2[j].t())
+        fc1_weights, fc2_weights = self.linear_fc1.unbind(0), self.linear_fc2.unbind(0)
+        for x_jD, w1, w2 in zip(x_RD.split(counts_e.tolist()), fc1_weights, fc2_weights, strict=True):
+            outs.append(_ffn_activation(x_jD @ w1.t(), self.swiglu) @ w2.t())
         return torch.cat(outs) if outs else x_RD.new_zeros((0, x_RD.shape[1]))
 
     def _grouped(self, x_RD: Tensor) -> bool:

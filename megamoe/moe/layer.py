@@ -108,20 +108,20 @@ class MoELayer(torch.nn.Module):
 
     def aux_loss(self, routing: Routing, sequence_T: Tensor | None, num_sequences: int) -> Tensor:
         """coeff x balancing loss + coeff x z-loss (each also recorded, without its coefficient)."""
-        cfg, device = self.cfg, routing.token_N.device
+        cfg, device, split = self.cfg, routing.token_N.device, self.groups.sp_group
         total = torch.zeros((), device=device)
         kind = cfg.router_load_balancing_type
         if kind != "none" and routing.probs_TE is not None:
             if kind == "seq_aux_loss" and sequence_T is not None:
-                balance = sequence_balance_loss(routing, sequence_T, num_sequences)
+                balance = sequence_balance_loss(routing, sequence_T, num_sequences, split)
             elif kind == "global_aux_loss":
-                balance = global_balance_loss(routing, self._step_share(routing))
+                balance = global_balance_loss(routing, self._step_share(routing), split)
             else:
-                balance = switch_balance_loss(routing)
+                balance = switch_balance_loss(routing, split)
             self._add_stat("balance_loss", balance.detach())
             total = total + cfg.aux_loss_coeff * balance
         if cfg.z_loss_coeff > 0 and routing.logits_TE is not None:
-            z = z_loss(routing)
+            z = z_loss(routing, split)
             self._add_stat("z_loss", z.detach())
             total = total + cfg.z_loss_coeff * z
         return total
@@ -148,7 +148,9 @@ class MoELayer(torch.nn.Module):
         self._add_stat("dropped", dropped)
         k_max = (routing.copies_per_token().max() if routing.token_N.numel() else torch.zeros(())).float()
         self._stats["k_max"] = torch.maximum(self._stats.get("k_max", torch.zeros_like(k_max)), k_max)
-        self._add_stat("forwards", torch.tensor(1.0))
+        # Under sequence parallelism each rank's loss values are shares of the micro-batch's: count the
+        # forward once per group, so summed losses / summed forwards is the mean per micro-batch.
+        self._add_stat("forwards", torch.tensor(1.0 / self.groups.tp_size if self.groups.sp_group else 1.0))
 
     def finish_step(self) -> None:
         """Called once per optimizer step, after the last backward and before the update."""

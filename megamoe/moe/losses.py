@@ -1,7 +1,12 @@
-"""Auxiliary losses as pure functions of a Routing, and the pass-through that attaches them.
+"""Auxiliary losses as functions of a Routing, and the pass-through that attaches them.
 
 Shapes: T tokens, E experts, N routed copies, B sequences. Losses are normalised by the realised number of
 copies N (not T*k), so they stay right when k varies per token; pads are excluded.
+
+`group`: the ranks this micro-batch's tokens are split over (the tensor-parallel group under sequence
+parallelism; None otherwise). Routing counts are summed over it and probabilities normalised by its total
+token count, so each rank's loss is its additive share of the loss of the whole micro-batch: with the router
+gradient summed over the group (as sequence parallelism does), the result equals the unsplit computation.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import torch
 from torch import Tensor
 
 from megamoe.moe.routing import Routing
+from megamoe.parallel.comm import all_reduce_sum
 
 
 class AuxLossScale:
@@ -48,49 +54,53 @@ def attach_aux_loss(out: Tensor, aux: Tensor) -> Tensor:
     return _AttachAuxLoss.apply(out, aux)
 
 
-def _valid_mean_probs(routing: Routing) -> Tensor:
-    probs_TE = routing.probs_TE
+def _valid_T(routing: Routing) -> Tensor:
     if routing.valid_T is None:
-        return probs_TE.mean(dim=0)
-    valid_T = routing.valid_T.to(probs_TE.dtype)
-    return (probs_TE * valid_T[:, None]).sum(dim=0) / valid_T.sum().clamp(min=1.0)
+        return torch.ones(routing.num_tokens, device=routing.token_N.device)
+    return routing.valid_T.float()
 
 
-def switch_balance_loss(routing: Routing) -> Tensor:
+def _probs_share(routing: Routing, group) -> Tensor:
+    """sum over this rank's valid tokens of p[t, e], divided by the valid tokens of the whole group."""
+    valid_T = _valid_T(routing)
+    total = all_reduce_sum(valid_T.sum(), group).clamp(min=1.0)
+    return (routing.probs_TE * valid_T[:, None]).sum(dim=0) / total
+
+
+def switch_balance_loss(routing: Routing, group=None) -> Tensor:
     """Switch Transformer balancing loss (arXiv:2101.03961 eq. 4): E * sum_e f_e * P_e, with f_e the share
-    of this micro-batch's copies that go to expert e and P_e the mean router probability of e.
+    of the micro-batch's copies that go to expert e and P_e the mean router probability of e.
     Uniform routing gives exactly 1."""
-    share_E = routing.tokens_per_expert().to(routing.probs_TE.dtype) / max(routing.expert_N.numel(), 1)
-    return routing.num_experts * (share_E * _valid_mean_probs(routing)).sum()
+    counts_E = all_reduce_sum(routing.tokens_per_expert().float(), group)
+    share_E = counts_E / counts_E.sum().clamp(min=1.0)
+    return routing.num_experts * (share_E * _probs_share(routing, group)).sum()
 
 
-def global_balance_loss(routing: Routing, global_share_E: Tensor) -> Tensor:
+def global_balance_loss(routing: Routing, global_share_E: Tensor, group=None) -> Tensor:
     """The Switch loss with f_e taken over the global batch (all ranks, the step's micro-batches so far)."""
-    return routing.num_experts * (global_share_E * _valid_mean_probs(routing)).sum()
+    return routing.num_experts * (global_share_E * _probs_share(routing, group)).sum()
 
 
-def sequence_balance_loss(routing: Routing, sequence_T: Tensor, num_sequences: int) -> Tensor:
+def sequence_balance_loss(routing: Routing, sequence_T: Tensor, num_sequences: int, group=None) -> Tensor:
     """The Switch loss computed per sequence and averaged over sequences (DeepSeek-V2's sequence-wise loss)."""
     num_experts, probs_TE = routing.num_experts, routing.probs_TE
-    valid_T = (torch.ones_like(sequence_T, dtype=probs_TE.dtype) if routing.valid_T is None
-               else routing.valid_T.to(probs_TE.dtype))
-    copies_BE = torch.zeros(num_sequences, num_experts, dtype=probs_TE.dtype, device=probs_TE.device)
+    valid_T = _valid_T(routing)
+    copies_BE = torch.zeros(num_sequences, num_experts, device=probs_TE.device)
     copies_BE.index_put_((sequence_T[routing.token_N], routing.expert_N),
-                         torch.ones_like(routing.weight_N, dtype=probs_TE.dtype), accumulate=True)
+                         torch.ones_like(routing.weight_N, dtype=copies_BE.dtype), accumulate=True)
+    copies_BE = all_reduce_sum(copies_BE, group)
     share_BE = copies_BE / copies_BE.sum(dim=1, keepdim=True).clamp(min=1.0)
-    prob_sum_BE = torch.zeros_like(copies_BE).index_add_(0, sequence_T, probs_TE * valid_T[:, None])
-    tokens_B = torch.zeros(num_sequences, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(
-        0, sequence_T, valid_T)
+    tokens_B = all_reduce_sum(torch.zeros(num_sequences, device=probs_TE.device).index_add_(0, sequence_T, valid_T),
+                              group)
+    prob_sum_BE = torch.zeros_like(copies_BE).index_add(0, sequence_T, probs_TE * valid_T[:, None])
     mean_prob_BE = prob_sum_BE / tokens_B.clamp(min=1.0)[:, None]
-    has_tokens_B = (tokens_B > 0).to(probs_TE.dtype)
+    has_tokens_B = (tokens_B > 0).float()
     per_sequence_B = num_experts * (share_BE * mean_prob_BE).sum(dim=1)
     return (per_sequence_B * has_tokens_B).sum() / has_tokens_B.sum().clamp(min=1.0)
 
 
-def z_loss(routing: Routing) -> Tensor:
+def z_loss(routing: Routing, group=None) -> Tensor:
     """Router z-loss (ST-MoE, arXiv:2202.08906): mean over valid tokens of logsumexp(logits)^2."""
-    lse_T = routing.logits_TE.logsumexp(dim=-1).square()
-    if routing.valid_T is None:
-        return lse_T.mean()
-    valid_T = routing.valid_T.to(lse_T.dtype)
-    return (lse_T * valid_T).sum() / valid_T.sum().clamp(min=1.0)
+    valid_T = _valid_T(routing)
+    total = all_reduce_sum(valid_T.sum(), group).clamp(min=1.0)
+    return (routing.logits_TE.logsumexp(dim=-1).square() * valid_T).sum() / total

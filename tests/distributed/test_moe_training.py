@@ -128,6 +128,9 @@ def runs(tiny_data, tmp_path_factory) -> dict:
     ep2 = ["train.micro_batch_size=4", "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=2"]
     out["ep2"] = spawn(_train, 2, tiny_data, ep2 + [f"checkpoint.save={ckpt}"])
     out["untagged"] = spawn(_train, 2, tiny_data, ep2, "untagged")
+    out["tp2_ep2"] = spawn(_train, 4, tiny_data, ["train.micro_batch_size=4", "parallel.tensor_model_parallel_size=2",
+                                                  "parallel.sequence_parallel=true",
+                                                  "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=1"])
     load = [f"checkpoint.load={ckpt}", f"train.train_iters={STEPS + 1}"]
     out["ep1_from_ep2"] = spawn(_load_and_evaluate, 1, tiny_data, load)
     out["ep4_from_ep2"] = spawn(_load_and_evaluate, 4, tiny_data, load + [
@@ -140,8 +143,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_zero2_ep2_matches_the_single_process_run(runs):
-    ref, ep2 = runs["reference"], runs["ep2"][0]
+@pytest.mark.parametrize("layout", ["ep2", "tp2_ep2"])
+def test_expert_parallel_training_matches_the_single_process_run(runs, layout):
+    """EP=2 with ZeRO-2; TP=2 (sequence parallel) x EP=2 with ZeRO-1 (4 ranks: EP folded over TP)."""
+    ref, ep2 = runs["reference"], runs[layout][0]
     loss_diff = max(abs(a - b) / b for a, b in zip(ep2["losses"], ref["losses"], strict=True))
     param_diff = max(_rel(ep2["full"][k], v) for k, v in ref["full"].items())
     print(f"losses {ep2['losses']} vs {ref['losses']}: max rel {loss_diff:.1e}; weights after {STEPS} steps: "
@@ -150,9 +155,10 @@ def test_zero2_ep2_matches_the_single_process_run(runs):
     assert ep2["full"].keys() == ref["full"].keys()
 
 
-def test_gradient_clipping_counts_every_expert_once(runs):
+@pytest.mark.parametrize("layout", ["ep2", "tp2_ep2"])
+def test_gradient_clipping_counts_every_expert_once(runs, layout):
     """Clipping was active (norm > 0.05) and DeepSpeed's global norm equals the single-process norm."""
-    ref, ep2 = runs["reference"]["grad_norms"], runs["ep2"][0]["grad_norms"]
+    ref, ep2 = runs["reference"]["grad_norms"], runs[layout][0]["grad_norms"]
     print(f"grad norms EP=2 ZeRO-2 {ep2} vs single process {ref}")
     assert all(n > 0.05 for n in ref)
     assert max(abs(a - b) / b for a, b in zip(ep2, ref, strict=True)) <= 1e-5
