@@ -191,3 +191,18 @@ def test_router_runs_in_fp32_under_bf16():
     routing = layer.route(torch.randn(8, D).to(torch.bfloat16), None)
     assert routing.logits_TE.dtype == routing.probs_TE.dtype == routing.weight_N.dtype == torch.float32
     assert layer(torch.randn(8, D).to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_expert_loop_equals_per_row_autograd():
+    """Weight gradients of the expert loop (weights split once per forward) equal a row-by-row computation."""
+    torch.manual_seed(6)
+    layer = make_layer(grouped_gemm="off")
+    x_RD, counts_e = torch.randn(30, D, requires_grad=True), torch.tensor([10, 0, 12, 8])
+    g_RD = torch.randn(30, D)
+    (layer.experts(x_RD, counts_e) * g_RD).sum().backward()
+    got = (x_RD.grad.clone(), layer.experts.linear_fc1.grad.clone(), layer.experts.linear_fc2.grad.clone())
+    x_RD.grad, layer.experts.linear_fc1.grad, layer.experts.linear_fc2.grad = None, None, None
+    rows = [expert_ffn(layer, e, x) for e, n in enumerate(counts_e.tolist()) for x in x_RD[sum(counts_e[:e]):][:n]]
+    (torch.stack(rows) * g_RD).sum().backward()
+    for a, b in zip(got, (x_RD.grad, layer.experts.linear_fc1.grad, layer.experts.linear_fc2.grad), strict=True):
+        torch.testing.assert_close(a, b)
