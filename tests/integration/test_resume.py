@@ -1,7 +1,8 @@
 """Save at step 10, resume in a new launch: steps 11-20 give bit-identical losses to an uninterrupted run.
 
 Runs the real entry point (`deepspeed --num_gpus 2 launchers/pretrain.py`) with ZeRO-2, DP=2 and dropout
-on, so data position, optimizer/scheduler state and every RNG stream must be restored.
+on, so data position, optimizer/scheduler state and every RNG stream must be restored; for the MoE model
+with EP=2 also each rank's experts (from megamoe's expert shards: DeepSpeed's file holds rank 0's only).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import ROOT, free_port
 
@@ -40,16 +43,23 @@ def train_losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-def test_resume_continues_the_same_loss_sequence(tiny_data, tmp_path):
+MODELS = {"dense": [], "moe_ep2": ["moe.num_experts=4", "moe.ffn_hidden_size=64",
+                                   "parallel.expert_model_parallel_size=2",
+                                   "moe.router_enable_expert_bias=true"]}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_resume_continues_the_same_loss_sequence(tiny_data, tmp_path, model):
     full_ckpt = tmp_path / "full_ckpt"
-    full = launch(tiny_data, tmp_path / "full", f"checkpoint.save={full_ckpt}", "checkpoint.save_interval=10")
+    full = launch(tiny_data, tmp_path / "full", f"checkpoint.save={full_ckpt}", "checkpoint.save_interval=10",
+                  *MODELS[model])
     assert (full_ckpt / "iter_0000010" / "config.yaml").is_file()
 
     # A run that died after step 10: its checkpoint directory holds only the step-10 checkpoint.
     resume_ckpt = tmp_path / "resume_ckpt"
     shutil.copytree(full_ckpt / "iter_0000010", resume_ckpt / "iter_0000010")
     (resume_ckpt / "latest").write_text("iter_0000010")
-    resumed = launch(tiny_data, tmp_path / "resumed", f"checkpoint.load={resume_ckpt}")
+    resumed = launch(tiny_data, tmp_path / "resumed", f"checkpoint.load={resume_ckpt}", *MODELS[model])
 
     want, got = train_losses(full), train_losses(resumed)
     assert sorted(got) == list(range(11, 21)), f"resumed run logged steps {sorted(got)}"
