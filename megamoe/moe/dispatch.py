@@ -33,9 +33,15 @@ class DispatchMeta:
     """Capacity padding: the padded row holding each (sorted) copy; None without padding."""
 
 
-def _sort_copies(x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+def _sorted_rows(x_TD: Tensor, routing: Routing, pad_to: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The copies' rows grouped by expert (padded to `pad_to` rows per expert if given): (order, rows,
+    rows per expert, padded slot of each copy or None)."""
     order_N = routing.expert_N.argsort(stable=True)
-    return order_N, x_TD[routing.token_N[order_N]]
+    x_ND, counts_E, slot_N = x_TD[routing.token_N[order_N]], routing.tokens_per_expert(), None
+    if pad_to is not None:
+        x_ND, slot_N = _pad_to_capacity(x_ND, routing.expert_N[order_N], counts_E, pad_to)
+        counts_E = torch.full_like(counts_E, pad_to)
+    return order_N, x_ND, counts_E, slot_N
 
 
 def _pad_to_capacity(x_ND: Tensor, expert_N: Tensor, counts_E: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
@@ -65,11 +71,7 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: Tensor, routing: Routing,
                  pad_to: int | None = None) -> tuple[Tensor, Tensor, DispatchMeta]:
-        order_N, x_ND = _sort_copies(x_TD, routing)
-        counts_E, slot_N = routing.tokens_per_expert(), None
-        if pad_to is not None:
-            x_ND, slot_N = _pad_to_capacity(x_ND, routing.expert_N[order_N], counts_E, pad_to)
-            counts_E = torch.full_like(counts_E, pad_to)
+        order_N, x_ND, counts_E, slot_N = _sorted_rows(x_TD, routing, pad_to)
         meta = DispatchMeta(order_N=order_N, send_splits=[], recv_splits=[], regroup_R=None, slot_N=slot_N)
         return x_ND, counts_E, meta
 
@@ -102,10 +104,8 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: Tensor, routing: Routing,
                  pad_to: int | None = None) -> tuple[Tensor, Tensor, DispatchMeta]:
-        order_N, x_ND = _sort_copies(x_TD, routing)
-        counts_E, slot_N = routing.tokens_per_expert(), None
+        order_N, x_ND, counts_E, slot_N = _sorted_rows(x_TD, routing, pad_to)
         if pad_to is not None:
-            x_ND, slot_N = _pad_to_capacity(x_ND, routing.expert_N[order_N], counts_E, pad_to)
             send_Pe = [[pad_to] * self.num_local for _ in range(self.ep_size)]
             recv_Pe = send_Pe
         else:
