@@ -43,8 +43,11 @@ def test_readme_config_reference_is_current():
 def test_ruff_clean():
     import shutil
     import subprocess
+    import sys
+    from pathlib import Path
 
-    ruff = shutil.which("ruff")
+    beside_python = Path(sys.executable).parent / "ruff"  # the venv's bin/ need not be on PATH
+    ruff = str(beside_python) if beside_python.is_file() else shutil.which("ruff")
     if ruff is None:
         import pytest
 
