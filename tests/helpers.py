@@ -86,3 +86,46 @@ def tiny_config(data: dict[str, str], *overrides: str) -> config.RunConfig:
         "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={data['root']}/runs",
     ]
     return config.load(None, base + list(overrides))
+
+
+def full_params(trainer) -> dict:
+    """Every parameter as the full tensor: TP shards gathered, experts gathered over the expert-parallel group."""
+    import torch
+    import torch.distributed as dist
+
+    from megamoe.models.sharding import full_state_dict
+    from megamoe.moe.experts import GroupedExperts
+
+    full = full_state_dict(trainer.engine.module, trainer.groups)
+    groups = trainer.groups
+    for name, module in trainer.engine.module.named_modules():
+        if isinstance(module, GroupedExperts) and groups.ep_group is not None:
+            for pname, param in module.named_parameters(recurse=False):
+                parts = [torch.empty_like(param) for _ in range(groups.ep_size)]
+                dist.all_gather(parts, param.detach().contiguous(), group=groups.ep_group)
+                full[f"{name}.{pname}"] = torch.cat(parts)
+    return full
+
+
+def train_steps(data: dict, overrides: list[str], steps: int) -> dict:
+    """Build the trainer for tiny_config(data, *overrides) on this launch and run `steps` optimizer steps.
+
+    Returns the losses, gradient norms and (rank 0) the full weights afterwards; keeps `trainer` for more."""
+    import torch.distributed as dist
+
+    from megamoe.data.loader import build_loader
+    from megamoe.train import startup
+    from megamoe.train.loop import build_trainer, train_step
+
+    cfg = tiny_config(data, *overrides)
+    trainer = build_trainer(cfg, startup.check(cfg))
+    batches = iter(build_loader(trainer.datasets.train, 0, cfg, trainer.groups))
+    values = [train_step(trainer, batches) for _ in range(steps)]
+    full = full_params(trainer)
+    return {"losses": [v["train/loss"] for v in values], "grad_norms": [v["train/grad_norm"] for v in values],
+            "full": full if dist.get_rank() == 0 else None, "trainer": trainer}
+
+
+def max_rel_diff(got: dict, want: dict) -> float:
+    """Largest relative (norm-wise) difference over the tensors of `want`."""
+    return max(((got[k] - v).norm() / v.norm().clamp(min=1e-30)).item() for k, v in want.items())

@@ -6,6 +6,7 @@ from megamoe.config.tree import (
     CheckpointConfig,
     DataConfig,
     DeepSpeedConfig,
+    DynamicMoEConfig,
     LoggingConfig,
     ModelConfig,
     MoEConfig,
@@ -16,9 +17,6 @@ from megamoe.config.tree import (
 )
 from megamoe.config.validate import Environment, Layout, parse_data_path, validate
 
-__all__ = [
-    "MOE_CONFIGS",
-    "MoEConfig",
-    "TopKMoEConfig","CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "Environment", "Layout",
-           "LoggingConfig", "ModelConfig", "ParallelConfig", "RunConfig", "TrainConfig", "build", "dump", "load",
-           "parse_data_path", "validate"]
+__all__ = ["MOE_CONFIGS", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "DynamicMoEConfig",
+           "Environment", "Layout", "LoggingConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig",
+           "TopKMoEConfig", "TrainConfig", "build", "dump", "load", "parse_data_path", "validate"]

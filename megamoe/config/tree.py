@@ -53,6 +53,9 @@ class ModelConfig:
     """Tokenizer vocabulary size. None: read from data.tokenizer_model; if set it must agree with it."""
     make_vocab_size_divisible_by: int = 128
     """The embedding is padded to a multiple of this times the tensor-parallel size (Megatron's rule)."""
+    objective: Literal["causal_lm", "masked_lm"] = "causal_lm"
+    """causal_lm: GPT (causal attention, next-token loss). masked_lm: an encoder, the same stack with
+    bidirectional attention and a masked-token loss (BERT-style masking, data.mlm_probability)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -107,7 +110,42 @@ class TopKMoEConfig(MoEConfig):
     """Step of the expert-bias update per optimizer step."""
 
 
-MOE_CONFIGS: dict[str, type[MoEConfig]] = {"topk": TopKMoEConfig}
+@dataclass(kw_only=True, frozen=True)
+class DynamicMoEConfig(MoEConfig):
+    """DA-MoE (arXiv:2409.06669): each token's number of experts K from its importance (variants.md §3)."""
+
+    variant: str = "dynamic"
+    """The MoE layer (this class reads moe.variant=dynamic)."""
+
+    importance_mode: Literal["attention_received", "predicted"] = "attention_received"
+    """attention_received: the attention each token receives in the same block (the paper; needs
+    model.objective=masked_lm). predicted: a head on the token's own hidden state predicts it (a named,
+    causal-safe deviation for GPT), trained toward the attention-received target by an MSE loss."""
+    normalize: Literal["max", "minmax", "rank", "softmax"] = "max"
+    """Per-sequence normalisation of importance to [0, 1]."""
+    softmax_temperature: float = 1.0
+    """Temperature of normalize=softmax (values scaled so the largest is 1)."""
+    k_min: int = 1
+    """Fewest experts a (valid) token gets; 0 allowed."""
+    k_max: int = 4
+    """Most experts a token gets: K = clamp(ceil(s K_max), K_min, K_max)."""
+    budget: Literal["none", "batch", "running"] = "none"
+    """Match a mean K: 'batch' exactly per micro-batch (couples tokens: bidirectional only), 'running' by a
+    scale calibrated over past micro-batches (causal-safe)."""
+    budget_k_mean: float = 2.0
+    """The target mean K of a budget."""
+    budget_momentum: float = 0.95
+    """budget=running: c <- momentum c + (1 - momentum) c_batch."""
+    renormalize: Literal["k>1", "always", "never"] = "k>1"
+    """Renormalise the chosen experts' probabilities: 'k>1' makes K = 1 Switch and K = k Mixtral exactly."""
+    predictor_loss_coeff: float = 1.0
+    """importance_mode=predicted: weight gamma of the MSE loss of the importance head."""
+    target_norm: Literal["count", "uniform_relative"] = "count"
+    """predicted: divide attention received by the number of queries that see the token ('count'), or
+    weight queries by their key count so uniform causal attention gives 1 ('uniform_relative')."""
+
+
+MOE_CONFIGS: dict[str, type[MoEConfig]] = {"topk": TopKMoEConfig, "dynamic": DynamicMoEConfig}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -191,6 +229,9 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     eod_mask_loss: bool = False
     """Exclude end-of-document tokens from the loss."""
+    mlm_probability: float = 0.15
+    """model.objective=masked_lm: share of tokens to predict (80% of them shown as <mask>, 10% as a random
+    token, 10% unchanged), drawn per sample from the seed: every run and layout masks alike."""
 
 
 @dataclass(kw_only=True, frozen=True)

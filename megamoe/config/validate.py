@@ -13,6 +13,7 @@ from pathlib import Path
 from megamoe.config.loader import ConfigError
 from megamoe.config.tree import (
     DataConfig,
+    DynamicMoEConfig,
     ModelConfig,
     MoEConfig,
     ParallelConfig,
@@ -43,6 +44,8 @@ class Environment:
     cuda_available: bool
     tokenizer_vocab_size: int | None
     """Read from data.tokenizer_model by the caller; None when the file is missing."""
+    tokenizer_has_mask: bool = True
+    """Whether the tokenizer has a <mask> piece (masked_lm needs one)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ def validate(cfg: RunConfig, env: Environment) -> Layout:
     layout = _check_parallel(cfg.parallel, cfg.train, cfg.model, env.world_size)
     _check_train(cfg.train, env.cuda_available)
     _check_data(cfg.data, cfg.model, cfg.train.eval_iters, env.tokenizer_vocab_size)
+    _check_objective(cfg, env)
     _check_moe(cfg.moe, cfg, env.world_size)
     _check_deepspeed(cfg)
     return layout
@@ -230,9 +234,13 @@ def _check_moe(moe: MoEConfig, cfg: RunConfig, world_size: int) -> None:
     if stage_ranks % ep:
         _fail(f"parallel.expert_model_parallel_size={ep} does not divide the {stage_ranks} ranks of a pipeline "
               "stage; use a divisor")
-    if cfg.parallel.tensor_model_parallel_size > 1 and not cfg.parallel.sequence_parallel:
+    tp = cfg.parallel.tensor_model_parallel_size
+    if tp > 1 and not cfg.parallel.sequence_parallel:
         _fail("MoE layers with parallel.tensor_model_parallel_size > 1 need parallel.sequence_parallel=true "
               "(each TP rank routes its own slice of the sequence)")
+    if tp > 1 and ep > 1 and ep % tp:
+        _fail(f"parallel.expert_model_parallel_size={ep} with tensor_model_parallel_size={tp}: use EP=1 or a "
+              f"multiple of {tp} (the expert-parallel group then spans whole tensor-parallel groups)")
     if isinstance(moe.layer_freq, int):
         if moe.layer_freq < 1:
             _fail(f"moe.layer_freq={moe.layer_freq} must be >= 1 (1 = every layer)")
@@ -258,6 +266,8 @@ def _check_moe(moe: MoEConfig, cfg: RunConfig, world_size: int) -> None:
               "2, or parallel.expert_model_parallel_size=1")
     if isinstance(moe, TopKMoEConfig):
         _check_topk(moe)
+    if isinstance(moe, DynamicMoEConfig):
+        _check_dynamic(moe, causal=cfg.model.objective == "causal_lm")
 
 
 def _check_topk(moe: TopKMoEConfig) -> None:
@@ -268,6 +278,41 @@ def _check_topk(moe: TopKMoEConfig) -> None:
     if moe.router_topk == 1 and not moe.router_pre_softmax:
         warnings.warn("moe.router_topk=1 with router_pre_softmax=false gives every token weight 1 and the router "
                       "no gradient from the LM loss; Switch uses moe.router_pre_softmax=true", stacklevel=3)
+
+
+CAUSAL_ATTENTION_RECEIVED = (
+    "moe.importance_mode='attention_received' needs bidirectional self-attention, but the model's attention mask "
+    "is causal (model.objective=causal_lm). Under causal attention the attention received by token j sums over "
+    "queries i >= j, so it is computed from future tokens; routing token j on it leaks future information into "
+    "position j's output during training, and it cannot be computed during incremental decoding. Use "
+    "moe.importance_mode=predicted (a documented deviation from the paper) or model.objective=masked_lm")
+
+
+def _check_dynamic(moe: DynamicMoEConfig, causal: bool) -> None:
+    if causal and moe.importance_mode == "attention_received":
+        _fail(CAUSAL_ATTENTION_RECEIVED)
+    if causal and moe.budget == "batch":
+        _fail("moe.budget=batch matches the mean K over each micro-batch, so a token's K depends on later tokens; "
+              "with causal attention (model.objective=causal_lm) use moe.budget=running or none")
+    if not 0 <= moe.k_min <= moe.k_max or moe.k_max < 1 or moe.k_max > moe.num_experts:
+        _fail(f"moe.k_min={moe.k_min}, moe.k_max={moe.k_max} must satisfy 0 <= k_min <= k_max <= "
+              f"moe.num_experts={moe.num_experts} and k_max >= 1")
+    if moe.budget != "none" and not moe.k_min <= moe.budget_k_mean <= moe.k_max:
+        _fail(f"moe.budget_k_mean={moe.budget_k_mean} must lie between moe.k_min={moe.k_min} and "
+              f"moe.k_max={moe.k_max}")
+    if moe.softmax_temperature <= 0 or not 0 <= moe.budget_momentum < 1:
+        _fail(f"moe.softmax_temperature={moe.softmax_temperature} must be > 0 and moe.budget_momentum="
+              f"{moe.budget_momentum} in [0, 1)")
+
+
+def _check_objective(cfg: RunConfig, env: Environment) -> None:
+    if cfg.model.objective != "masked_lm":
+        return
+    if not 0 < cfg.data.mlm_probability < 1:
+        _fail(f"data.mlm_probability={cfg.data.mlm_probability} must be in (0, 1)")
+    if not env.tokenizer_has_mask:
+        _fail(f"model.objective=masked_lm needs a <mask> piece, which the tokenizer '{cfg.data.tokenizer_model}' "
+              "lacks; train one with tools/preprocess_data.py --train-tokenizer (it adds <mask>)")
 
 
 def _check_deepspeed(cfg: RunConfig) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from megamoe.config import Layout, RunConfig, parse_data_path
+from megamoe.data.tokenizer import spm_mask_id
 from megamoe.parallel.groups import ParallelGroups
 
 
@@ -23,6 +24,31 @@ from megamoe.parallel.groups import ParallelGroups
 class Datasets:
     train: Dataset
     valid: Dataset | None
+
+
+class MaskedLMDataset(Dataset):
+    """BERT-style masked-LM samples over GPTDataset windows: a share p of the tokens is to be predicted, 80% of
+    them shown as <mask>, 10% as a random token, 10% unchanged. Drawn from (seed, sample index): every run,
+    layout and resume masks a sample alike."""
+
+    def __init__(self, base: Dataset, mask_id: int, vocab_size: int, probability: float, seed: int) -> None:
+        self.base, self.mask_id, self.vocab_size = base, mask_id, vocab_size
+        self.probability, self.seed = probability, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.base[index]
+        tokens = sample["tokens"]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
+        chosen = torch.rand(tokens.shape, generator=gen) < self.probability
+        how = torch.rand(tokens.shape, generator=gen)
+        random_ids = torch.randint(self.mask_id + 1, self.vocab_size, tokens.shape, generator=gen)
+        inputs = torch.where(chosen & (how < 0.8), self.mask_id, tokens)
+        inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
+        return {"tokens": inputs, "labels": tokens, "loss_mask": chosen.float() * sample["loss_mask"],
+                "position_ids": sample["position_ids"]}
 
 
 def build_datasets(cfg: RunConfig, layout: Layout, tokenizer) -> Datasets:
@@ -44,7 +70,13 @@ def build_datasets(cfg: RunConfig, layout: Layout, tokenizer) -> Datasets:
     num_valid = cfg.train.eval_iters * cfg.train.micro_batch_size * layout.data_parallel_size
     sizes = [cfg.train.train_iters * layout.global_batch_size, num_valid, 0]
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, dataset_cfg).build()
-    return Datasets(train=train, valid=valid if num_valid else None)
+    valid = valid if num_valid else None
+    if cfg.model.objective == "masked_lm":
+        mask_id = spm_mask_id(cfg.data.tokenizer_model)
+        train, valid = (None if d is None else MaskedLMDataset(d, mask_id, tokenizer.vocab_size,
+                                                               cfg.data.mlm_probability, cfg.train.seed + i)
+                        for i, d in enumerate((train, valid)))
+    return Datasets(train=train, valid=valid)
 
 
 class MicroBatchSampler:

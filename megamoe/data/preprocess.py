@@ -17,6 +17,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from megamoe.data.tokenizer import MASK_PIECE
+
 # Fixed special ids: pad 0, unk 1, bos 2, eos 3 (the end-of-document token).
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 
@@ -50,7 +52,7 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, model
     try:
         spm.SentencePieceTrainer.train(input=corpus.name, model_prefix=model_prefix, vocab_size=vocab_size,
                                        model_type=model_type, character_coverage=1.0, byte_fallback=True,
-                                       minloglevel=2, **SPECIAL_IDS)
+                                       user_defined_symbols=[MASK_PIECE], minloglevel=2, **SPECIAL_IDS)
     finally:
         os.unlink(corpus.name)
     return model_prefix + ".model"

@@ -15,6 +15,18 @@ def load_tokenizer(model_path: str | Path):
                                              metadata_path={"library": "sentencepiece"})
 
 
+MASK_PIECE = "<mask>"
+
+
+def spm_mask_id(model_path: str | Path) -> int | None:
+    """Id of the <mask> piece (added by megamoe's tokenizer training), or None."""
+    if not Path(model_path).is_file():
+        return None
+    processor = spm.SentencePieceProcessor(model_file=str(model_path))
+    piece_id = processor.piece_to_id(MASK_PIECE)
+    return None if piece_id == processor.unk_id() else piece_id
+
+
 def spm_vocab_size(model_path: str | Path) -> int | None:
     """Vocabulary size of a sentencepiece model file, or None if there is no such file (cheap: no megatron)."""
     if not Path(model_path).is_file():

@@ -11,12 +11,14 @@ import copy
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megamoe.config import RunConfig
+from megamoe.config import DynamicMoEConfig, RunConfig
 from megamoe.config.validate import moe_layer_numbers
+from megamoe.models.importance import ImportanceCollector, importance_attention
 from megamoe.models.moe_mlp import moe_mlp_spec
 from megamoe.models.norms import NORMS
 from megamoe.moe import LayerShape
@@ -61,7 +63,8 @@ def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
     )
 
 
-def mlp_spec(cfg: RunConfig, layer_number: int, dense_mlp: ModuleSpec, groups: ParallelGroups) -> ModuleSpec:
+def mlp_spec(cfg: RunConfig, layer_number: int, dense_mlp: ModuleSpec, groups: ParallelGroups,
+             importance: ImportanceCollector | None = None) -> ModuleSpec:
     """The module in layer `layer_number`'s MLP slot (1-based, global): MoE where moe.layer_freq says."""
     if layer_number not in moe_layer_numbers(cfg.moe, cfg.model.num_layers):
         return dense_mlp
@@ -69,19 +72,30 @@ def mlp_spec(cfg: RunConfig, layer_number: int, dense_mlp: ModuleSpec, groups: P
     shape = LayerShape(hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
                        swiglu=model.swiglu, init_std=model.init_method_std, num_layers=model.num_layers,
                        layer_number=layer_number, seed=cfg.train.seed)
-    return moe_mlp_spec(cfg.moe, shape, groups)
+    return moe_mlp_spec(cfg.moe, shape, groups, importance)
 
 
 def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlockSubmodules:
-    """One layer spec per decoder layer: megatron's local GPT layer, megamoe's norms, a per-layer MLP."""
+    """One layer spec per decoder layer: megatron's local GPT layer, megamoe's norms, a per-layer MLP.
+
+    masked_lm makes self-attention bidirectional (padding mask only). A DA-MoE layer's attention core also
+    reports token importance, handed to the layer's MoE by a per-layer collector.
+    """
     norm = NORMS[cfg.model.normalization]
     base = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    moe_layers = moe_layer_numbers(cfg.moe, cfg.model.num_layers)
     layers = []
     for layer_number in range(1, cfg.model.num_layers + 1):
         spec = copy.deepcopy(base)
         spec.submodules.input_layernorm = norm
         spec.submodules.pre_mlp_layernorm = norm
-        spec.submodules.mlp = mlp_spec(cfg, layer_number, base.submodules.mlp, groups)
+        if cfg.model.objective == "masked_lm":
+            spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
+        collector = None
+        if isinstance(cfg.moe, DynamicMoEConfig) and layer_number in moe_layers:
+            collector = ImportanceCollector(needed_in_eval=cfg.moe.importance_mode == "attention_received")
+            spec.submodules.self_attention.submodules.core_attention = importance_attention(cfg.moe, collector)
+        spec.submodules.mlp = mlp_spec(cfg, layer_number, base.submodules.mlp, groups, collector)
         layers.append(spec)
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)
 

@@ -16,17 +16,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megamoe.config import MoEConfig
+from megamoe.models.importance import ImportanceCollector
 from megamoe.moe import LayerShape, build_moe
+from megamoe.moe.layer import TokenInfo
 from megamoe.parallel.groups import ParallelGroups
 
 
 class MoEMLP(MegatronModule):
     def __init__(self, config: TransformerConfig, submodules=None, layer_number: int | None = None,
                  pg_collection=None, is_mtp_layer: bool = False, name: str | None = None, *,
-                 moe_cfg: MoEConfig, shape: LayerShape, groups: ParallelGroups) -> None:
+                 moe_cfg: MoEConfig, shape: LayerShape, groups: ParallelGroups,
+                 importance: ImportanceCollector | None = None) -> None:
         super().__init__(config)
         self.layer_number = shape.layer_number
         self.moe = build_moe(moe_cfg, shape, groups)
+        self.groups, self.importance = groups, importance
 
     def set_layer_number(self, layer_number: int) -> None:
         """TransformerLayer calls this after construction (1-based, global)."""
@@ -36,10 +40,22 @@ class MoEMLP(MegatronModule):
                 **kwargs) -> tuple[Tensor, None]:
         s, b, d = hidden_states.shape
         valid_T = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1).bool()
-        sequence_T = torch.arange(s * b, device=hidden_states.device) % b
-        out_TD = self.moe(hidden_states.reshape(s * b, d), valid_T, sequence_T, b)
+        tokens = TokenInfo(valid_T=valid_T, sequence_T=torch.arange(s * b, device=hidden_states.device) % b,
+                           num_sequences=b, importance=None if self.importance is None else self.importance.take(),
+                           local=self._local_tokens(s * b))
+        out_TD = self.moe(hidden_states.reshape(s * b, d), tokens)
         return out_TD.view(s, b, d), None
 
 
-def moe_mlp_spec(moe_cfg: MoEConfig, shape: LayerShape, groups: ParallelGroups) -> ModuleSpec:
-    return ModuleSpec(module=MoEMLP, params={"moe_cfg": moe_cfg, "shape": shape, "groups": groups})
+    def _local_tokens(self, num_local: int) -> tuple[int, int] | None:
+        """Under sequence parallelism this rank holds rows [r*s/TP, (r+1)*s/TP) of the sequence: in token order
+        (t = s*b + b) a contiguous range of the whole micro-batch's tokens."""
+        if self.groups.sp_group is None:
+            return None
+        return self.groups.tp_rank * num_local, (self.groups.tp_rank + 1) * num_local
+
+
+def moe_mlp_spec(moe_cfg: MoEConfig, shape: LayerShape, groups: ParallelGroups,
+                 importance: ImportanceCollector | None = None) -> ModuleSpec:
+    return ModuleSpec(module=MoEMLP, params={"moe_cfg": moe_cfg, "shape": shape, "groups": groups,
+                                             "importance": importance})

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from megamoe.config import MoEConfig
 from megamoe.moe.layer import LayerShape, MoELayer
-from megamoe.moe.variants import topk
+from megamoe.moe.variants import dynamic, topk
 from megamoe.parallel.groups import ParallelGroups
 
 VARIANTS: dict[str, type[MoELayer]] = {
     "topk": topk.TopKMoE,  # Switch / GShard / Mixtral, fine-grained + shared experts
+    "dynamic": dynamic.DynamicMoE,  # DA-MoE: experts per token from attention importance
 }
 
 

@@ -33,10 +33,13 @@ class GroupedExperts(torch.nn.Module):
 
     def __init__(self, *, num_local: int, first_expert: int, hidden_size: int, ffn_hidden_size: int,
                  swiglu: bool, init_std: float, output_init_std: float, seed: int, layer_number: int,
-                 grouped_gemm: str = "auto") -> None:
+                 grouped_gemm: str = "auto", replica_group=None) -> None:
         super().__init__()
         self.num_local, self.first_expert, self.swiglu = num_local, first_expert, swiglu
         self.grouped_gemm = grouped_gemm
+        # Ranks holding these same experts while routing different tokens (sequence parallelism without
+        # expert parallelism): each sees part of the gradient, summed in autograd like the router's.
+        self.replica_group = replica_group
         fc1_rows = 2 * ffn_hidden_size if swiglu else ffn_hidden_size
         self.linear_fc1 = torch.nn.Parameter(torch.empty(num_local, fc1_rows, hidden_size))
         self.linear_fc2 = torch.nn.Parameter(torch.empty(num_local, hidden_size, ffn_hidden_size))
@@ -48,15 +51,15 @@ class GroupedExperts(torch.nn.Module):
 
     def forward(self, x_RD: Tensor, counts_e: Tensor) -> Tensor:
         """Expert j transforms rows [sum(counts_e[:j]), sum(counts_e[:j+1])); experts with 0 rows are fine."""
+        fc1, fc2 = reduce_grad(self.linear_fc1, self.replica_group), reduce_grad(self.linear_fc2, self.replica_group)
         if self._grouped(x_RD):
             offsets = torch.cumsum(counts_e, 0).to(torch.int32)
-            h_RF = torch._grouped_mm(x_RD, self.linear_fc1.transpose(1, 2), offs=offsets)
-            return torch._grouped_mm(_ffn_activation(h_RF, self.swiglu), self.linear_fc2.transpose(1, 2),
-                                     offs=offsets)
+            h_RF = torch._grouped_mm(x_RD, fc1.transpose(1, 2), offs=offsets)
+            return torch._grouped_mm(_ffn_activation(h_RF, self.swiglu), fc2.transpose(1, 2), offs=offsets)
         # One GEMM pair per expert on its contiguous slice. The weights are split once (unbind): indexing
         # linear_fc1[j] per expert would make every expert's backward build a full-size zero gradient.
         outs = []
-        fc1_weights, fc2_weights = self.linear_fc1.unbind(0), self.linear_fc2.unbind(0)
+        fc1_weights, fc2_weights = fc1.unbind(0), fc2.unbind(0)
         for x_jD, w1, w2 in zip(x_RD.split(counts_e.tolist()), fc1_weights, fc2_weights, strict=True):
             outs.append(_ffn_activation(x_jD @ w1.t(), self.swiglu) @ w2.t())
         return torch.cat(outs) if outs else x_RD.new_zeros((0, x_RD.shape[1]))

@@ -18,6 +18,7 @@ from torch import Tensor
 from megamoe.config import MoEConfig
 from megamoe.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from megamoe.moe.experts import GroupedExperts, SharedExperts, output_init_std
+from megamoe.moe.importance import Importance
 from megamoe.moe.losses import (
     attach_aux_loss,
     global_balance_loss,
@@ -45,8 +46,33 @@ class LayerShape:
     seed: int
 
 
+@dataclass(frozen=True)
+class TokenInfo:
+    """What the model knows about the tokens of a forward besides their hidden states."""
+
+    valid_T: Tensor | None = None
+    """bool, False for padding; None: all valid."""
+    sequence_T: Tensor | None = None
+    """Sequence of each token (t = s*B + b gives b); for per-sequence losses."""
+    num_sequences: int = 1
+    importance: Importance | None = None
+    """DA-MoE: the importance of every token of the micro-batch, from this layer's attention."""
+    local: tuple[int, int] | None = None
+    """This rank's tokens [start, end) within `importance` (sequence parallelism gives each TP rank a slice);
+    None: all of them."""
+
+    def local_slice(self) -> slice:
+        return slice(None) if self.local is None else slice(*self.local)
+
+
+SCALAR_STATS = ("copies", "valid_tokens", "dropped", "balance_loss", "z_loss", "router_loss", "forwards")
+
+
 class MoELayer(torch.nn.Module):
     """The shared pipeline of every variant."""
+
+    K_HISTOGRAM = False
+    """Record how many tokens got 0, 1, ..., nominal_k experts (variants with a variable K)."""
 
     def __init__(self, cfg: MoEConfig, shape: LayerShape, groups: ParallelGroups, nominal_k: int) -> None:
         super().__init__()
@@ -57,7 +83,8 @@ class MoELayer(torch.nn.Module):
             num_local=num_local, first_expert=groups.ep_rank * num_local, hidden_size=shape.hidden_size,
             ffn_hidden_size=cfg.ffn_hidden_size or shape.ffn_hidden_size, swiglu=shape.swiglu,
             init_std=shape.init_std, output_init_std=output_init_std(shape.init_std, shape.num_layers),
-            seed=shape.seed, layer_number=shape.layer_number, grouped_gemm=cfg.grouped_gemm)
+            seed=shape.seed, layer_number=shape.layer_number, grouped_gemm=cfg.grouped_gemm,
+            replica_group=groups.sp_group if groups.ep_size == 1 else None)
         self.shared_experts = None
         if cfg.shared_expert_intermediate_size:
             self.shared_experts = SharedExperts(
@@ -81,19 +108,23 @@ class MoELayer(torch.nn.Module):
                 setattr(self, name, buffer.float())
         return self
 
-    def route(self, x_TD: Tensor, valid_T: Tensor | None) -> Routing:
+    def route(self, x_TD: Tensor, tokens: TokenInfo) -> tuple[Routing, Tensor | None]:
+        """The variant's routing, and a router-side loss already weighted by its coefficient (or None)."""
         raise NotImplementedError
 
-    def forward(self, x_TD: Tensor, valid_T: Tensor | None = None, sequence_T: Tensor | None = None,
-                num_sequences: int = 1) -> Tensor:
+    def forward(self, x_TD: Tensor, tokens: TokenInfo | None = None) -> Tensor:
         """1. route 2. drop over capacity 3. send copies to expert owners 4. experts 5. combine 6. shared."""
-        routing = self.route(x_TD, valid_T)
+        tokens = tokens or TokenInfo()
+        routing, router_loss = self.route(x_TD, tokens)
         routing, dropped, pad_to = self._apply_capacity(routing)
         x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, routing, pad_to)
         out_TD = self.dispatcher.combine(self.experts(x_RD, counts_e), routing, meta)
         if self.shared_experts is not None:
             out_TD = self.shared_experts(x_TD, out_TD)
-        aux = self.aux_loss(routing, sequence_T, num_sequences)
+        aux = self.aux_loss(routing, tokens)
+        if router_loss is not None:
+            self._add_stat("router_loss", router_loss.detach())
+            aux = aux + router_loss
         self._record(routing, dropped)
         return attach_aux_loss(out_TD, aux)
 
@@ -106,14 +137,14 @@ class MoELayer(torch.nn.Module):
         routing, dropped = apply_capacity(routing, capacity, self.cfg.token_drop_policy)
         return routing, dropped, capacity if self.cfg.pad_expert_input_to_capacity else None
 
-    def aux_loss(self, routing: Routing, sequence_T: Tensor | None, num_sequences: int) -> Tensor:
+    def aux_loss(self, routing: Routing, tokens: TokenInfo) -> Tensor:
         """coeff x balancing loss + coeff x z-loss (each also recorded, without its coefficient)."""
         cfg, device, split = self.cfg, routing.token_N.device, self.groups.sp_group
         total = torch.zeros((), device=device)
         kind = cfg.router_load_balancing_type
         if kind != "none" and routing.probs_TE is not None:
-            if kind == "seq_aux_loss" and sequence_T is not None:
-                balance = sequence_balance_loss(routing, sequence_T, num_sequences, split)
+            if kind == "seq_aux_loss" and tokens.sequence_T is not None:
+                balance = sequence_balance_loss(routing, tokens.sequence_T, tokens.num_sequences, split)
             elif kind == "global_aux_loss":
                 balance = global_balance_loss(routing, self._step_share(routing), split)
             else:
@@ -146,8 +177,13 @@ class MoELayer(torch.nn.Module):
         valid = routing.valid_T.sum() if routing.valid_T is not None else torch.tensor(routing.num_tokens)
         self._add_stat("valid_tokens", valid)
         self._add_stat("dropped", dropped)
-        k_max = (routing.copies_per_token().max() if routing.token_N.numel() else torch.zeros(())).float()
+        copies_T = routing.copies_per_token()
+        k_max = (copies_T.max() if routing.token_N.numel() else torch.zeros((), device=copies_T.device)).float()
         self._stats["k_max"] = torch.maximum(self._stats.get("k_max", torch.zeros_like(k_max)), k_max)
+        if self.K_HISTOGRAM:
+            valid_copies = copies_T if routing.valid_T is None else copies_T[routing.valid_T]
+            counts = torch.bincount(valid_copies.clamp(max=self.nominal_k), minlength=self.nominal_k + 1)
+            self._add_stat("k_hist", counts)
         # Under sequence parallelism each rank's loss values are shares of the micro-batch's: count the
         # forward once per group, so summed losses / summed forwards is the mean per micro-batch.
         self._add_stat("forwards", torch.tensor(1.0 / self.groups.tp_size if self.groups.sp_group else 1.0))
@@ -160,3 +196,8 @@ class MoELayer(torch.nn.Module):
         """This rank's statistics since the last call (the caller reduces them over ranks), then reset."""
         stats, self._stats = self._stats, {}
         return stats
+
+    def stat_layout(self) -> list[tuple[str, int]]:
+        """(name, length) of every summed statistic, in a fixed order (k_max is reduced by max)."""
+        layout = [("tokens_per_expert", self.num_experts), *((name, 1) for name in SCALAR_STATS)]
+        return layout + ([("k_hist", self.nominal_k + 1)] if self.K_HISTOGRAM else [])

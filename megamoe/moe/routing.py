@@ -112,3 +112,34 @@ def apply_capacity(routing: Routing, capacity: int, policy: str) -> tuple[Routin
     keep_N = torch.zeros(num_copies, dtype=torch.bool, device=order_N.device)
     keep_N[order_N] = rank_in_group < capacity
     return routing.select(keep_N), num_copies - keep_N.sum()
+
+
+def variable_topk_route(logits_TE: Tensor, k_T: Tensor, k_max: int, renormalize: str,
+                        valid_T: Tensor | None = None) -> Routing:
+    """Token t takes its k_T[t] most probable experts (0 <= k_T <= k_max), in fp32.
+
+    Weights: the chosen probabilities, renormalised over the token's choice when renormalize is 'always'
+    or ('k>1' and k_T > 1): constant K then reproduces Switch (K = 1) and Mixtral (K = k) exactly.
+    """
+    logits_TE = logits_TE.float()
+    probs_TE = logits_TE.softmax(dim=-1)
+    top_TK = logits_TE.topk(k_max, dim=-1)
+    keep_TK = torch.arange(k_max, device=k_T.device)[None, :] < k_T[:, None]
+    if valid_T is not None:
+        keep_TK &= valid_T[:, None]
+    raw_TK = probs_TE.gather(1, top_TK.indices) * keep_TK
+    # Renormalised weights as Mixtral computes them, a softmax over the chosen logits (bit-identical to it for
+    # constant K); tokens with no expert get none (their row would be 0/0).
+    chosen_logits_TK = top_TK.values.masked_fill(~keep_TK, float("-inf"))
+    renormalised_TK = chosen_logits_TK.softmax(dim=-1).nan_to_num(0.0)
+    renorm_T = (k_T > 1) if renormalize == "k>1" else torch.full_like(k_T, renormalize == "always", dtype=torch.bool)
+    weight_TK = torch.where(renorm_T[:, None], renormalised_TK, raw_TK)
+    # Unchosen slots sort last (expert id E) and are then dropped: copies stay ordered by token, then expert.
+    expert_TK = top_TK.indices.masked_fill(~keep_TK, logits_TE.shape[1])
+    expert_TK, sort_TK = expert_TK.sort(dim=1)
+    weight_TK, keep_TK = weight_TK.gather(1, sort_TK), keep_TK.gather(1, sort_TK)
+    token_N = torch.arange(logits_TE.shape[0], device=logits_TE.device).repeat_interleave(k_max)
+    keep_N = keep_TK.reshape(-1)
+    return Routing(token_N=token_N[keep_N], expert_N=expert_TK.reshape(-1)[keep_N],
+                   weight_N=weight_TK.reshape(-1)[keep_N], probs_TE=probs_TE, logits_TE=logits_TE, valid_T=valid_T,
+                   num_tokens=logits_TE.shape[0], num_experts=logits_TE.shape[1])

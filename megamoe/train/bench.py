@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megamoe.config import ParallelConfig
+from megamoe.moe.layer import TokenInfo
 from megamoe.moe.routing import Routing
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train.bench_impls import STEP_BUILDERS, build_megamoe_layer, floor_steps
@@ -156,7 +157,7 @@ def bench_shape(name: str, shape: BenchShape, impls: list[str], groups: Parallel
     x_TD, grad_TD = bench_inputs(shape, groups, seed)
     reference = build_megamoe_layer(shape, groups, grouped_gemm="off", seed=seed)
     with torch.no_grad():
-        routing = reference.route(x_TD, None)
+        routing = reference.route(x_TD, TokenInfo())[0]
         reference_TD = reference(x_TD)
     steps = floor_steps(shape, routing, groups)
     steps.update({impl: STEP_BUILDERS[impl](reference, shape, groups, x_TD, grad_TD, seed) for impl in impls})

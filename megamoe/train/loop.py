@@ -58,23 +58,31 @@ def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
     return torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device).triu(1)
 
 
-def lm_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross entropy over the loss-masked tokens of one micro-batch."""
+def lm_loss_sum(engine, batch: dict[str, torch.Tensor], causal: bool = True) -> torch.Tensor:
+    """Summed cross entropy over the loss-masked tokens of one micro-batch: next-token prediction (causal), or
+    the masked tokens (masked_lm: bidirectional attention, no mask at all since samples have no padding)."""
     device = engine.device
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-    loss_mask = batch["loss_mask"].to(device).float()
-    loss_BS = engine(tokens, batch["position_ids"].to(device), causal_mask(tokens.shape[1], device),
-                     labels=labels)
-    return (loss_BS.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+    mask = causal_mask(tokens.shape[1], device) if causal else None
+    loss_BS = engine(tokens, batch["position_ids"].to(device), mask, labels=labels)
+    return (loss_BS.float() * batch["loss_mask"].to(device).float()).sum()
 
 
-def dp_mean(value: torch.Tensor, groups: ParallelGroups) -> float:
-    """Average a scalar over the data-parallel ranks (TP peers already agree)."""
-    value = value.detach().float().clone()
-    if groups.dp_size > 1:
+def lm_loss(engine, batch: dict[str, torch.Tensor], causal: bool = True) -> torch.Tensor:
+    """Mean cross entropy over the loss-masked tokens of one micro-batch."""
+    return lm_loss_sum(engine, batch, causal) / batch["loss_mask"].float().sum().clamp(min=1.0)
+
+
+def is_causal(cfg: RunConfig) -> bool:
+    return cfg.model.objective == "causal_lm"
+
+
+def dp_sum(value: torch.Tensor, groups: ParallelGroups, device: torch.device) -> torch.Tensor:
+    """Sum a statistic over the data-parallel ranks (TP peers hold the same tokens)."""
+    value = value.detach().float().to(device).clone()
+    if groups.dp_group is not None:
         dist.all_reduce(value, group=groups.dp_group)
-        value /= groups.dp_size
-    return value.item()
+    return value
 
 
 def train_step(trainer: Trainer, batches: Iterator[dict],
@@ -84,13 +92,20 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
     `before_step(engine)` runs once the step's gradients are complete, before the optimizer uses them
     (after the MoE layers' own step work: expert-bias updates).
     """
-    engine = trainer.engine
+    engine, gas, groups = trainer.engine, trainer.layout.grad_accum_steps, trainer.groups
     lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
+    micro_batches = [next(batches) for _ in range(gas)]
+    # The step's loss is the mean over all its loss tokens (Megatron's per-token loss): with a varying number
+    # of loss tokens per micro-batch (masked LM, masked EOD) a mean of per-micro-batch means would weight
+    # tokens unequally and depend on the layout. DeepSpeed averages over DP and divides by GAS: undo both.
+    total_tokens = dp_sum(sum(b["loss_mask"].float().sum() for b in micro_batches), groups,
+                          engine.device).clamp(min=1.0)
+    scale = groups.dp_size * gas / total_tokens.item()
     losses, grad_norm = [], None
-    for _ in range(trainer.layout.grad_accum_steps):
+    for batch in micro_batches:
         set_aux_loss_scale(aux_loss_scale(engine))  # the fp16 loss scale may change between micro-batches
-        loss = lm_loss(engine, next(batches))
-        engine.backward(loss)
+        loss_sum = lm_loss_sum(engine, batch, is_causal(trainer.cfg))
+        engine.backward(loss_sum * scale)
         if engine.is_gradient_accumulation_boundary():
             grad_norm = grad_norm_before_step(engine)
             for layer in moe_layers(engine.module):
@@ -98,10 +113,11 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
             if before_step is not None:
                 before_step(engine)
         engine.step(lr_kwargs={"increment": 1})  # optimizer and LR step only at the accumulation boundary
-        losses.append(loss.detach())
+        losses.append(loss_sum.detach())
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
-    return {"train/loss": dp_mean(torch.stack(losses).mean(), trainer.groups), "train/lr": lr,
+    loss = (dp_sum(torch.stack(losses).sum(), groups, engine.device) / total_tokens).item()
+    return {"train/loss": loss, "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
 
@@ -111,11 +127,13 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     engine = trainer.engine
     engine.eval()
     loader = build_loader(trainer.datasets.valid, 0, trainer.cfg, trainer.groups)
-    losses = [lm_loss(engine, batch) for batch in loader]
+    sums = torch.stack([torch.stack([lm_loss_sum(engine, batch, is_causal(trainer.cfg)),
+                                     batch["loss_mask"].float().sum().to(engine.device)]) for batch in loader])
     engine.train()
     for layer in moe_layers(engine.module):
         layer.pop_stats()  # training statistics only
-    loss = dp_mean(torch.stack(losses).mean(), trainer.groups)
+    loss_sum, tokens = dp_sum(sums.sum(dim=0), trainer.groups, engine.device)
+    loss = (loss_sum / tokens.clamp(min=1.0)).item()
     return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
 
 

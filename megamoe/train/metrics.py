@@ -89,44 +89,58 @@ def collect_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple
     """Every MoE layer's statistics since the last call, summed over the ranks that saw different tokens.
 
     Returns scalar metrics (per layer: load imbalance max/mean, dropped share, mean and max experts per token,
-    balancing and z losses) and each layer's expert load (share of copies per expert). Collective: every
-    rank calls it.
+    balancing, z and router losses, the K histogram of variable-K layers) and each layer's expert load
+    (share of copies per expert). Collective: every rank calls it.
     """
     layers = moe_layers(model)
     if not layers:
         return {}, {}
     device = next(model.parameters()).device
     stats = [layer.pop_stats() for layer in layers]
-    fields = ("copies", "valid_tokens", "dropped", "balance_loss", "z_loss", "forwards")
-    sums = torch.cat([torch.cat([s.get("tokens_per_expert", torch.zeros(layer.num_experts, device=device)).float(),
-                                 torch.stack([s.get(f, torch.zeros((), device=device)).float() for f in fields])])
-                      for layer, s in zip(layers, stats, strict=True)]).to(device)
-    k_max = torch.stack([s.get("k_max", torch.zeros((), device=device)).float() for s in stats]).to(device)
+    flat = torch.cat([stats_vector(layer, s, device) for layer, s in zip(layers, stats, strict=True)])
+    k_max = torch.stack([s.get("k_max", torch.zeros(())).float().to(device) for s in stats])
     if groups.tp_dp_group is not None:
-        dist.all_reduce(sums, group=groups.tp_dp_group)
+        dist.all_reduce(flat, group=groups.tp_dp_group)
         dist.all_reduce(k_max, op=dist.ReduceOp.MAX, group=groups.tp_dp_group)
     scalars, loads, offset = {}, {}, 0
     for i, layer in enumerate(layers):
-        load_E = sums[offset:offset + layer.num_experts]
-        copies, valid, dropped, balance, z, forwards = sums[offset + layer.num_experts:offset + layer.num_experts + 6]
-        offset += layer.num_experts + 6
-        name, ranks_forwards = f"moe/layer{layer.shape.layer_number}", forwards.clamp(min=1.0)
-        share_E = load_E / load_E.sum().clamp(min=1.0)
-        loads[layer.shape.layer_number] = share_E.tolist()
-        scalars.update({
-            f"{name}/load_max_over_mean": (share_E.max() * layer.num_experts).item(),
-            f"{name}/dropped_frac": (dropped / (copies + dropped).clamp(min=1.0)).item(),
-            f"{name}/experts_per_token_mean": (copies / valid.clamp(min=1.0)).item(),
-            f"{name}/experts_per_token_max": k_max[i].item(),
-            f"{name}/balance_loss": (balance / ranks_forwards).item(),
-            f"{name}/z_loss": (z / ranks_forwards).item(),
-        })
-    scalars.update({
-        "moe/balance_loss": sum(scalars[f"moe/layer{m.shape.layer_number}/balance_loss"] for m in layers) / len(layers),
-        "moe/load_max_over_mean": max(scalars[f"moe/layer{m.shape.layer_number}/load_max_over_mean"] for m in layers),
-        "moe/dropped_frac": sum(scalars[f"moe/layer{m.shape.layer_number}/dropped_frac"] for m in layers) / len(layers),
-    })
+        sums = {}
+        for name, length in layer.stat_layout():
+            sums[name], offset = flat[offset:offset + length], offset + length
+        number = layer.shape.layer_number
+        loads[number] = (sums["tokens_per_expert"] / sums["tokens_per_expert"].sum().clamp(min=1.0)).tolist()
+        scalars.update(layer_metrics(f"moe/layer{number}", layer.num_experts, sums, k_max[i]))
+    names = [f"moe/layer{m.shape.layer_number}" for m in layers]
+    scalars["moe/balance_loss"] = sum(scalars[f"{n}/balance_loss"] for n in names) / len(names)
+    scalars["moe/load_max_over_mean"] = max(scalars[f"{n}/load_max_over_mean"] for n in names)
+    scalars["moe/dropped_frac"] = sum(scalars[f"{n}/dropped_frac"] for n in names) / len(names)
+    scalars["moe/experts_per_token_mean"] = sum(scalars[f"{n}/experts_per_token_mean"] for n in names) / len(names)
     return scalars, loads
+
+
+def stats_vector(layer: MoELayer, stats: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The layer's summed statistics as one flat vector, in its stat_layout order (zeros where absent)."""
+    return torch.cat([stats[name].float().reshape(-1).to(device) if name in stats
+                      else torch.zeros(length, device=device) for name, length in layer.stat_layout()])
+
+
+def layer_metrics(prefix: str, num_experts: int, sums: dict[str, torch.Tensor], k_max: torch.Tensor) -> dict:
+    load_E = sums["tokens_per_expert"]
+    copies, valid, dropped, forwards = (sums[n].squeeze() for n in ("copies", "valid_tokens", "dropped", "forwards"))
+    forwards = forwards.clamp(min=1.0)
+    out = {
+        f"{prefix}/load_max_over_mean": (load_E.max() / load_E.mean().clamp(min=1e-9)).item(),
+        f"{prefix}/dropped_frac": (dropped / (copies + dropped).clamp(min=1.0)).item(),
+        f"{prefix}/experts_per_token_mean": (copies / valid.clamp(min=1.0)).item(),
+        f"{prefix}/experts_per_token_max": k_max.item(),
+        f"{prefix}/balance_loss": (sums["balance_loss"].squeeze() / forwards).item(),
+        f"{prefix}/z_loss": (sums["z_loss"].squeeze() / forwards).item(),
+        f"{prefix}/router_loss": (sums["router_loss"].squeeze() / forwards).item(),
+    }
+    if "k_hist" in sums:  # share of valid tokens with K = 0, 1, ... experts
+        hist = sums["k_hist"] / sums["k_hist"].sum().clamp(min=1.0)
+        out.update({f"{prefix}/k{k}_frac": v for k, v in enumerate(hist.tolist())})
+    return out
 
 
 class ExpertLoadLog:

@@ -8,14 +8,15 @@ import sys
 import torch
 
 from megamoe.config import Environment, Layout, RunConfig, validate
-from megamoe.data.tokenizer import spm_vocab_size
+from megamoe.data.tokenizer import spm_mask_id, spm_vocab_size
 
 
 def environment(cfg: RunConfig) -> Environment:
     """Facts validation needs: world size from the launcher's environment, CUDA, the tokenizer's size."""
     return Environment(world_size=int(os.environ.get("WORLD_SIZE", "1")),
                        cuda_available=torch.cuda.is_available(),
-                       tokenizer_vocab_size=spm_vocab_size(cfg.data.tokenizer_model))
+                       tokenizer_vocab_size=spm_vocab_size(cfg.data.tokenizer_model),
+                       tokenizer_has_mask=spm_mask_id(cfg.data.tokenizer_model) is not None)
 
 
 def check(cfg: RunConfig) -> Layout:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import spawn, tiny_config
+from tests.helpers import spawn, tiny_config, train_steps
 
 STEPS = 3
 MOE = ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64",
@@ -29,24 +29,6 @@ def _eval_batch() -> dict[str, torch.Tensor]:
             "position_ids": torch.arange(32).expand(4, -1)}
 
 
-def _full_params(trainer) -> dict[str, torch.Tensor]:
-    """Every parameter as the full tensor: experts gathered over the expert-parallel group."""
-    import torch.distributed as dist
-
-    from megamoe.models.sharding import full_state_dict
-    from megamoe.moe.experts import GroupedExperts
-
-    full = full_state_dict(trainer.engine.module, trainer.groups)
-    groups = trainer.groups
-    for name, module in trainer.engine.module.named_modules():
-        if isinstance(module, GroupedExperts) and groups.ep_group is not None:
-            for pname, param in module.named_parameters(recurse=False):
-                parts = [torch.empty_like(param) for _ in range(groups.ep_size)]
-                dist.all_gather(parts, param.detach().contiguous(), group=groups.ep_group)
-                full[f"{name}.{pname}"] = torch.cat(parts)
-    return full
-
-
 def _train_several(data: dict, runs: list[tuple[list[str], str]]) -> list[dict]:
     return [_train(data, overrides, control) for overrides, control in runs]
 
@@ -54,21 +36,16 @@ def _train_several(data: dict, runs: list[tuple[list[str], str]]) -> list[dict]:
 def _train(data: dict, overrides: list[str], control: str = "") -> dict:
     """control: "untagged" (DeepSpeed is not told which parameters are experts) or "unscaled" (aux-loss
     gradient left at 1 under gradient accumulation): negative controls that must break parity."""
-    import torch.distributed as dist
-
-    from megamoe.data.loader import build_loader
     from megamoe.train import deepspeed as ds
-    from megamoe.train import loop, startup
-    from megamoe.train.loop import build_trainer, lm_loss, train_step
+    from megamoe.train import loop
+    from megamoe.train.loop import lm_loss
 
     if control == "untagged":
         ds.prepare_expert_parallelism = lambda *args, **kwargs: 0
     loop.aux_loss_scale = (lambda engine: 1.0) if control == "unscaled" else ds.aux_loss_scale
-    cfg = tiny_config(data, *MOE, *overrides)
-    trainer = build_trainer(cfg, startup.check(cfg))
-    batches = iter(build_loader(trainer.datasets.train, 0, cfg, trainer.groups))
-    steps = [train_step(trainer, batches) for _ in range(STEPS)]
-    losses, norms = [v["train/loss"] for v in steps], [v["train/grad_norm"] for v in steps]
+    run = train_steps(data, [*MOE, *overrides], STEPS)
+    trainer = run.pop("trainer")
+    cfg = trainer.cfg
     trainer.engine.eval()
     with torch.no_grad():
         eval_loss = lm_loss(trainer.engine, _eval_batch()).item()
@@ -77,10 +54,7 @@ def _train(data: dict, overrides: list[str], control: str = "") -> dict:
 
         checkpoint.save(trainer.engine, cfg, trainer.progress, trainer.groups)
     local_experts = trainer.engine.module.decoder.layers[0].mlp.moe.experts.linear_fc1.detach().clone()
-    full = _full_params(trainer)
-    return {"losses": losses, "grad_norms": norms, "eval_loss": eval_loss,
-            "full": full if dist.get_rank() == 0 else None,
-            "local_experts": local_experts}
+    return {**run, "eval_loss": eval_loss, "local_experts": local_experts}
 
 
 def _load_and_evaluate(data: dict, overrides: list[str]) -> float:

@@ -79,7 +79,7 @@ MISTAKES = [
                                                 r"set train.global_batch_size instead"),
     (["model.max_position_embeddings=64"], 1, r"data.seq_length=128 exceeds model.max_position_embeddings=64"),
     (["model.hidden_size=36"], 1, r"head dimension 9 is odd"),
-    (["moe.variant=unknown"], 1, r"moe.variant='unknown' is unknown; choose one of topk"),
+    (["moe.variant=unknown"], 1, r"moe.variant=.unknown. is unknown; choose one of dynamic, topk"),
     (["parallel.expert_model_parallel_size=2"], 2, r"expert_model_parallel_size=2 needs MoE layers"),
     (["moe.num_experts=6", "parallel.expert_model_parallel_size=4", "deepspeed.zero_stage=1",
       "train.micro_batch_size=4"], 4,
@@ -93,6 +93,16 @@ MISTAKES = [
     (["moe.num_experts=4", "moe.layer_freq=[1, 0]"], 1, r"moe.layer_freq=\[1, 0\] must be a list of 4 zeros and ones"),
     (["moe.num_experts=4", "moe.pad_expert_input_to_capacity=true"], 1,
      r"pad_expert_input_to_capacity=true needs moe.expert_capacity_factor"),
+    (["moe.variant=dynamic", "moe.num_experts=4"], 1,
+     r"moe.importance_mode='attention_received' needs bidirectional self-attention, .* computed from future "
+     r"tokens; .* Use moe.importance_mode=predicted"),
+    (["moe.variant=dynamic", "moe.num_experts=4", "moe.importance_mode=predicted", "moe.budget=batch"], 1,
+     r"moe.budget=batch .* depends on later tokens"),
+    (["moe.variant=dynamic", "moe.num_experts=4", "model.objective=masked_lm", "moe.k_max=5"], 1,
+     r"k_max=5 must satisfy 0 <= k_min <= k_max <= moe.num_experts=4"),
+    (["moe.num_experts=6", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+      "parallel.expert_model_parallel_size=3", "deepspeed.zero_stage=1", "train.global_batch_size=24"], 6,
+     r"expert_model_parallel_size=3 with tensor_model_parallel_size=2: use EP=1 or a multiple of 2"),
 ]
 
 

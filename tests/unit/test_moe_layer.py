@@ -11,6 +11,7 @@ from megamoe.config import TopKMoEConfig
 from megamoe.moe import LayerShape, build_moe
 from megamoe.moe.dispatch import LocalDispatcher
 from megamoe.moe.experts import GroupedExperts
+from megamoe.moe.layer import TokenInfo
 from megamoe.moe.routing import Routing
 from megamoe.parallel.groups import ParallelGroups
 
@@ -42,7 +43,7 @@ def test_layer_equals_a_per_copy_loop():
     torch.manual_seed(0)
     layer = make_layer()
     x_TD = torch.randn(20, D)
-    routing = layer.route(x_TD, None)
+    routing = layer.route(x_TD, TokenInfo())[0]
     torch.testing.assert_close(layer(x_TD), loop_reference(layer, x_TD, routing))
 
 
@@ -150,7 +151,7 @@ def test_statistics_stay_exact_and_pads_are_excluded():
     layer = make_layer()
     x_TD = torch.randn(10, D)
     valid_T = torch.tensor([True] * 7 + [False] * 3)
-    layer(x_TD, valid_T)
+    layer(x_TD, TokenInfo(valid_T=valid_T))
     stats = layer.pop_stats()
     assert stats["copies"] == 14 and stats["valid_tokens"] == 7 and stats["k_max"] == 2
     assert stats["tokens_per_expert"].sum() == 14 and layer.pop_stats() == {}
@@ -163,9 +164,9 @@ def test_global_balance_loss_accumulates_over_the_step():
     x1, x2 = torch.randn(8, D), torch.randn(8, D)
     layer(x1)
     first = layer.pop_stats()["balance_loss"]
-    torch.testing.assert_close(first, switch_balance_loss(layer.route(x1, None)))  # one micro-batch so far
+    torch.testing.assert_close(first, switch_balance_loss(layer.route(x1, TokenInfo())[0]))  # one micro-batch so far
     layer(x2)
-    r1, r2 = layer.route(x1, None), layer.route(x2, None)
+    r1, r2 = layer.route(x1, TokenInfo())[0], layer.route(x2, TokenInfo())[0]
     share_E = (r1.tokens_per_expert() + r2.tokens_per_expert()).float() / 32
     torch.testing.assert_close(layer.pop_stats()["balance_loss"], global_balance_loss(r2, share_E))
     layer.finish_step()  # a new step starts counting afresh
@@ -188,7 +189,7 @@ def test_jitter_is_reproducible_and_leaves_the_global_rng_alone():
 
 def test_router_runs_in_fp32_under_bf16():
     layer = make_layer().to(torch.bfloat16)
-    routing = layer.route(torch.randn(8, D).to(torch.bfloat16), None)
+    routing = layer.route(torch.randn(8, D).to(torch.bfloat16), TokenInfo())[0]
     assert routing.logits_TE.dtype == routing.probs_TE.dtype == routing.weight_N.dtype == torch.float32
     assert layer(torch.randn(8, D).to(torch.bfloat16)).dtype == torch.bfloat16
 

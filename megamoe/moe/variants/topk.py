@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megamoe.config import TopKMoEConfig
-from megamoe.moe.layer import LayerShape, MoELayer
+from megamoe.moe.layer import LayerShape, MoELayer, TokenInfo
 from megamoe.moe.routing import Routing, topk_route
 from megamoe.parallel.comm import all_reduce_sum, reduce_grad
 from megamoe.parallel.groups import ParallelGroups
@@ -32,17 +32,17 @@ class TopKMoE(MoELayer):
             self._bias_tokens_per_expert = torch.zeros(cfg.num_experts)
         self._jitter_calls = 0
 
-    def route(self, x_TD: Tensor, valid_T: Tensor | None) -> Routing:
+    def route(self, x_TD: Tensor, tokens: TokenInfo) -> tuple[Routing, None]:
         if self.training and self.cfg.input_jitter_eps > 0:
             x_TD = x_TD * self._jitter(x_TD)
         weight = reduce_grad(self.router.weight, self.groups.sp_group)
         logits_TE = F.linear(x_TD.float(), weight.float())
         bias_E = getattr(self, "expert_bias", None)
-        routing = topk_route(logits_TE, self.cfg.router_topk, self.cfg.router_pre_softmax, valid_T, bias_E)
+        routing = topk_route(logits_TE, self.cfg.router_topk, self.cfg.router_pre_softmax, tokens.valid_T, bias_E)
         if bias_E is not None and self.training:
             counts_E = routing.tokens_per_expert().float()
             self._bias_tokens_per_expert = self._bias_tokens_per_expert.to(counts_E.device) + counts_E
-        return routing
+        return routing, None
 
     def _jitter(self, x_TD: Tensor) -> Tensor:
         """U(1 - eps, 1 + eps) factors from the layer's own stream (routing never draws from the global RNG)."""
