@@ -94,12 +94,12 @@ def full_params(trainer) -> dict:
     import torch.distributed as dist
 
     from megamoe.models.sharding import full_state_dict
-    from megamoe.moe.experts import GroupedExperts
+    from megamoe.moe.experts import Experts
 
     full = full_state_dict(trainer.engine.module, trainer.groups)
     groups = trainer.groups
     for name, module in trainer.engine.module.named_modules():
-        if isinstance(module, GroupedExperts) and groups.ep_group is not None:
+        if isinstance(module, Experts) and groups.ep_group is not None:
             for pname, param in module.named_parameters(recurse=False):
                 parts = [torch.empty_like(param) for _ in range(groups.ep_size)]
                 dist.all_gather(parts, param.detach().contiguous(), group=groups.ep_group)

@@ -11,6 +11,7 @@ from megamoe.config.tree import (
     ModelConfig,
     MoEConfig,
     ParallelConfig,
+    PEERMoEConfig,
     RunConfig,
     TopKMoEConfig,
     TrainConfig,
@@ -18,5 +19,5 @@ from megamoe.config.tree import (
 from megamoe.config.validate import Environment, Layout, parse_data_path, validate
 
 __all__ = ["MOE_CONFIGS", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "DynamicMoEConfig",
-           "Environment", "Layout", "LoggingConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig",
-           "TopKMoEConfig", "TrainConfig", "build", "dump", "load", "parse_data_path", "validate"]
+           "Environment", "Layout", "LoggingConfig", "ModelConfig", "MoEConfig", "PEERMoEConfig", "ParallelConfig",
+           "RunConfig", "TopKMoEConfig", "TrainConfig", "build", "dump", "load", "parse_data_path", "validate"]

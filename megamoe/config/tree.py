@@ -67,8 +67,9 @@ class MoEConfig:
     """The MoE layer: one of config.MOE_CONFIGS (= megamoe.moe.VARIANTS)."""
     num_experts: int | None = None
     """Routed experts per MoE layer. None: a dense model (no MoE layers)."""
-    layer_freq: int | list[int] = 1
-    """Which layers are MoE: N = every N-th layer starting with the first (1 = all), or a 0/1 list per layer."""
+    layer_freq: int | list[int] | Literal["middle"] = 1
+    """Which layers are MoE: N = every N-th layer starting with the first (1 = all), a 0/1 list per layer, or
+    'middle' (the one layer ceil(L/2), PEER's placement)."""
     ffn_hidden_size: int | None = None
     """Width of one routed expert. None: model.ffn_hidden_size (fine-grained experts use a fraction)."""
     shared_expert_intermediate_size: int | None = None
@@ -145,7 +146,38 @@ class DynamicMoEConfig(MoEConfig):
     weight queries by their key count so uniform causal attention gives 1 ('uniform_relative')."""
 
 
-MOE_CONFIGS: dict[str, type[MoEConfig]] = {"topk": TopKMoEConfig, "dynamic": DynamicMoEConfig}
+@dataclass(kw_only=True, frozen=True)
+class PEERMoEConfig(MoEConfig):
+    """PEER (arXiv:2407.04153): product-key retrieval over num_experts single-neuron experts (variants.md §4).
+    num_experts must be a perfect square; the expert tables are row-sharded over the expert-parallel group."""
+
+    variant: str = "peer"
+    """The MoE layer (this class reads moe.variant=peer)."""
+    layer_freq: int | list[int] | Literal["middle"] = "middle"
+    """PEER replaces the middle block's MLP by default (the paper's placement)."""
+    router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "none"
+    """PEER has no balancing loss: the query BatchNorm balances retrieval."""
+    num_heads: int = 8
+    """Retrieval heads h (each retrieves its own experts; outputs are summed)."""
+    topk_per_head: int = 16
+    """Experts per head k (h x k single-neuron experts per token)."""
+    key_dim: int = 128
+    """Query / product-key dimension d_k (even: two halves of d_k/2)."""
+    shared_keys: bool = True
+    """One pair of sub-key tables for all heads (the paper); False: per-head keys."""
+    query_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
+    """BatchNorm on the queries (the paper; statistics over valid tokens); layernorm is the causal-safe
+    deviation (BatchNorm's batch statistics include later tokens of the sequence)."""
+    gate: Literal["softmax", "sigmoid"] = "softmax"
+    """Weights of a head's k experts: softmax over their scores (Alg. 1), or sigmoid of each (Eq. 2)."""
+    chunk_tokens: int = 1024
+    """Tokens per chunk of the expert computation: bounds the gathered [tokens, h, k, d] rows."""
+    placement_seed: int = 0
+    """Seed of the fixed permutation placing experts on table rows (stored in checkpoints)."""
+
+
+MOE_CONFIGS: dict[str, type[MoEConfig]] = {"topk": TopKMoEConfig, "dynamic": DynamicMoEConfig,
+                                           "peer": PEERMoEConfig}
 
 
 @dataclass(kw_only=True, frozen=True)

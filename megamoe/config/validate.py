@@ -6,6 +6,7 @@ Every error is a one-line ConfigError naming the key, the value and the fix.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from megamoe.config.tree import (
     ModelConfig,
     MoEConfig,
     ParallelConfig,
+    PEERMoEConfig,
     RunConfig,
     TopKMoEConfig,
     TrainConfig,
@@ -213,6 +215,8 @@ def moe_layer_numbers(moe: MoEConfig, num_layers: int) -> list[int]:
     """1-based numbers of the layers whose MLP slot holds an MoE layer (empty for a dense model)."""
     if moe.num_experts is None:
         return []
+    if moe.layer_freq == "middle":
+        return [(num_layers + 1) // 2]
     if isinstance(moe.layer_freq, int):
         return [n for n in range(1, num_layers + 1) if (n - 1) % moe.layer_freq == 0]
     return [n for n, flag in enumerate(moe.layer_freq, 1) if flag]
@@ -241,7 +245,9 @@ def _check_moe(moe: MoEConfig, cfg: RunConfig, world_size: int) -> None:
     if tp > 1 and ep > 1 and ep % tp:
         _fail(f"parallel.expert_model_parallel_size={ep} with tensor_model_parallel_size={tp}: use EP=1 or a "
               f"multiple of {tp} (the expert-parallel group then spans whole tensor-parallel groups)")
-    if isinstance(moe.layer_freq, int):
+    if moe.layer_freq == "middle":
+        pass
+    elif isinstance(moe.layer_freq, int):
         if moe.layer_freq < 1:
             _fail(f"moe.layer_freq={moe.layer_freq} must be >= 1 (1 = every layer)")
     elif len(moe.layer_freq) != cfg.model.num_layers or set(moe.layer_freq) - {0, 1} or not any(moe.layer_freq):
@@ -268,6 +274,8 @@ def _check_moe(moe: MoEConfig, cfg: RunConfig, world_size: int) -> None:
         _check_topk(moe)
     if isinstance(moe, DynamicMoEConfig):
         _check_dynamic(moe, causal=cfg.model.objective == "causal_lm")
+    if isinstance(moe, PEERMoEConfig):
+        _check_peer(moe, ep)
 
 
 def _check_topk(moe: TopKMoEConfig) -> None:
@@ -303,6 +311,25 @@ def _check_dynamic(moe: DynamicMoEConfig, causal: bool) -> None:
     if moe.softmax_temperature <= 0 or not 0 <= moe.budget_momentum < 1:
         _fail(f"moe.softmax_temperature={moe.softmax_temperature} must be > 0 and moe.budget_momentum="
               f"{moe.budget_momentum} in [0, 1)")
+
+
+def _check_peer(moe: PEERMoEConfig, ep: int) -> None:
+    side = math.isqrt(moe.num_experts)
+    if side * side != moe.num_experts:
+        _fail(f"moe.num_experts={moe.num_experts} must be a perfect square for PEER's product keys, e.g. "
+              f"{side * side} or {(side + 1) ** 2}")
+    if moe.key_dim < 2 or moe.key_dim % 2:
+        _fail(f"moe.key_dim={moe.key_dim} must be even (queries split into two halves of key_dim/2)")
+    if not 1 <= moe.topk_per_head <= side:
+        _fail(f"moe.topk_per_head={moe.topk_per_head} must be between 1 and sqrt(moe.num_experts)={side}")
+    if moe.num_experts % ep:
+        _fail(f"moe.num_experts={moe.num_experts} rows cannot be split over parallel.expert_model_parallel_size="
+              f"{ep}; use a divisor")
+    if moe.num_heads < 1 or moe.chunk_tokens < 1:
+        _fail(f"moe.num_heads={moe.num_heads} and moe.chunk_tokens={moe.chunk_tokens} must be >= 1")
+    if moe.expert_capacity_factor is not None or moe.shared_expert_intermediate_size:
+        _fail("moe.expert_capacity_factor and moe.shared_expert_intermediate_size do not apply to PEER (no "
+              "capacity: retrieval is exact; no shared expert); leave them null")
 
 
 def _check_objective(cfg: RunConfig, env: Environment) -> None:

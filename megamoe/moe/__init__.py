@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from megamoe.config import MoEConfig
 from megamoe.moe.layer import LayerShape, MoELayer
-from megamoe.moe.variants import dynamic, topk
+from megamoe.moe.variants import dynamic, peer, topk
 from megamoe.parallel.groups import ParallelGroups
 
 VARIANTS: dict[str, type[MoELayer]] = {
     "topk": topk.TopKMoE,  # Switch / GShard / Mixtral, fine-grained + shared experts
     "dynamic": dynamic.DynamicMoE,  # DA-MoE: experts per token from attention importance
+    "peer": peer.PEERMoE,  # product-key retrieval over ~1M single-neuron experts
 }
 
 

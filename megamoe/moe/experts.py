@@ -28,7 +28,19 @@ def _ffn_activation(h_RF: Tensor, swiglu: bool) -> Tensor:
     return F.gelu(h_RF)
 
 
-class GroupedExperts(torch.nn.Module):
+class Experts(torch.nn.Module):
+    """Base of the modules holding routed-expert parameters, sharded over the expert-parallel group.
+
+    Each parameter's first axis holds this rank's experts [first_expert, first_expert + num_local) of the layer
+    (in the variant's storage order): DeepSpeed reduces them over expert-data-parallel ranks only, and
+    checkpoints keep them per global index, so they reload under any expert-parallel size.
+    """
+
+    first_expert: int
+    num_local: int
+
+
+class GroupedExperts(Experts):
     """The experts [first_expert, first_expert + num_local) of one layer: SwiGLU or GELU FFNs, no biases."""
 
     def __init__(self, *, num_local: int, first_expert: int, hidden_size: int, ffn_hidden_size: int,

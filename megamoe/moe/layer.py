@@ -17,7 +17,7 @@ from torch import Tensor
 
 from megamoe.config import MoEConfig
 from megamoe.moe.dispatch import AllToAllDispatcher, LocalDispatcher
-from megamoe.moe.experts import GroupedExperts, SharedExperts, output_init_std
+from megamoe.moe.experts import Experts, GroupedExperts, SharedExperts, output_init_std
 from megamoe.moe.importance import Importance
 from megamoe.moe.losses import (
     attach_aux_loss,
@@ -78,21 +78,14 @@ class MoELayer(torch.nn.Module):
         super().__init__()
         self.cfg, self.shape, self.groups, self.nominal_k = cfg, shape, groups, nominal_k
         self.num_experts = cfg.num_experts
-        num_local = cfg.num_experts // groups.ep_size
-        self.experts = GroupedExperts(
-            num_local=num_local, first_expert=groups.ep_rank * num_local, hidden_size=shape.hidden_size,
-            ffn_hidden_size=cfg.ffn_hidden_size or shape.ffn_hidden_size, swiglu=shape.swiglu,
-            init_std=shape.init_std, output_init_std=output_init_std(shape.init_std, shape.num_layers),
-            seed=shape.seed, layer_number=shape.layer_number, grouped_gemm=cfg.grouped_gemm,
-            replica_group=groups.sp_group if groups.ep_size == 1 else None)
+        self.experts = self.build_experts()
         self.shared_experts = None
         if cfg.shared_expert_intermediate_size:
             self.shared_experts = SharedExperts(
                 hidden_size=shape.hidden_size, ffn_hidden_size=cfg.shared_expert_intermediate_size,
                 swiglu=shape.swiglu, combine=cfg.shared_expert_combine, init_std=shape.init_std,
                 output_init_std=output_init_std(shape.init_std, shape.num_layers), sp_group=groups.sp_group)
-        self.dispatcher = (LocalDispatcher(cfg.num_experts) if groups.ep_group is None
-                           else AllToAllDispatcher(cfg.num_experts, groups.ep_group, groups.ep_size))
+        self.dispatcher = self.build_dispatcher()
         self._stats: dict[str, Tensor] = {}
         # Assignments of the current optimizer step over all ranks (global balancing loss).
         self._step_tokens_per_expert: Tensor | None = None
@@ -107,6 +100,22 @@ class MoELayer(torch.nn.Module):
             if buffer is not None and buffer.dtype != torch.float32:
                 setattr(self, name, buffer.float())
         return self
+
+    def build_experts(self) -> Experts:
+        """This rank's routed experts (a variant may hold its experts differently)."""
+        cfg, shape, groups = self.cfg, self.shape, self.groups
+        num_local = cfg.num_experts // groups.ep_size
+        return GroupedExperts(
+            num_local=num_local, first_expert=groups.ep_rank * num_local, hidden_size=shape.hidden_size,
+            ffn_hidden_size=cfg.ffn_hidden_size or shape.ffn_hidden_size, swiglu=shape.swiglu,
+            init_std=shape.init_std, output_init_std=output_init_std(shape.init_std, shape.num_layers),
+            seed=shape.seed, layer_number=shape.layer_number, grouped_gemm=cfg.grouped_gemm,
+            replica_group=groups.sp_group if groups.ep_size == 1 else None)
+
+    def build_dispatcher(self) -> LocalDispatcher | AllToAllDispatcher | None:
+        if self.groups.ep_group is None:
+            return LocalDispatcher(self.cfg.num_experts)
+        return AllToAllDispatcher(self.cfg.num_experts, self.groups.ep_group, self.groups.ep_size)
 
     def route(self, x_TD: Tensor, tokens: TokenInfo) -> tuple[Routing, Tensor | None]:
         """The variant's routing, and a router-side loss already weighted by its coefficient (or None)."""
@@ -191,6 +200,13 @@ class MoELayer(torch.nn.Module):
     def finish_step(self) -> None:
         """Called once per optimizer step, after the last backward and before the update."""
         self._step_tokens_per_expert = None
+
+    def sync_buffers(self) -> None:
+        """Make statistics kept per rank identical everywhere (called before evaluation and checkpoints)."""
+
+    def validation_metrics(self) -> dict[str, float]:
+        """Metrics of the validation pass since the last call (collective: every rank calls it)."""
+        return {}
 
     def pop_stats(self) -> dict[str, Tensor]:
         """This rank's statistics since the last call (the caller reduces them over ranks), then reset."""

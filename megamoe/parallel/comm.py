@@ -73,3 +73,59 @@ def all_reduce_sum(x: Tensor, group) -> Tensor:
     if group is not None:
         dist.all_reduce(x, group=group)
     return x
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order; backward: each rank gets the sum of every rank's gradient
+    for its own rows (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x_RD: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x_RD.new_empty((dist.get_world_size(group) * x_RD.shape[0], *x_RD.shape[1:]))
+        dist.all_gather_into_tensor(out, x_RD.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_GD: Tensor):
+        return _reduce_scatter(grad_GD, ctx.group), None
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """Sum over ranks, each keeping its own block of rows; backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x_GD: Tensor, group) -> Tensor:
+        ctx.group = group
+        return _reduce_scatter(x_GD, group)
+
+    @staticmethod
+    def backward(ctx, grad_RD: Tensor):
+        out = grad_RD.new_empty((dist.get_world_size(ctx.group) * grad_RD.shape[0], *grad_RD.shape[1:]))
+        dist.all_gather_into_tensor(out, grad_RD.contiguous(), group=ctx.group)
+        return out, None
+
+
+def _reduce_scatter(x_GD: Tensor, group) -> Tensor:
+    out = x_GD.new_empty((x_GD.shape[0] // dist.get_world_size(group), *x_GD.shape[1:]))
+    dist.reduce_scatter_tensor(out, x_GD.contiguous(), group=group)
+    return out
+
+
+def gather_rows(x_RD: Tensor, group) -> Tensor:
+    """Every rank's rows (equal counts), in rank order, with autograd."""
+    return x_RD if group is None else _GatherRows.apply(x_RD, group)
+
+
+def reduce_scatter_rows(x_GD: Tensor, group) -> Tensor:
+    """Sum of every rank's x_GD, this rank's block of rows only, with autograd."""
+    return x_GD if group is None else _ReduceScatterRows.apply(x_GD, group)
+
+
+def gather_values(x_R: Tensor, group) -> Tensor:
+    """Every rank's values (equal counts) in rank order, no gradient (masks, indices)."""
+    if group is None:
+        return x_R
+    out = x_R.new_empty((dist.get_world_size(group) * x_R.shape[0], *x_R.shape[1:]))
+    dist.all_gather_into_tensor(out, x_R.contiguous(), group=group)
+    return out

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import yaml
 
 from megamoe.config import RunConfig, dump
-from megamoe.moe.experts import GroupedExperts
+from megamoe.moe import MoELayer
+from megamoe.moe.experts import Experts
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.utils import get_logger
 
@@ -78,8 +79,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _experts(model: torch.nn.Module) -> dict[str, GroupedExperts]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, GroupedExperts)}
+def _experts(model: torch.nn.Module) -> dict[str, Experts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
 
 
 def save_expert_shard(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> None:
@@ -123,6 +124,9 @@ def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> 
     tag = tag_for(progress.iteration)
     tag_dir = Path(cfg.checkpoint.save) / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
+    for module in engine.module.modules():
+        if isinstance(module, MoELayer):
+            module.sync_buffers()  # DeepSpeed writes rank 0's copy of the buffers
     torch.save(rng_state(), tag_dir / f"rng_state_rank{dist.get_rank()}.pt")
     save_expert_shard(engine.module, tag_dir, groups)
     if dist.get_rank() == 0:

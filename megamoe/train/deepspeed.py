@@ -18,7 +18,7 @@ from deepspeed.utils import logger as ds_logger
 from megatron.core import parallel_state
 
 from megamoe.config import Layout, RunConfig
-from megamoe.moe.experts import GroupedExperts
+from megamoe.moe.experts import Experts
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train.optim import build_optimizer, lr_scheduler_factory, param_groups
 
@@ -128,7 +128,7 @@ class ExpertParallelMarker(DeepSpeedMoE):
 
 
 def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()]
+    return [p for m in model.modules() if isinstance(m, Experts) for p in m.parameters(recurse=False)]
 
 
 def prepare_expert_parallelism(model: torch.nn.Module, groups: ParallelGroups, num_experts: int | None) -> int:
@@ -142,7 +142,7 @@ def prepare_expert_parallelism(model: torch.nn.Module, groups: ParallelGroups, n
     if groups.ep_size == 1:
         return 0
     if not params:
-        raise RuntimeError("expert parallelism is on but the model has no GroupedExperts parameters to tag")
+        raise RuntimeError("expert parallelism is on but the model has no expert parameters to tag")
     tp_peers_differ = groups.tp_size > 1 and _tp_peers_hold_different_experts(groups)
     for param in params:
         param.allreduce = False

@@ -125,16 +125,22 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
 def evaluate(trainer: Trainer) -> dict[str, float]:
     """Validation loss and perplexity over the same first eval_iters micro-batches every time."""
     engine = trainer.engine
+    layers = moe_layers(engine.module)
+    for layer in layers:
+        layer.sync_buffers()  # e.g. PEER's BatchNorm statistics: the same model on every rank
     engine.eval()
     loader = build_loader(trainer.datasets.valid, 0, trainer.cfg, trainer.groups)
     sums = torch.stack([torch.stack([lm_loss_sum(engine, batch, is_causal(trainer.cfg)),
                                      batch["loss_mask"].float().sum().to(engine.device)]) for batch in loader])
     engine.train()
-    for layer in moe_layers(engine.module):
+    values = {}
+    for layer in layers:
         layer.pop_stats()  # training statistics only
+        values.update({f"valid/moe_layer{layer.shape.layer_number}_{k}": v
+                       for k, v in layer.validation_metrics().items()})
     loss_sum, tokens = dp_sum(sums.sum(dim=0), trainer.groups, engine.device)
     loss = (loss_sum / tokens.clamp(min=1.0)).item()
-    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
+    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), **values}
 
 
 def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog) -> dict[int, float]:

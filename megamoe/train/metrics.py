@@ -108,14 +108,19 @@ def collect_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple
         for name, length in layer.stat_layout():
             sums[name], offset = flat[offset:offset + length], offset + length
         number = layer.shape.layer_number
-        loads[number] = (sums["tokens_per_expert"] / sums["tokens_per_expert"].sum().clamp(min=1.0)).tolist()
-        scalars.update(layer_metrics(f"moe/layer{number}", layer.num_experts, sums, k_max[i]))
-    names = [f"moe/layer{m.shape.layer_number}" for m in layers]
-    scalars["moe/balance_loss"] = sum(scalars[f"{n}/balance_loss"] for n in names) / len(names)
-    scalars["moe/load_max_over_mean"] = max(scalars[f"{n}/load_max_over_mean"] for n in names)
-    scalars["moe/dropped_frac"] = sum(scalars[f"{n}/dropped_frac"] for n in names) / len(names)
-    scalars["moe/experts_per_token_mean"] = sum(scalars[f"{n}/experts_per_token_mean"] for n in names) / len(names)
+        if "tokens_per_expert" in sums:
+            loads[number] = (sums["tokens_per_expert"] / sums["tokens_per_expert"].sum().clamp(min=1.0)).tolist()
+        scalars.update(layer_metrics(f"moe/layer{number}", sums, k_max[i]))
+    for name, combine in (("balance_loss", _mean), ("load_max_over_mean", max), ("dropped_frac", _mean),
+                          ("experts_per_token_mean", _mean)):
+        values = [v for k, v in scalars.items() if k.endswith(f"/{name}")]
+        if values:
+            scalars[f"moe/{name}"] = combine(values)
     return scalars, loads
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def stats_vector(layer: MoELayer, stats: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -124,19 +129,21 @@ def stats_vector(layer: MoELayer, stats: dict[str, torch.Tensor], device: torch.
                       else torch.zeros(length, device=device) for name, length in layer.stat_layout()])
 
 
-def layer_metrics(prefix: str, num_experts: int, sums: dict[str, torch.Tensor], k_max: torch.Tensor) -> dict:
-    load_E = sums["tokens_per_expert"]
-    copies, valid, dropped, forwards = (sums[n].squeeze() for n in ("copies", "valid_tokens", "dropped", "forwards"))
-    forwards = forwards.clamp(min=1.0)
-    out = {
-        f"{prefix}/load_max_over_mean": (load_E.max() / load_E.mean().clamp(min=1e-9)).item(),
-        f"{prefix}/dropped_frac": (dropped / (copies + dropped).clamp(min=1.0)).item(),
-        f"{prefix}/experts_per_token_mean": (copies / valid.clamp(min=1.0)).item(),
-        f"{prefix}/experts_per_token_max": k_max.item(),
-        f"{prefix}/balance_loss": (sums["balance_loss"].squeeze() / forwards).item(),
-        f"{prefix}/z_loss": (sums["z_loss"].squeeze() / forwards).item(),
-        f"{prefix}/router_loss": (sums["router_loss"].squeeze() / forwards).item(),
-    }
+def layer_metrics(prefix: str, sums: dict[str, torch.Tensor], k_max: torch.Tensor) -> dict:
+    """The metrics a layer's summed statistics give (each only if the layer records its inputs)."""
+    copies, valid = sums["copies"].squeeze(), sums["valid_tokens"].squeeze()
+    forwards = sums["forwards"].squeeze().clamp(min=1e-9)
+    out = {f"{prefix}/experts_per_token_mean": (copies / valid.clamp(min=1.0)).item()}
+    if "tokens_per_expert" in sums:
+        load_E = sums["tokens_per_expert"]
+        out[f"{prefix}/load_max_over_mean"] = (load_E.max() / load_E.mean().clamp(min=1e-9)).item()
+        out[f"{prefix}/experts_per_token_max"] = k_max.item()
+    if "dropped" in sums:
+        out[f"{prefix}/dropped_frac"] = (sums["dropped"].squeeze() / (copies + sums["dropped"].squeeze()).clamp(
+            min=1.0)).item()
+    for name in ("balance_loss", "z_loss", "router_loss"):
+        if name in sums:
+            out[f"{prefix}/{name}"] = (sums[name].squeeze() / forwards).item()
     if "k_hist" in sums:  # share of valid tokens with K = 0, 1, ... experts
         hist = sums["k_hist"] / sums["k_hist"].sum().clamp(min=1.0)
         out.update({f"{prefix}/k{k}_frac": v for k, v in enumerate(hist.tolist())})
