@@ -16,15 +16,27 @@ from megamoe.utils import get_logger
 
 
 def init_default_group(timeout_minutes: float) -> None:
-    """The world group from the launcher's environment: NCCL on GPUs, gloo on CPU."""
+    """The world group from the launcher's environment (NCCL on GPUs, gloo on CPU); without a launcher
+    (`python launchers/pretrain.py ...`) a world of one process."""
     if dist.is_initialized():
         return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         _share_cpu_cores()
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _share_cpu_cores() -> None:

@@ -76,14 +76,19 @@ def test_chunked_equals_unchunked():
 
 
 def test_singleton_experts_backward_is_exact():
+    """gradcheck (float64) of the hand-written backward: masked slots, a row used twice, chunks of 2 tokens."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    token_P, row_P = torch.tensor([0, 0, 1, 3, 3, 4, 4]), torch.tensor([2, 5, 2, 0, 1, 5, 5])  # a row used twice
-    w = torch.rand(7, dtype=torch.float64, generator=gen, requires_grad=True)
+    rows = torch.tensor([[2, 5, 0], [2, 0, 0], [1, 4, 4], [0, 1, 3], [5, 5, 2]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    w = (torch.rand(5, 3, dtype=torch.float64, generator=gen) * mask).requires_grad_()
     down = torch.randn(6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     up = torch.randn(6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: _SingletonExperts.apply(a[0], token_P, row_P, a[1], a[2], a[3], 3),
-                                    (x, w, down, up))
+
+    def experts(x, w, down, up):
+        return _SingletonExperts.apply(x, rows, w * mask, mask, down, up, 2)
+
+    assert torch.autograd.gradcheck(experts, (x, w, down, up))
 
 
 def test_batchnorm_train_and_eval_paths_and_padding():

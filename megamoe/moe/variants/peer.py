@@ -9,7 +9,8 @@ the experts it owns, and one reduce-scatter of the [T, d] partial outputs combin
 capacity, no host sync.
 
 Shapes: T tokens on this rank, G tokens of the group, D hidden, h heads, k experts per head, N experts,
-n = sqrt(N), R table rows on this rank, P copies (token, expert) this rank owns.
+n = sqrt(N), R table rows on this rank, M slots per token (its copies this rank owns, compacted), C the
+tokens of a chunk.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ class PEERTables(Experts):
         for which, table in enumerate((self.down, self.up)):
             _init_rows(table, first_row, std, seed + 1_000_003 * layer_number + 7 * which)
 
-    def forward(self, x_GD: Tensor, token_P: Tensor, row_P: Tensor, weight_P: Tensor, chunk: int) -> Tensor:
+    def forward(self, x_GD: Tensor, rows_GM: Tensor, weight_GM: Tensor, mask_GM: Tensor, chunk: int) -> Tensor:
+        """Slots j of token t use local row rows_GM[t, j] with weight weight_GM[t, j] (masked slots weigh 0)."""
         down, up = (reduce_grad(t, self.replica_group) for t in (self.down, self.up))
-        return _SingletonExperts.apply(x_GD, token_P, row_P, weight_P, down, up, chunk)
+        return _SingletonExperts.apply(x_GD, rows_GM, weight_GM, mask_GM, down, up, chunk)
 
 
 @torch.no_grad()
@@ -61,46 +63,58 @@ def _init_rows(table: Tensor, first_row: int, std: float, seed: int) -> None:
 
 
 class _SingletonExperts(torch.autograd.Function):
-    """y[t] = sum over copies p of token t: w_p gelu(x_t . down[r_p]) up[r_p], in chunks of copies.
+    """y[t] = sum over j of w[t, j] gelu(x_t . down[r[t, j]]) up[r[t, j]] for the slots j with mask[t, j].
 
-    Only x, the copies and their weights are saved; backward recomputes each chunk's gathered rows, so no more
-    than a chunk of [copies, D] rows ever exists, and the table gradients accumulate into one [R, D] buffer each.
+    Per chunk of tokens: the down rows are gathered for one batched matmul, and the weighted sum of up rows is
+    an embedding_bag (no [tokens, slots, D] product). Only x, rows and weights are saved; backward recomputes
+    each chunk and accumulates the table gradients into one [R, D] buffer per table (autograd's embedding
+    backward would build a dense [R, D] gradient per chunk: 2 GB each at N = 1024^2, d = 256).
     """
 
     @staticmethod
-    def forward(ctx, x_GD, token_P, row_P, weight_P, down, up, chunk: int) -> Tensor:
+    def forward(ctx, x_GD, rows_GM, weight_GM, mask_GM, down, up, chunk: int) -> Tensor:
         dt = torch.promote_types(x_GD.dtype, torch.float32)  # at least fp32 sums
-        y_GD = torch.zeros_like(x_GD, dtype=dt)
-        for lo in range(0, token_P.numel(), chunk):
-            t, r, w = token_P[lo:lo + chunk], row_P[lo:lo + chunk], weight_P[lo:lo + chunk]
-            pre_P = (x_GD[t].to(dt) * down[r].to(dt)).sum(-1)
-            y_GD.index_add_(0, t, (w.to(dt) * F.gelu(pre_P))[:, None] * up[r].to(dt))
-        ctx.save_for_backward(x_GD, token_P, row_P, weight_P, down, up)
+        outs = []
+        for lo in range(0, x_GD.shape[0], chunk):
+            x_CD, rows, w = x_GD[lo:lo + chunk].to(dt), rows_GM[lo:lo + chunk], weight_GM[lo:lo + chunk].to(dt)
+            pre_CM = torch.bmm(_rows(down, rows).to(dt), x_CD[:, :, None]).squeeze(-1)
+            outs.append(F.embedding_bag(rows, up.to(dt), per_sample_weights=w * F.gelu(pre_CM), mode="sum"))
+        ctx.save_for_backward(x_GD, rows_GM, weight_GM, mask_GM, down, up)
         ctx.chunk = chunk
-        return y_GD.to(x_GD.dtype)
+        return torch.cat(outs).to(x_GD.dtype) if outs else torch.zeros_like(x_GD)
 
     @staticmethod
     def backward(ctx, grad_GD):
-        x_GD, token_P, row_P, weight_P, down, up = ctx.saved_tensors
+        x_GD, rows_GM, weight_GM, mask_GM, down, up = ctx.saved_tensors
         dt = torch.promote_types(x_GD.dtype, torch.float32)
-        grad_GD = grad_GD.to(dt)
-        grad_x = torch.zeros_like(x_GD, dtype=dt)
-        grad_w = torch.empty_like(weight_P, dtype=dt)
-        grad_down, grad_up = torch.zeros_like(down, dtype=dt), torch.zeros_like(up, dtype=dt)
-        for lo in range(0, token_P.numel(), ctx.chunk):
-            t, r, w = (v[lo:lo + ctx.chunk] for v in (token_P, row_P, weight_P))
-            x_PD, u_PD, v_PD, w = x_GD[t].to(dt), down[r].to(dt), up[r].to(dt), w.to(dt)
-            pre_P = (x_PD * u_PD).sum(-1)
-            act_P = F.gelu(pre_P)
-            dy_PD = grad_GD[t]
-            dwa_P = (dy_PD * v_PD).sum(-1)  # d loss / d (w * act)
-            grad_w[lo:lo + ctx.chunk] = dwa_P * act_P
-            grad_up.index_add_(0, r, (w * act_P)[:, None] * dy_PD)
-            dpre_P = torch.ops.aten.gelu_backward(dwa_P * w, pre_P)
-            grad_x.index_add_(0, t, dpre_P[:, None] * u_PD)
-            grad_down.index_add_(0, r, dpre_P[:, None] * x_PD)
-        return (grad_x.to(x_GD.dtype), None, None, grad_w.to(weight_P.dtype), grad_down.to(down.dtype),
+        grads = [torch.empty_like(x_GD, dtype=dt), torch.empty_like(weight_GM, dtype=dt),
+                 torch.zeros_like(down, dtype=dt), torch.zeros_like(up, dtype=dt)]
+        for lo in range(0, x_GD.shape[0], ctx.chunk):
+            part = slice(lo, lo + ctx.chunk)
+            _backward_chunk(x_GD[part].to(dt), rows_GM[part], weight_GM[part].to(dt), mask_GM[part],
+                            down.to(dt), up.to(dt), grad_GD[part].to(dt), part, grads)
+        grad_x, grad_w, grad_down, grad_up = grads
+        return (grad_x.to(x_GD.dtype), None, grad_w.to(weight_GM.dtype), None, grad_down.to(down.dtype),
                 grad_up.to(up.dtype), None)
+
+
+def _rows(table: Tensor, rows_CM: Tensor) -> Tensor:
+    """table[rows] as [C, M, D]; index_select's row copy is ~1.5x faster than advanced indexing here."""
+    return table.index_select(0, rows_CM.reshape(-1)).view(*rows_CM.shape, table.shape[1])
+
+
+def _backward_chunk(x_CD, rows_CM, w_CM, mask_CM, down, up, dy_CD, part: slice, grads: list[Tensor]) -> None:
+    grad_x, grad_w, grad_down, grad_up = grads
+    u_CMD, v_CMD = _rows(down, rows_CM), _rows(up, rows_CM)
+    pre_CM = torch.bmm(u_CMD, x_CD[:, :, None]).squeeze(-1)
+    act_CM = F.gelu(pre_CM)
+    dwa_CM = torch.bmm(v_CMD, dy_CD[:, :, None]).squeeze(-1)  # d loss / d (w * act)
+    grad_w[part] = dwa_CM * act_CM * mask_CM  # padding slots belong to other ranks (or nobody)
+    flat_rows = rows_CM.reshape(-1)
+    grad_up.index_add_(0, flat_rows, ((w_CM * act_CM)[:, :, None] * dy_CD[:, None, :]).flatten(0, 1))
+    dpre_CM = torch.ops.aten.gelu_backward(dwa_CM * w_CM, pre_CM)
+    grad_x[part] = torch.bmm(dpre_CM[:, None, :], u_CMD).squeeze(1)
+    grad_down.index_add_(0, flat_rows, (dpre_CM[:, :, None] * x_CD[:, None, :]).flatten(0, 1))
 
 
 class PEERMoE(MoELayer):
@@ -143,10 +157,13 @@ class PEERMoE(MoELayer):
         valid_G = None if tokens.valid_T is None else gather_values(tokens.valid_T, group)
         gates_GHK, ids_GHK = self.retrieve(x_GD, valid_G)
         own = self._own_tokens(x_TD.shape[0])
-        token_P, row_P, weight_P, counted_P = self._owned_copies(gates_GHK, ids_GHK, valid_G, own)
-        y_GD = self.experts(x_GD, token_P, row_P, weight_P, self.cfg.chunk_tokens * self.nominal_k)
+        rows_GM, weight_GM, mask_GM = self._owned_slots(gates_GHK, ids_GHK, valid_G)
+        y_GD = self.experts(x_GD, rows_GM, weight_GM, mask_GM, self.cfg.chunk_tokens)
         local_valid = tokens.valid_T.sum() if tokens.valid_T is not None else torch.tensor(float(x_TD.shape[0]))
-        self._record_copies(row_P[counted_P], weight_P[counted_P], local_valid)
+        counted_GM = mask_GM.clone()
+        if self.groups.ep_size == 1 and own != slice(None):  # every rank computed every copy: count its tokens
+            counted_GM[:own.start], counted_GM[own.stop:] = False, False
+        self._record_copies(rows_GM[counted_GM], weight_GM[counted_GM], local_valid)
         if self.groups.ep_size > 1:
             return reduce_scatter_rows(y_GD, group)  # partial sums -> this rank's tokens
         return y_GD[own]  # replicated tables: every rank computed the whole group; keep its own tokens
@@ -176,19 +193,22 @@ class PEERMoE(MoELayer):
             gates_GHK = gates_GHK * valid_G[:, None, None]
         return gates_GHK, ids_GHK
 
-    def _owned_copies(self, gates_GHK: Tensor, ids_GHK: Tensor, valid_G: Tensor | None, own: slice):
-        """(token, local row, gate) of the copies of valid tokens whose expert row this rank stores, and which of
-        them this rank counts in statistics (every (token, expert) exactly once over the group)."""
-        rows_G = self.placement[ids_GHK].reshape(-1)
-        token_P = torch.arange(gates_GHK.shape[0], device=gates_GHK.device).repeat_interleave(self.nominal_k)
+    def _owned_slots(self, gates_GHK: Tensor, ids_GHK: Tensor, valid_G: Tensor | None):
+        """Each token's copies whose expert row this rank stores, compacted to the front of [G, M] slots (M = the
+        largest count, h*k without expert parallelism): (local rows, gates, mask); masked slots use row 0."""
+        rows_GC = self.placement[ids_GHK].flatten(1)
+        gates_GC = gates_GHK.flatten(1)
         first, rows = self.experts.first_expert, self.experts.num_local
-        mine_P = (rows_G >= first) & (rows_G < first + rows)
+        mine_GC = (rows_GC >= first) & (rows_GC < first + rows)
         if valid_G is not None:
-            mine_P &= valid_G[token_P]
-        counted_P = torch.ones_like(mine_P)
-        if self.groups.ep_size == 1 and own != slice(None):  # every rank computed every copy: count its tokens
-            counted_P = (token_P >= own.start) & (token_P < own.stop)
-        return token_P[mine_P], rows_G[mine_P] - first, gates_GHK.reshape(-1)[mine_P], counted_P[mine_P]
+            mine_GC &= valid_G[:, None]
+        if self.groups.ep_size > 1:  # owned copies first; keep only as many slots as the busiest token needs
+            order_GC = (~mine_GC).to(torch.int8).argsort(dim=1, stable=True)
+            width = int(mine_GC.sum(dim=1).max()) if mine_GC.numel() else 0  # host sync: the chunk's width
+            order_GC = order_GC[:, :width]
+            rows_GC, gates_GC, mine_GC = (v.gather(1, order_GC) for v in (rows_GC, gates_GC, mine_GC))
+        local_GC = torch.where(mine_GC, rows_GC - first, torch.zeros_like(rows_GC))
+        return local_GC, gates_GC * mine_GC, mine_GC
 
     @torch.no_grad()
     def _record_copies(self, row_P: Tensor, weight_P: Tensor, local_valid: Tensor) -> None:
