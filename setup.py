@@ -29,7 +29,8 @@ CORE = [
 EXTRAS = {
     "hf": ["transformers~=5.23", "safetensors~=0.8"],
     "mpi": ["mpi4py~=4.1"],
-    "dev": ["pytest~=9.0", "pytest-timeout~=2.4", "ruff~=0.17"],
+    "bench": ["PEER-pytorch~=0.2"],  # the baseline tools/bench_peer.py compares with
+    "dev": ["pytest~=9.0", "pytest-timeout~=2.4", "ruff~=0.17", "PEER-pytorch~=0.2"],
 }
 
 setup(

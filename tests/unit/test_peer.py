@@ -155,3 +155,12 @@ def test_padding_gets_no_experts():
     garbage[~valid] = 100.0
     tokens = TokenInfo(valid_T=valid)
     torch.testing.assert_close(layer(garbage, tokens)[valid], layer(x_TD, tokens)[valid])
+
+
+def test_placement_is_saved_with_the_model():
+    layer = make_peer(placement_seed=9)
+    state = layer.state_dict()
+    assert torch.equal(state["placement"], torch.randperm(256, generator=torch.Generator().manual_seed(9)))
+    other = make_peer(placement_seed=1)
+    other.load_state_dict(state)
+    assert torch.equal(other.placement, layer.placement)

@@ -66,32 +66,34 @@ class _SingletonExperts(torch.autograd.Function):
     """y[t] = sum over j of w[t, j] gelu(x_t . down[r[t, j]]) up[r[t, j]] for the slots j with mask[t, j].
 
     Per chunk of tokens: the down rows are gathered for one batched matmul, and the weighted sum of up rows is
-    an embedding_bag (no [tokens, slots, D] product). Only x, rows and weights are saved; backward recomputes
-    each chunk and accumulates the table gradients into one [R, D] buffer per table (autograd's embedding
-    backward would build a dense [R, D] gradient per chunk: 2 GB each at N = 1024^2, d = 256).
+    an embedding_bag (no [tokens, slots, D] product). Saved: x, rows, weights and the [G, M] pre-activations;
+    backward gathers each chunk's up rows once (dx is an embedding_bag of down rows) and accumulates the table
+    gradients into one [R, D] buffer per table (autograd's embedding backward would build a dense [R, D]
+    gradient per chunk: 2 GB each at N = 1024^2, d = 256).
     """
 
     @staticmethod
     def forward(ctx, x_GD, rows_GM, weight_GM, mask_GM, down, up, chunk: int) -> Tensor:
         dt = torch.promote_types(x_GD.dtype, torch.float32)  # at least fp32 sums
-        outs = []
+        outs, pres = [], []
         for lo in range(0, x_GD.shape[0], chunk):
             x_CD, rows, w = x_GD[lo:lo + chunk].to(dt), rows_GM[lo:lo + chunk], weight_GM[lo:lo + chunk].to(dt)
-            pre_CM = torch.bmm(_rows(down, rows).to(dt), x_CD[:, :, None]).squeeze(-1)
-            outs.append(F.embedding_bag(rows, up.to(dt), per_sample_weights=w * F.gelu(pre_CM), mode="sum"))
-        ctx.save_for_backward(x_GD, rows_GM, weight_GM, mask_GM, down, up)
+            pres.append(torch.bmm(_rows(down, rows).to(dt), x_CD[:, :, None]).squeeze(-1))
+            outs.append(F.embedding_bag(rows, up.to(dt), per_sample_weights=w * F.gelu(pres[-1]), mode="sum"))
+        pre_GM = torch.cat(pres) if pres else weight_GM.new_zeros(weight_GM.shape, dtype=dt)
+        ctx.save_for_backward(x_GD, rows_GM, weight_GM, mask_GM, down, up, pre_GM)
         ctx.chunk = chunk
         return torch.cat(outs).to(x_GD.dtype) if outs else torch.zeros_like(x_GD)
 
     @staticmethod
     def backward(ctx, grad_GD):
-        x_GD, rows_GM, weight_GM, mask_GM, down, up = ctx.saved_tensors
+        x_GD, rows_GM, weight_GM, mask_GM, down, up, pre_GM = ctx.saved_tensors
         dt = torch.promote_types(x_GD.dtype, torch.float32)
         grads = [torch.empty_like(x_GD, dtype=dt), torch.empty_like(weight_GM, dtype=dt),
                  torch.zeros_like(down, dtype=dt), torch.zeros_like(up, dtype=dt)]
         for lo in range(0, x_GD.shape[0], ctx.chunk):
             part = slice(lo, lo + ctx.chunk)
-            _backward_chunk(x_GD[part].to(dt), rows_GM[part], weight_GM[part].to(dt), mask_GM[part],
+            _backward_chunk(x_GD[part].to(dt), rows_GM[part], weight_GM[part].to(dt), mask_GM[part], pre_GM[part],
                             down.to(dt), up.to(dt), grad_GD[part].to(dt), part, grads)
         grad_x, grad_w, grad_down, grad_up = grads
         return (grad_x.to(x_GD.dtype), None, grad_w.to(weight_GM.dtype), None, grad_down.to(down.dtype),
@@ -103,17 +105,16 @@ def _rows(table: Tensor, rows_CM: Tensor) -> Tensor:
     return table.index_select(0, rows_CM.reshape(-1)).view(*rows_CM.shape, table.shape[1])
 
 
-def _backward_chunk(x_CD, rows_CM, w_CM, mask_CM, down, up, dy_CD, part: slice, grads: list[Tensor]) -> None:
+def _backward_chunk(x_CD, rows_CM, w_CM, mask_CM, pre_CM, down, up, dy_CD, part: slice,
+                    grads: list[Tensor]) -> None:
     grad_x, grad_w, grad_down, grad_up = grads
-    u_CMD, v_CMD = _rows(down, rows_CM), _rows(up, rows_CM)
-    pre_CM = torch.bmm(u_CMD, x_CD[:, :, None]).squeeze(-1)
     act_CM = F.gelu(pre_CM)
-    dwa_CM = torch.bmm(v_CMD, dy_CD[:, :, None]).squeeze(-1)  # d loss / d (w * act)
+    dwa_CM = torch.bmm(_rows(up, rows_CM), dy_CD[:, :, None]).squeeze(-1)  # d loss / d (w * act)
     grad_w[part] = dwa_CM * act_CM * mask_CM  # padding slots belong to other ranks (or nobody)
     flat_rows = rows_CM.reshape(-1)
     grad_up.index_add_(0, flat_rows, ((w_CM * act_CM)[:, :, None] * dy_CD[:, None, :]).flatten(0, 1))
     dpre_CM = torch.ops.aten.gelu_backward(dwa_CM * w_CM, pre_CM)
-    grad_x[part] = torch.bmm(dpre_CM[:, None, :], u_CMD).squeeze(1)
+    grad_x[part] = F.embedding_bag(rows_CM, down, per_sample_weights=dpre_CM, mode="sum")
     grad_down.index_add_(0, flat_rows, (dpre_CM[:, :, None] * x_CD[:, None, :]).flatten(0, 1))
 
 
