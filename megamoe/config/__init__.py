@@ -3,6 +3,7 @@
 from megamoe.config.loader import ConfigError, build, dump, load
 from megamoe.config.tree import (
     MOE_CONFIGS,
+    CartesianMoEConfig,
     CheckpointConfig,
     DataConfig,
     DeepSpeedConfig,
@@ -18,6 +19,7 @@ from megamoe.config.tree import (
 )
 from megamoe.config.validate import Environment, Layout, parse_data_path, validate
 
-__all__ = ["MOE_CONFIGS", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "DynamicMoEConfig",
-           "Environment", "Layout", "LoggingConfig", "ModelConfig", "MoEConfig", "PEERMoEConfig", "ParallelConfig",
-           "RunConfig", "TopKMoEConfig", "TrainConfig", "build", "dump", "load", "parse_data_path", "validate"]
+__all__ = ["MOE_CONFIGS", "CartesianMoEConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig",
+           "DynamicMoEConfig", "Environment", "Layout", "LoggingConfig", "ModelConfig", "MoEConfig", "PEERMoEConfig",
+           "ParallelConfig", "RunConfig", "TopKMoEConfig", "TrainConfig", "build", "dump", "load", "parse_data_path",
+           "validate"]

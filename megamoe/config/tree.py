@@ -92,6 +92,9 @@ class MoEConfig:
     """Pad every expert's input to its capacity: static shapes, and no count exchange before the all-to-all."""
     grouped_gemm: Literal["auto", "on", "off"] = "auto"
     """Expert GEMMs through torch._grouped_mm ('auto': on CUDA in bf16) or a loop over experts."""
+    drop_top_ranks: int = 0
+    """Evaluation only: skip each token's r most probable experts and route to the next k (the robustness test
+    of CartesianMoE, arXiv:2410.16077); training is unaffected."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -176,8 +179,21 @@ class PEERMoEConfig(MoEConfig):
     """Seed of the fixed permutation placing experts on table rows (stored in checkpoints)."""
 
 
+@dataclass(kw_only=True, frozen=True)
+class CartesianMoEConfig(TopKMoEConfig):
+    """CartesianMoE (arXiv:2410.16077): two sequential sub-layers A then B, each a top-k MoE with its own
+    norm, router, experts and shared expert; a token's composite expert is FFN_B o FFN_A (variants.md §5)."""
+
+    variant: str = "cartesian"
+    """The MoE layer (this class reads moe.variant=cartesian)."""
+    shared_expert_combine: Literal["add", "gate", "residual"] = "residual"
+    """The authors' mix: c = softmax(Linear(d, 2)(x)) with bias; y = c0 routed + c1 shared."""
+    drop_top_scope: Literal["a", "b", "both"] = "both"
+    """The sub-layers moe.drop_top_ranks applies to."""
+
+
 MOE_CONFIGS: dict[str, type[MoEConfig]] = {"topk": TopKMoEConfig, "dynamic": DynamicMoEConfig,
-                                           "peer": PEERMoEConfig}
+                                           "peer": PEERMoEConfig, "cartesian": CartesianMoEConfig}
 
 
 @dataclass(kw_only=True, frozen=True)

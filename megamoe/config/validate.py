@@ -13,6 +13,7 @@ from pathlib import Path
 
 from megamoe.config.loader import ConfigError
 from megamoe.config.tree import (
+    CartesianMoEConfig,
     DataConfig,
     DynamicMoEConfig,
     ModelConfig,
@@ -261,6 +262,8 @@ def _check_moe(moe: MoEConfig, cfg: RunConfig, world_size: int) -> None:
         _fail(f"moe.expert_capacity_factor={moe.expert_capacity_factor} must be > 0 (null = dropless)")
     if moe.pad_expert_input_to_capacity and moe.expert_capacity_factor is None:
         _fail("moe.pad_expert_input_to_capacity=true needs moe.expert_capacity_factor (capacity to pad to)")
+    if moe.drop_top_ranks < 0:
+        _fail(f"moe.drop_top_ranks={moe.drop_top_ranks} must be >= 0 (0: route normally)")
     if moe.aux_loss_coeff < 0 or moe.z_loss_coeff < 0:
         _fail(f"moe.aux_loss_coeff={moe.aux_loss_coeff} and moe.z_loss_coeff={moe.z_loss_coeff} must be >= 0")
     if ep > 1 and cfg.deepspeed.zero_stage == 0 and cfg.train.clip_grad > 0:
@@ -276,11 +279,17 @@ def _check_moe(moe: MoEConfig, cfg: RunConfig, world_size: int) -> None:
         _check_dynamic(moe, causal=cfg.model.objective == "causal_lm")
     if isinstance(moe, PEERMoEConfig):
         _check_peer(moe, ep)
+    if isinstance(moe, CartesianMoEConfig) and cfg.model.hidden_dropout > 0:
+        _fail(f"moe.variant=cartesian needs model.hidden_dropout=0 (got {cfg.model.hidden_dropout}): the residual "
+              "between its two sub-layers is inside the layer, without megatron's dropout")
 
 
 def _check_topk(moe: TopKMoEConfig) -> None:
     if not 1 <= moe.router_topk <= moe.num_experts:
         _fail(f"moe.router_topk={moe.router_topk} must be between 1 and moe.num_experts={moe.num_experts}")
+    if moe.router_topk + moe.drop_top_ranks > moe.num_experts:
+        _fail(f"moe.drop_top_ranks={moe.drop_top_ranks} + moe.router_topk={moe.router_topk} exceeds "
+              f"moe.num_experts={moe.num_experts}")
     if not 0 <= moe.input_jitter_eps < 1:
         _fail(f"moe.input_jitter_eps={moe.input_jitter_eps} must be in [0, 1)")
     if moe.router_topk == 1 and not moe.router_pre_softmax:

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megamoe.config import DynamicMoEConfig, RunConfig
+from megamoe.config import CartesianMoEConfig, DynamicMoEConfig, RunConfig
 from megamoe.config.validate import moe_layer_numbers
 from megamoe.models.importance import ImportanceCollector, importance_attention
 from megamoe.models.moe_mlp import moe_mlp_spec
@@ -71,7 +72,7 @@ def mlp_spec(cfg: RunConfig, layer_number: int, dense_mlp: ModuleSpec, groups: P
     model = cfg.model
     shape = LayerShape(hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
                        swiglu=model.swiglu, init_std=model.init_method_std, num_layers=model.num_layers,
-                       layer_number=layer_number, seed=cfg.train.seed)
+                       layer_number=layer_number, seed=cfg.train.seed, norm_epsilon=model.norm_epsilon)
     return moe_mlp_spec(cfg.moe, shape, groups, importance)
 
 
@@ -91,6 +92,8 @@ def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlo
         spec.submodules.pre_mlp_layernorm = norm
         if cfg.model.objective == "masked_lm":
             spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
+        if isinstance(cfg.moe, CartesianMoEConfig) and layer_number in moe_layers:
+            spec.submodules.pre_mlp_layernorm = IdentityOp  # the layer normalises each sub-layer's input itself
         collector = None
         if isinstance(cfg.moe, DynamicMoEConfig) and layer_number in moe_layers:
             collector = ImportanceCollector(needed_in_eval=cfg.moe.importance_mode == "attention_received")

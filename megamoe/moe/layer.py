@@ -44,6 +44,15 @@ class LayerShape:
     layer_number: int
     """1-based and global; seeds the experts' initialisation."""
     seed: int
+    norm_epsilon: float = 1e-5
+    """Epsilon of norms inside the layer (CartesianMoE's sub-layer norms)."""
+    sublayer: str = ""
+    """Names a sub-layer of a layer with several MoE sub-layers (CartesianMoE's 'a' and 'b') in metrics."""
+
+    @property
+    def label(self) -> str:
+        """How metrics name this MoE layer: layer<n>, or layer<n><sublayer>."""
+        return f"layer{self.layer_number}{self.sublayer}"
 
 
 @dataclass(frozen=True)

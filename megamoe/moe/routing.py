@@ -72,18 +72,19 @@ def routing_from_topk(expert_TK: Tensor, weight_TK: Tensor, num_experts: int, pr
 
 
 def topk_route(logits_TE: Tensor, k: int, pre_softmax: bool, valid_T: Tensor | None = None,
-               expert_bias_E: Tensor | None = None) -> Routing:
+               expert_bias_E: Tensor | None = None, skip: int = 0) -> Routing:
     """Token-choice top-k in fp32.
 
     pre_softmax=True: weights are the chosen experts' probabilities under the softmax over all experts
     (Switch; no renormalisation). False: softmax over the chosen k logits (Mixtral; equals GShard's
     renormalised top-2). `expert_bias_E` shifts the selection only, never the weights (DeepSeek-V3).
+    `skip` > 0 passes over each token's `skip` best experts and takes ranks skip+1 ... skip+k (robustness tests).
     """
     logits_TE = logits_TE.float()
     probs_TE = logits_TE.softmax(dim=-1)
     scores_TE = probs_TE if pre_softmax else logits_TE
     choice_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E
-    expert_TK = choice_TE.topk(k, dim=-1).indices
+    expert_TK = choice_TE.topk(k + skip, dim=-1).indices[:, skip:]
     chosen_TK = scores_TE.gather(1, expert_TK)
     weight_TK = chosen_TK if pre_softmax else chosen_TK.softmax(dim=-1)
     return routing_from_topk(expert_TK, weight_TK, probs_TE.shape[1], probs_TE, logits_TE, valid_T)

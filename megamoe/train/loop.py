@@ -136,7 +136,7 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     values = {}
     for layer in layers:
         layer.pop_stats()  # training statistics only
-        values.update({f"valid/moe_layer{layer.shape.layer_number}_{k}": v
+        values.update({f"valid/moe_{layer.shape.label}_{k}": v
                        for k, v in layer.validation_metrics().items()})
     loss_sum, tokens = dp_sum(sums.sum(dim=0), trainer.groups, engine.device)
     loss = (loss_sum / tokens.clamp(min=1.0)).item()
@@ -191,3 +191,14 @@ def run(cfg: RunConfig, layout: Layout) -> None:
         (first, ppl_first), (last, ppl_last) = min(perplexity.items()), max(perplexity.items())
         summary += f"; validation perplexity {ppl_first:.1f} at step {first} -> {ppl_last:.1f} at step {last}"
     get_logger().info(summary)
+
+
+def evaluate_checkpoint(cfg: RunConfig, layout: Layout) -> dict[str, float]:
+    """Validation metrics of the checkpoint cfg.checkpoint.load names (evaluation-only options apply, e.g.
+    moe.drop_top_ranks); every rank returns them."""
+    if checkpoint.latest_tag_dir(cfg.checkpoint.load) is None:
+        raise ValueError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint to evaluate")
+    trainer = build_trainer(cfg, layout)
+    if trainer.datasets.valid is None:
+        raise ValueError("train.eval_iters=0 or an empty validation split: nothing to evaluate")
+    return {"iteration": trainer.progress.iteration, **evaluate(trainer)}

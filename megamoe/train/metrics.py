@@ -85,7 +85,7 @@ def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def collect_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple[dict[str, float], dict[int, list]]:
+def collect_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple[dict[str, float], dict[str, list]]:
     """Every MoE layer's statistics since the last call, summed over the ranks that saw different tokens.
 
     Returns scalar metrics (per layer: load imbalance max/mean, dropped share, mean and max experts per token,
@@ -107,10 +107,10 @@ def collect_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple
         sums = {}
         for name, length in layer.stat_layout():
             sums[name], offset = flat[offset:offset + length], offset + length
-        number = layer.shape.layer_number
+        label = layer.shape.label
         if "tokens_per_expert" in sums:
-            loads[number] = (sums["tokens_per_expert"] / sums["tokens_per_expert"].sum().clamp(min=1.0)).tolist()
-        scalars.update(layer_metrics(f"moe/layer{number}", sums, k_max[i]))
+            loads[label] = (sums["tokens_per_expert"] / sums["tokens_per_expert"].sum().clamp(min=1.0)).tolist()
+        scalars.update(layer_metrics(f"moe/{label}", sums, k_max[i]))
     for name, combine in (("balance_loss", _mean), ("load_max_over_mean", max), ("dropped_frac", _mean),
                           ("experts_per_token_mean", _mean)):
         values = [v for k, v in scalars.items() if k.endswith(f"/{name}")]
@@ -156,14 +156,14 @@ class ExpertLoadLog:
     def __init__(self, log_dir: str) -> None:
         self.enabled = global_rank() == 0
         self.path = Path(log_dir) / "expert_load.jsonl"
-        self.history: dict[int, list[tuple[int, list[float]]]] = {}
+        self.history: dict[str, list[tuple[int, list[float]]]] = {}
 
-    def add(self, step: int, loads: dict[int, list[float]]) -> None:
+    def add(self, step: int, loads: dict[str, list[float]]) -> None:
         if not self.enabled or not loads:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as out:
-            out.write(json.dumps({"step": step, "load": {str(k): v for k, v in loads.items()}}) + "\n")
+            out.write(json.dumps({"step": step, "load": loads}) + "\n")
         for layer, share in loads.items():
             self.history.setdefault(layer, []).append((step, share))
 
@@ -176,13 +176,13 @@ class ExpertLoadLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        layers = sorted(self.history)
+        layers = sorted(self.history, key=lambda label: (len(label.rstrip("ab")), label))  # layer2 before layer10
         fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.6 * len(layers)), squeeze=False)
         for ax, layer in zip(axes[:, 0], layers, strict=True):
             steps, shares = zip(*self.history[layer], strict=True)
             image = ax.imshow(torch.tensor(shares).T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
                               extent=(steps[0] - 0.5, steps[-1] + 0.5, len(shares[0]) - 0.5, -0.5))
-            ax.set_ylabel(f"layer {layer}\nexpert")
+            ax.set_ylabel(f"{layer}\nexpert")
             fig.colorbar(image, ax=ax, label="share of copies")
         axes[-1, 0].set_xlabel("step")
         fig.suptitle("expert load")

@@ -38,7 +38,9 @@ class TopKMoE(MoELayer):
         weight = reduce_grad(self.router.weight, self.groups.sp_group)
         logits_TE = F.linear(x_TD.float(), weight.float())
         bias_E = getattr(self, "expert_bias", None)
-        routing = topk_route(logits_TE, self.cfg.router_topk, self.cfg.router_pre_softmax, tokens.valid_T, bias_E)
+        skip = 0 if self.training else self.cfg.drop_top_ranks  # an evaluation-only robustness test
+        routing = topk_route(logits_TE, self.cfg.router_topk, self.cfg.router_pre_softmax, tokens.valid_T, bias_E,
+                             skip)
         if bias_E is not None and self.training:
             counts_E = routing.tokens_per_expert().float()
             self._bias_tokens_per_expert = self._bias_tokens_per_expert.to(counts_E.device) + counts_E
