@@ -11,6 +11,7 @@ from megamoe.config.tree import (
     LoggingConfig,
     ModelConfig,
     MoEConfig,
+    MPOEMoEConfig,
     ParallelConfig,
     PEERMoEConfig,
     RunConfig,
@@ -20,6 +21,7 @@ from megamoe.config.tree import (
 from megamoe.config.validate import Environment, Layout, parse_data_path, validate
 
 __all__ = ["MOE_CONFIGS", "CartesianMoEConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig",
-           "DynamicMoEConfig", "Environment", "Layout", "LoggingConfig", "ModelConfig", "MoEConfig", "PEERMoEConfig",
+           "DynamicMoEConfig", "Environment", "Layout", "LoggingConfig", "ModelConfig", "MoEConfig", "MPOEMoEConfig",
+           "PEERMoEConfig",
            "ParallelConfig", "RunConfig", "TopKMoEConfig", "TrainConfig", "build", "dump", "load", "parse_data_path",
            "validate"]

@@ -112,6 +112,12 @@ class TopKMoEConfig(MoEConfig):
     """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for selection only."""
     router_bias_update_rate: float = 1e-3
     """Step of the expert-bias update per optimizer step."""
+    router_bias: bool = False
+    """Router Linear(d, E) with a trained bias (the Switch code MPOE builds on); false: bias-free (Megatron)."""
+    router_gate: Literal["weights", "unit_st"] = "weights"
+    """How the chosen expert's output is scaled: by the routing weight, or 'unit_st' = p / stopgrad(p) (value 1,
+    the router still gets p's gradient; top-1 with router_pre_softmax only). unit_st keeps an upcycled layer
+    equal to the dense FFN at the start."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -192,8 +198,44 @@ class CartesianMoEConfig(TopKMoEConfig):
     """The sub-layers moe.drop_top_ranks applies to."""
 
 
+@dataclass(kw_only=True, frozen=True)
+class MPOEMoEConfig(TopKMoEConfig):
+    """MPOE (arXiv:2203.01104): every expert matrix is a matrix product operator whose central tensor is shared
+    by all experts of the layer and whose auxiliary tensors are the expert's own (variants.md §6). Defaults are
+    the from-scratch preset; tools/upcycle.py writes the upcycling preset (p_mask=1, aux_loss_coeff=0)."""
+
+    variant: str = "mpo"
+    """The MoE layer (this class reads moe.variant=mpo)."""
+    router_topk: int = 1
+    """Switch top-1 (the paper's router); other k allowed with router_gate=weights."""
+    router_pre_softmax: bool = True
+    """The chosen expert's probability under the softmax over all experts (Switch)."""
+    router_bias: bool = True
+    """Switch's router is a Linear(d, E) with bias."""
+    router_gate: Literal["weights", "unit_st"] = "unit_st"
+    """Value-1 straight-through gate (the released code's default)."""
+    mpo_num_tensors: int = 5
+    """Local tensors n per matrix (odd; the central one is number (n+1)/2)."""
+    mpo_shapes: dict[str, list[list[int]]] | None = None
+    """Factorisation per matrix, {name: [[i_1..i_n], [j_1..j_n]]} over out (i) and in (j) dims; names are
+    gate, up, down (SwiGLU) or fc1, fc2. Missing names: near-equal factors, the largest in the middle."""
+    mpo_max_bond: int | None = None
+    """Truncation D of every bond; None: exact (bonds min(left, right))."""
+    p_mask: float = 0.5
+    """Probability that a step's gradient of a central tensor is masked (drawn per step, layer and matrix,
+    identically on every rank). 1.0 freezes the central tensors (the upcycling preset); 0 never masks."""
+    mask_granularity: Literal["tensor", "element"] = "tensor"
+    """Mask the whole central gradient, or each element (kept ones scaled by 1 / (1 - p_mask), Child-Tuning)."""
+    aux_init_noise_std: float = 0.0
+    """From-scratch initialisation: experts start as the same decomposed dense FFN, plus this noise on their
+    auxiliary tensors (0: identical experts, the paper's upcycling)."""
+    mpo_lr_mult: float = 1.0
+    """Learning-rate multiplier of the MPO tensors (central and auxiliary; the released --mpo_lr)."""
+
+
 MOE_CONFIGS: dict[str, type[MoEConfig]] = {"topk": TopKMoEConfig, "dynamic": DynamicMoEConfig,
-                                           "peer": PEERMoEConfig, "cartesian": CartesianMoEConfig}
+                                           "peer": PEERMoEConfig, "cartesian": CartesianMoEConfig,
+                                           "mpo": MPOEMoEConfig}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -303,6 +345,9 @@ class CheckpointConfig:
     """Directory to resume from (its 'latest' tag). A directory without a checkpoint starts a new run."""
     save_interval: int = 1000
     """Save every this many steps (and at the end of training)."""
+    finetune: bool = False
+    """Load only the weights of checkpoint.load (Megatron's --finetune): iteration, data position, optimizer and
+    LR schedule start afresh. Weights-only checkpoints (tools/upcycle.py) always load this way."""
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -18,6 +18,7 @@ from megamoe.config.tree import (
     DynamicMoEConfig,
     ModelConfig,
     MoEConfig,
+    MPOEMoEConfig,
     ParallelConfig,
     PEERMoEConfig,
     RunConfig,
@@ -279,6 +280,8 @@ def _check_moe(moe: MoEConfig, cfg: RunConfig, world_size: int) -> None:
         _check_dynamic(moe, causal=cfg.model.objective == "causal_lm")
     if isinstance(moe, PEERMoEConfig):
         _check_peer(moe, ep)
+    if isinstance(moe, MPOEMoEConfig):
+        _check_mpo(moe, cfg.model)
     if isinstance(moe, CartesianMoEConfig) and cfg.model.hidden_dropout > 0:
         _fail(f"moe.variant=cartesian needs model.hidden_dropout=0 (got {cfg.model.hidden_dropout}): the residual "
               "between its two sub-layers is inside the layer, without megatron's dropout")
@@ -292,9 +295,52 @@ def _check_topk(moe: TopKMoEConfig) -> None:
               f"moe.num_experts={moe.num_experts}")
     if not 0 <= moe.input_jitter_eps < 1:
         _fail(f"moe.input_jitter_eps={moe.input_jitter_eps} must be in [0, 1)")
+    if moe.router_gate == "unit_st" and (moe.router_topk != 1 or not moe.router_pre_softmax):
+        _fail(f"moe.router_gate=unit_st is a top-1 gate on the full softmax's probability: it needs "
+              f"moe.router_topk=1 and moe.router_pre_softmax=true (got {moe.router_topk}, {moe.router_pre_softmax}); "
+              "use moe.router_gate=weights for other routers")
     if moe.router_topk == 1 and not moe.router_pre_softmax:
         warnings.warn("moe.router_topk=1 with router_pre_softmax=false gives every token weight 1 and the router "
                       "no gradient from the LM loss; Switch uses moe.router_pre_softmax=true", stacklevel=3)
+
+
+def mpo_matrices(ffn_hidden_size: int, hidden_size: int, swiglu: bool) -> dict[str, tuple[int, int]]:
+    """Each expert matrix an MPOE layer decomposes: name -> (rows, cols) in nn.Linear's [out, in] layout."""
+    if swiglu:
+        return {"gate": (ffn_hidden_size, hidden_size), "up": (ffn_hidden_size, hidden_size),
+                "down": (hidden_size, ffn_hidden_size)}
+    return {"fc1": (ffn_hidden_size, hidden_size), "fc2": (hidden_size, ffn_hidden_size)}
+
+
+def _check_mpo(moe: MPOEMoEConfig, model: ModelConfig) -> None:
+    n = moe.mpo_num_tensors
+    if n < 3 or n % 2 == 0:
+        _fail(f"moe.mpo_num_tensors={n} must be odd and >= 3 (a central tensor with the same number on each side)")
+    if not 0.0 <= moe.p_mask <= 1.0:
+        _fail(f"moe.p_mask={moe.p_mask} must be in [0, 1] (1 freezes the central tensors, 0 never masks)")
+    if moe.mask_granularity == "element" and moe.p_mask == 1.0:
+        _fail("moe.mask_granularity=element needs moe.p_mask < 1 (kept elements are scaled by 1/(1 - p_mask)); "
+              "p_mask=1 freezes the central tensors with either granularity, use mask_granularity=tensor")
+    if moe.mpo_max_bond is not None and moe.mpo_max_bond < 1:
+        _fail(f"moe.mpo_max_bond={moe.mpo_max_bond} must be >= 1 (null: exact MPO)")
+    if moe.aux_init_noise_std < 0 or moe.mpo_lr_mult <= 0:
+        _fail(f"moe.aux_init_noise_std={moe.aux_init_noise_std} must be >= 0 and moe.mpo_lr_mult={moe.mpo_lr_mult} "
+              "> 0")
+    ffn = moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
+    matrices = mpo_matrices(ffn, model.hidden_size, model.swiglu)
+    for name, shape in (moe.mpo_shapes or {}).items():
+        if name not in matrices:
+            _fail(f"moe.mpo_shapes has no matrix {name!r}; this model's experts have {', '.join(matrices)}")
+        _check_mpo_shape(name, shape, matrices[name], n)
+
+
+def _check_mpo_shape(name: str, shape: object, dims: tuple[int, int], n: int) -> None:
+    example = f"moe.mpo_shapes.{name}=[[i_1,...,i_{n}],[j_1,...,j_{n}]] with prod(i)={dims[0]}, prod(j)={dims[1]}"
+    ok = (isinstance(shape, list) and len(shape) == 2
+          and all(isinstance(f, list) and len(f) == n and all(isinstance(x, int) and x >= 1 for x in f) for f in shape))
+    if not ok or math.prod(shape[0]) != dims[0] or math.prod(shape[1]) != dims[1]:
+        _fail(f"moe.mpo_shapes.{name}={shape!r} does not factor the [{dims[0]}, {dims[1]}] matrix into "
+              f"{n} (out, in) factors; use {example}")
 
 
 CAUSAL_ATTENTION_RECEIVED = (

@@ -6,7 +6,7 @@ import torch
 
 from megamoe.config import MoEConfig
 from megamoe.moe.layer import LayerShape, MoELayer
-from megamoe.moe.variants import cartesian, dynamic, peer, topk
+from megamoe.moe.variants import cartesian, dynamic, mpoe, peer, topk
 from megamoe.parallel.groups import ParallelGroups
 
 VARIANTS: dict[str, type[torch.nn.Module]] = {
@@ -14,6 +14,7 @@ VARIANTS: dict[str, type[torch.nn.Module]] = {
     "dynamic": dynamic.DynamicMoE,  # DA-MoE: experts per token from attention importance
     "peer": peer.PEERMoE,  # product-key retrieval over ~1M single-neuron experts
     "cartesian": cartesian.CartesianMoE,  # two sequential sub-expert layers: Cartesian-product experts
+    "mpo": mpoe.MPOEMoE,  # MPOE: experts as matrix product operators sharing one central tensor
 }
 
 

@@ -64,27 +64,36 @@ class GroupedExperts(Experts):
     def forward(self, x_RD: Tensor, counts_e: Tensor) -> Tensor:
         """Expert j transforms rows [sum(counts_e[:j]), sum(counts_e[:j+1])); experts with 0 rows are fine."""
         fc1, fc2 = reduce_grad(self.linear_fc1, self.replica_group), reduce_grad(self.linear_fc2, self.replica_group)
-        if self._grouped(x_RD):
-            offsets = torch.cumsum(counts_e, 0).to(torch.int32)
-            h_RF = torch._grouped_mm(x_RD, fc1.transpose(1, 2), offs=offsets)
-            return torch._grouped_mm(_ffn_activation(h_RF, self.swiglu), fc2.transpose(1, 2), offs=offsets)
-        # One GEMM pair per expert on its contiguous slice. The weights are split once (unbind): indexing
-        # linear_fc1[j] per expert would make every expert's backward build a full-size zero gradient.
-        outs = []
-        fc1_weights, fc2_weights = fc1.unbind(0), fc2.unbind(0)
-        for x_jD, w1, w2 in zip(x_RD.split(counts_e.tolist()), fc1_weights, fc2_weights, strict=True):
-            outs.append(_ffn_activation(x_jD @ w1.t(), self.swiglu) @ w2.t())
-        return torch.cat(outs) if outs else x_RD.new_zeros((0, x_RD.shape[1]))
+        return expert_ffn(x_RD, counts_e, fc1, fc2, self.swiglu, self.grouped_gemm)
 
-    def _grouped(self, x_RD: Tensor) -> bool:
-        """torch._grouped_mm: 'on' always, 'auto' for bf16 on CUDA (its fast kernel), 'off' never."""
-        if self.grouped_gemm == "auto":
-            return x_RD.is_cuda and x_RD.dtype == torch.bfloat16
-        return self.grouped_gemm == "on"
+    @torch.no_grad()
+    def load_dense_ffn(self, dense: dict[str, Tensor]) -> None:
+        """Every local expert becomes a copy of a dense FFN given in megatron's MLP layout (upcycling)."""
+        self.linear_fc1.copy_(dense["linear_fc1.weight"].expand_as(self.linear_fc1))
+        self.linear_fc2.copy_(dense["linear_fc2.weight"].expand_as(self.linear_fc2))
 
     def dense_state_dict(self, local_expert: int) -> dict[str, Tensor]:
         """Expert `local_expert` in megatron's dense MLP layout (linear_fc1.weight, linear_fc2.weight)."""
         return {"linear_fc1.weight": self.linear_fc1[local_expert], "linear_fc2.weight": self.linear_fc2[local_expert]}
+
+
+def expert_ffn(x_RD: Tensor, counts_e: Tensor, fc1_eXD: Tensor, fc2_eDF: Tensor, swiglu: bool,
+               grouped_gemm: str = "auto") -> Tensor:
+    """Expert j's FFN on rows [sum(counts_e[:j]), sum(counts_e[:j+1])); fc1 [e, F or 2F, D], fc2 [e, D, F].
+
+    torch._grouped_mm: 'on' always, 'auto' for bf16 on CUDA (its fast kernel), 'off' never. Otherwise one GEMM
+    pair per expert; the weights are split once (unbind): indexing fc1[j] per expert would make every expert's
+    backward build a full-size zero gradient.
+    """
+    grouped = (x_RD.is_cuda and x_RD.dtype == torch.bfloat16) if grouped_gemm == "auto" else grouped_gemm == "on"
+    if grouped:
+        offsets = torch.cumsum(counts_e, 0).to(torch.int32)
+        h_RF = torch._grouped_mm(x_RD, fc1_eXD.transpose(1, 2), offs=offsets)
+        return torch._grouped_mm(_ffn_activation(h_RF, swiglu), fc2_eDF.transpose(1, 2), offs=offsets)
+    outs = []
+    for x_jD, w1, w2 in zip(x_RD.split(counts_e.tolist()), fc1_eXD.unbind(0), fc2_eDF.unbind(0), strict=True):
+        outs.append(_ffn_activation(x_jD @ w1.t(), swiglu) @ w2.t())
+    return torch.cat(outs) if outs else x_RD.new_zeros((0, x_RD.shape[1]))
 
 
 class SharedExperts(torch.nn.Module):

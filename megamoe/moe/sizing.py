@@ -1,4 +1,9 @@
-"""Equal-size comparison of CartesianMoE with its baselines (arXiv:2410.16077 Fig. 1; variants.md §5.3).
+"""Parameter arithmetic of the research variants, counted on the layers themselves.
+
+MPOE against Switch (variants.md §6.5): the MPOE layer's parameters (central tensors once, auxiliary tensors
+per expert, router) against a Switch layer with the same experts, router and expert width.
+
+Equal-size comparison of CartesianMoE with its baselines (arXiv:2410.16077 Fig. 1; variants.md §5.3).
 
 From one budget (model width d, dense FFN width d_ff, N experts) build:
   (a) top-2 over N experts of width d_ff;
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megamoe.config import CartesianMoEConfig, MoEConfig, TopKMoEConfig
+from megamoe.config import CartesianMoEConfig, MoEConfig, MPOEMoEConfig, TopKMoEConfig
 from megamoe.moe.experts import SharedExperts
 from megamoe.moe.layer import LayerShape, MoELayer
 from megamoe.parallel.groups import ParallelGroups
@@ -82,3 +87,43 @@ def equal_size_comparison(hidden_size: int, ffn_hidden_size: int, num_experts: i
         assert len(set(values.values())) == 1, f"{field} differs: {values}"
     assert sizes["fine_grained"].shared == sizes["cartesian"].shared, "shared experts of (b) and (c) differ"
     return sizes
+
+
+@dataclass(frozen=True)
+class MPOEReport:
+    num_experts: int
+    central: int
+    """The central tensors (one per matrix, shared by all experts)."""
+    auxiliary: int
+    """The auxiliary tensors of all experts."""
+    router: int
+    switch: int
+    """The Switch layer: all experts' full matrices (+ its router when counted)."""
+
+    @property
+    def mpoe(self) -> int:
+        return self.central + self.auxiliary + self.router
+
+    @property
+    def ratio(self) -> float:
+        """How many times fewer parameters the MPOE layer has than the Switch layer."""
+        return self.switch / self.mpoe
+
+
+def mpoe_parameter_report(cfg: MPOEMoEConfig, hidden_size: int, ffn_hidden_size: int, swiglu: bool,
+                          count_router: bool = True) -> MPOEReport:
+    """Parameters of the MPOE layer `cfg` and of a Switch layer (top-1, same router) with the same experts."""
+    from megamoe.moe import build_moe
+
+    shape = LayerShape(hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, swiglu=swiglu, init_std=0.02,
+                       num_layers=1, layer_number=1, seed=0)
+    groups = ParallelGroups.single_process()
+    mpoe = build_moe(cfg, shape, groups)  # decomposes its initial dense FFN: built for real
+    switch_cfg = TopKMoEConfig(num_experts=cfg.num_experts, router_topk=1, router_pre_softmax=True,
+                               router_bias=cfg.router_bias, ffn_hidden_size=cfg.ffn_hidden_size)
+    with torch.device("meta"):
+        switch = build_moe(switch_cfg, shape, groups)
+    router = sum(p.numel() for p in mpoe.router.parameters()) if count_router else 0
+    return MPOEReport(num_experts=cfg.num_experts, central=sum(m.central.numel() for m in mpoe.mpo.values()),
+                      auxiliary=sum(p.numel() for p in mpoe.experts.parameters()), router=router,
+                      switch=sum(p.numel() for p in switch.experts.parameters()) + router)

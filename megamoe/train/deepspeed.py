@@ -17,7 +17,7 @@ from deepspeed.utils import groups as ds_groups
 from deepspeed.utils import logger as ds_logger
 from megatron.core import parallel_state
 
-from megamoe.config import Layout, RunConfig
+from megamoe.config import Layout, RunConfig, TrainConfig
 from megamoe.moe.experts import Experts
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train.optim import build_optimizer, lr_scheduler_factory, param_groups
@@ -159,9 +159,9 @@ def _tp_peers_hold_different_experts(groups: ParallelGroups) -> bool:
     return len({int(r) for r in ep_ranks}) == groups.tp_size
 
 
-def optimizer_param_groups(model: torch.nn.Module, groups: ParallelGroups) -> list[dict]:
+def optimizer_param_groups(model: torch.nn.Module, groups: ParallelGroups, train: TrainConfig) -> list[dict]:
     """megamoe's weight-decay groups, split so that expert parameters sit in DeepSpeed MoE groups."""
-    param_groups_ = param_groups(model)
+    param_groups_ = param_groups(model, train)
     if groups.ep_size == 1:
         return param_groups_
     return split_params_into_different_moe_groups_for_optimizer(param_groups_)
@@ -181,7 +181,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout,
     """deepspeed.initialize with megamoe's optimizer, LR schedule, expert parallelism and megatron's groups."""
     ds_logger.setLevel(logging.WARNING)
     prepare_expert_parallelism(model, groups, cfg.moe.num_experts)
-    optimizer = build_optimizer(optimizer_param_groups(model, groups), cfg.train)
+    optimizer = build_optimizer(optimizer_param_groups(model, groups, cfg.train), cfg.train)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler_factory(cfg.train),
         mpu=MegatronMPU(), config=to_deepspeed_config(cfg, layout), dist_init_required=False)

@@ -8,15 +8,24 @@ from megamoe.config import TrainConfig
 from megamoe.utils import warn_once
 
 
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """Weight decay on matrices only: norms and biases (1-D) get wd_mult 0 (Megatron's rule)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
+    """Weight decay on matrices only: norms and biases (1-D) get wd_mult 0 (Megatron's rule). Parameters with
+    an `lr_mult` attribute (MPOE's tensors) get groups of their own whose max_lr / min_lr, which megatron's
+    scheduler reads per group, are scaled by it. Frozen parameters are left out."""
+    buckets: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
-            (no_decay if param.dim() == 1 else decay).append(param)
-    groups = [{"params": decay, "wd_mult": 1.0, "name": "decay"},
-              {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
+            key = (0.0 if param.dim() == 1 else 1.0, float(getattr(param, "lr_mult", 1.0)))
+            buckets.setdefault(key, []).append(param)
+    groups = []
+    # Plain groups first: the trainer logs the first group's learning rate.
+    for (wd_mult, lr_mult), params in sorted(buckets.items(), key=lambda kv: (kv[0][1] != 1.0, -kv[0][0], kv[0][1])):
+        group = {"params": params, "wd_mult": wd_mult, "name": "decay" if wd_mult else "no_decay"}
+        if lr_mult != 1.0:
+            group.update(name=f"{group['name']}_lr_x{lr_mult:g}", max_lr=train.lr * lr_mult,
+                         min_lr=train.min_lr * lr_mult)
+        groups.append(group)
+    return groups
 
 
 def build_optimizer(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:

@@ -25,12 +25,29 @@ def test_deepspeed_config_generated_and_extra_merged(tiny_data):
 
 
 def test_norms_and_biases_get_no_weight_decay():
+    from megamoe.config import TrainConfig
     from megamoe.train.optim import param_groups
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    groups = {g["name"]: g for g in param_groups(model)}
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(train_iters=1))}
     assert [p.shape for p in groups["decay"]["params"]] == [torch.Size([4, 4])]
     assert len(groups["no_decay"]["params"]) == 3 and groups["no_decay"]["wd_mult"] == 0.0
+
+
+def test_lr_mult_groups_scale_the_schedule_and_frozen_params_are_left_out(tiny_data):
+    from megamoe.train.optim import lr_scheduler_factory, param_groups
+
+    cfg = tiny_config(tiny_data, "train.train_iters=10", "train.lr=1.0", "train.min_lr=0.1",
+                      "train.lr_warmup_iters=0", "train.lr_decay_style=constant")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4))
+    model[1].weight.lr_mult = 0.5
+    model[2].requires_grad_(False)
+    groups = param_groups(model, cfg.train)
+    assert [g["name"] for g in groups] == ["decay", "no_decay", "decay_lr_x0.5"]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    lr_scheduler_factory(cfg.train)(optimizer).step(1)
+    assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1.0, 0.5]
+    assert sum(len(g["params"]) for g in groups) == 3  # model[2] is frozen
 
 
 @pytest.mark.parametrize("style", ["cosine", "linear", "constant"])

@@ -1,10 +1,12 @@
 """Token-choice top-k MoE: Switch top-1, GShard top-2, Mixtral top-k, fine-grained + shared experts.
 
-The router is a bias-free Linear(d, E) evaluated in fp32 (Switch's selective precision), replicated on
-every rank (under sequence parallelism its gradient is summed over the tensor-parallel group).
+The router is a Linear(d, E) (bias-free unless router_bias) evaluated in fp32 (Switch's selective precision),
+replicated on every rank (under sequence parallelism its gradient is summed over the tensor-parallel group).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +26,10 @@ class TopKMoE(MoELayer):
 
     def __init__(self, cfg: TopKMoEConfig, shape: LayerShape, groups: ParallelGroups) -> None:
         super().__init__(cfg, shape, groups, nominal_k=cfg.router_topk)
-        self.router = torch.nn.Linear(shape.hidden_size, cfg.num_experts, bias=False)
+        self.router = torch.nn.Linear(shape.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         torch.nn.init.normal_(self.router.weight, 0.0, shape.init_std)
+        if cfg.router_bias:
+            torch.nn.init.zeros_(self.router.bias)
         if cfg.router_enable_expert_bias:
             # Selection-only bias (DeepSeek-V3); identical on every rank, saved with the model.
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
@@ -35,12 +39,15 @@ class TopKMoE(MoELayer):
     def route(self, x_TD: Tensor, tokens: TokenInfo) -> tuple[Routing, None]:
         if self.training and self.cfg.input_jitter_eps > 0:
             x_TD = x_TD * self._jitter(x_TD)
-        weight = reduce_grad(self.router.weight, self.groups.sp_group)
-        logits_TE = F.linear(x_TD.float(), weight.float())
+        logits_TE = F.linear(x_TD.float(), *(reduce_grad(p, self.groups.sp_group).float()
+                                              for p in self.router.parameters()))
         bias_E = getattr(self, "expert_bias", None)
         skip = 0 if self.training else self.cfg.drop_top_ranks  # an evaluation-only robustness test
         routing = topk_route(logits_TE, self.cfg.router_topk, self.cfg.router_pre_softmax, tokens.valid_T, bias_E,
                              skip)
+        if self.cfg.router_gate == "unit_st":
+            # Value 1 (an upcycled layer starts equal to the dense FFN); the router still gets p's gradient.
+            routing = dataclasses.replace(routing, weight_N=routing.weight_N / routing.weight_N.detach())
         if bias_E is not None and self.training:
             counts_E = routing.tokens_per_expert().float()
             self._bias_tokens_per_expert = self._bias_tokens_per_expert.to(counts_E.device) + counts_E
