@@ -1,6 +1,6 @@
 """One typed config tree, loaded from YAML with dotted overrides and validated once (L0: stdlib + yaml)."""
 
-from megamoe.config.loader import ConfigError, build, dump, load
+from megamoe.config.loader import ConfigError, build, dump, from_dict, load, read_sections
 from megamoe.config.tree import (
     MOE_CONFIGS,
     CartesianMoEConfig,
@@ -21,7 +21,6 @@ from megamoe.config.tree import (
 from megamoe.config.validate import Environment, Layout, parse_data_path, validate
 
 __all__ = ["MOE_CONFIGS", "CartesianMoEConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig",
-           "DynamicMoEConfig", "Environment", "Layout", "LoggingConfig", "ModelConfig", "MoEConfig", "MPOEMoEConfig",
-           "PEERMoEConfig",
-           "ParallelConfig", "RunConfig", "TopKMoEConfig", "TrainConfig", "build", "dump", "load", "parse_data_path",
-           "validate"]
+           "DynamicMoEConfig", "Environment", "Layout", "LoggingConfig", "MPOEMoEConfig", "ModelConfig", "MoEConfig",
+           "PEERMoEConfig", "ParallelConfig", "RunConfig", "TopKMoEConfig", "TrainConfig", "build", "dump", "from_dict",
+           "load", "parse_data_path", "read_sections", "validate"]

@@ -5,6 +5,7 @@ Every mistake raises ConfigError with one line naming the key, the value and the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -23,10 +24,20 @@ class ConfigError(ValueError):
 
 def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
     """Read a YAML file (None: start from defaults only), apply `a.b.c=value` overrides, type-check."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    return from_dict(_read_yaml(Path(path)) if path is not None else {}, overrides)
+
+
+def from_dict(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """`load` of already-parsed YAML sections (not modified)."""
+    data = copy.deepcopy(data)
     for item in overrides:
         _apply_override(data, item)
     return build(RunConfig, data)
+
+
+def read_sections(path: str | Path) -> dict[str, Any]:
+    """A config file's sections as parsed YAML (ConfigError if missing or malformed)."""
+    return _read_yaml(Path(path))
 
 
 def dump(cfg: RunConfig) -> str:

@@ -347,7 +347,8 @@ class CheckpointConfig:
     """Save every this many steps (and at the end of training)."""
     finetune: bool = False
     """Load only the weights of checkpoint.load (Megatron's --finetune): iteration, data position, optimizer and
-    LR schedule start afresh. Weights-only checkpoints (tools/upcycle.py) always load this way."""
+    LR schedule start afresh; drop it to resume the fine-tuning run itself. Weights-only checkpoints
+    (tools/upcycle.py) always load this way."""
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -69,6 +69,11 @@ class GroupedExperts(Experts):
     @torch.no_grad()
     def load_dense_ffn(self, dense: dict[str, Tensor]) -> None:
         """Every local expert becomes a copy of a dense FFN given in megatron's MLP layout (upcycling)."""
+        for name, param in (("linear_fc1.weight", self.linear_fc1), ("linear_fc2.weight", self.linear_fc2)):
+            if tuple(dense[name].shape) != tuple(param.shape[1:]):
+                raise ValueError(f"dense {name} {tuple(dense[name].shape)} does not fit experts of shape "
+                                 f"{tuple(param.shape[1:])}: upcycled experts keep the dense FFN's width "
+                                 "(leave moe.ffn_hidden_size unset)")
         self.linear_fc1.copy_(dense["linear_fc1.weight"].expand_as(self.linear_fc1))
         self.linear_fc2.copy_(dense["linear_fc2.weight"].expand_as(self.linear_fc2))
 

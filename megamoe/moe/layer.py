@@ -206,6 +206,13 @@ class MoELayer(torch.nn.Module):
         # forward once per group, so summed losses / summed forwards is the mean per micro-batch.
         self._add_stat("forwards", torch.tensor(1.0 / self.groups.tp_size if self.groups.sp_group else 1.0))
 
+    def load_dense_ffn(self, dense: dict[str, Tensor]) -> None:
+        """Upcycling: every routed expert starts as the dense FFN `dense` (megatron's MLP layout:
+        linear_fc1.weight, linear_fc2.weight)."""
+        if not isinstance(self.experts, GroupedExperts):
+            raise ValueError(f"{type(self).__name__} cannot be upcycled from a dense FFN")
+        self.experts.load_dense_ffn(dense)
+
     def finish_step(self) -> None:
         """Called once per optimizer step, after the last backward and before the update."""
         self._step_tokens_per_expert = None

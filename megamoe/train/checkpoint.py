@@ -7,7 +7,9 @@ experts, integration.md 6.4). `<save>/latest` names the newest tag.
 
 Resuming with the saved expert-parallel size restores everything. With another EP size the model weights
 are loaded (experts resharded from the shards) before the engine exists, the LR schedule and data position
-continue, and the optimizer state starts afresh (DeepSpeed cannot reshard it).
+continue, and the optimizer state starts afresh (DeepSpeed cannot reshard it). `checkpoint.finetune` and
+weights-only checkpoints (written by tools/upcycle.py: the same files without DeepSpeed's optimizer state, plus
+a `weights_only` marker) load the weights the same way and start at iteration 0.
 """
 
 from __future__ import annotations
@@ -146,15 +148,28 @@ def saved_layout(tag_dir: Path) -> tuple[int, int]:
     return parallel.get("tensor_model_parallel_size", 1), parallel.get("expert_model_parallel_size", 1)
 
 
-def needs_reshard(tag_dir: Path | None, cfg: RunConfig) -> bool:
-    """True when the checkpoint's expert-parallel size differs from this run's (then load_resharded)."""
+WEIGHTS_ONLY_MARKER = "weights_only"
+
+
+def is_weights_only(tag_dir: Path) -> bool:
+    return (tag_dir / WEIGHTS_ONLY_MARKER).is_file()
+
+
+def restarts(tag_dir: Path | None, cfg: RunConfig) -> bool:
+    """True when training starts at iteration 0 from the checkpoint's weights (fine-tuning, upcycling)."""
+    return tag_dir is not None and (cfg.checkpoint.finetune or is_weights_only(tag_dir))
+
+
+def loads_weights_only(tag_dir: Path | None, cfg: RunConfig) -> bool:
+    """True when only the weights of `tag_dir` load, before the engine exists (then load_weights): fine-tuning,
+    a weights-only checkpoint, or another expert-parallel size than the checkpoint's."""
     if tag_dir is None:
         return False
     tp, ep = saved_layout(tag_dir)
     if tp != cfg.parallel.tensor_model_parallel_size:
         raise ValueError(f"checkpoint {tag_dir} was written with tensor_model_parallel_size={tp}; resume with the "
                          f"same size (this run has {cfg.parallel.tensor_model_parallel_size})")
-    return ep != cfg.parallel.expert_model_parallel_size
+    return restarts(tag_dir, cfg) or ep != cfg.parallel.expert_model_parallel_size
 
 
 def _model_states(tag_dir: Path, groups: ParallelGroups) -> dict:
@@ -163,9 +178,9 @@ def _model_states(tag_dir: Path, groups: ParallelGroups) -> dict:
 
 
 @torch.no_grad()
-def load_resharded(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> dict:
-    """Weights from a checkpoint written with another EP size, before the engine exists (so DeepSpeed's
-    fp32 master weights start from them). Returns DeepSpeed's saved state for load_progress."""
+def load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> dict:
+    """The model weights of a checkpoint, experts resharded to this run's expert-parallel size, before the engine
+    exists (so DeepSpeed's fp32 master weights start from them). Returns the saved state for `load`."""
     states = _model_states(tag_dir, groups)
     expert_keys = {f"{name}.{p}" for name, m in _experts(model).items() for p, _ in m.named_parameters(recurse=False)}
     dense = {k: v for k, v in states["module"].items() if k not in expert_keys}
@@ -174,26 +189,48 @@ def load_resharded(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups
         raise ValueError(f"{tag_dir}: checkpoint does not fit the model (missing {not_loaded[:3]}, "
                          f"unexpected {unexpected[:3]})")
     load_expert_shards(model, tag_dir)
-    get_logger().warning(f"{tag_dir} was written with another expert-parallel size: weights resharded, "
-                         "optimizer state starts afresh")
+    get_logger().warning(f"loaded the weights of {tag_dir} (fine-tuning, a weights-only checkpoint or another "
+                         "expert-parallel size): the optimizer state starts afresh")
     return states
 
 
-def load(engine, tag_dir: Path | None, groups: ParallelGroups, resharded_states: dict | None = None) -> Progress:
-    """Resume from `tag_dir` (None: a new run). Call last in setup: it restores the RNG streams."""
+def save_weights_only(model: torch.nn.Module, cfg: RunConfig, save_dir: Path, groups: ParallelGroups) -> Path:
+    """A checkpoint of the model's weights at iteration 0 (one process, TP = EP = 1): DeepSpeed's model-file
+    layout, megamoe's expert shard and config, the weights-only marker, and `latest`."""
+    if groups.tp_size != 1 or groups.ep_size != 1 or dist.get_world_size() != 1:
+        raise ValueError("save_weights_only writes one-process checkpoints (tensor and expert parallel size 1)")
+    tag = tag_for(0)
+    tag_dir = save_dir / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"module": model.state_dict(), "iteration": 0, "consumed_samples": 0},
+               tag_dir / "mp_rank_00_model_states.pt")
+    save_expert_shard(model, tag_dir, groups)
+    (tag_dir / "config.yaml").write_text(dump(cfg))
+    (tag_dir / WEIGHTS_ONLY_MARKER).write_text("written by megamoe without optimizer state: loads as fine-tuning\n")
+    (save_dir / "latest").write_text(tag)
+    return tag_dir
+
+
+def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: dict | None = None,
+         restart: bool = False) -> Progress:
+    """Resume from `tag_dir` (None: a new run); `weights_states` from load_weights when only the weights were
+    loaded; `restart`: start at iteration 0 (fine-tuning). Call last in setup: it restores the RNG streams."""
     if tag_dir is None:
         return Progress()
-    if resharded_states is not None:
-        client_state = resharded_states
-        if engine.lr_scheduler is not None and "lr_scheduler" in resharded_states:
-            engine.lr_scheduler.load_state_dict(resharded_states["lr_scheduler"])
+    if restart:
+        get_logger().info(f"fine-tuning from the weights of {tag_dir}: iteration 0")
+        return Progress()
+    if weights_states is not None:
+        client_state = weights_states
+        if engine.lr_scheduler is not None and "lr_scheduler" in weights_states:
+            engine.lr_scheduler.load_state_dict(weights_states["lr_scheduler"])
     else:
         path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
         load_expert_shards(engine.module, tag_dir)  # DeepSpeed's file holds EP rank 0's experts only
     rng_file = tag_dir / f"rng_state_rank{dist.get_rank()}.pt"
-    if rng_file.is_file() and resharded_states is None:
+    if rng_file.is_file() and weights_states is None:
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:
         get_logger().warning(f"{rng_file.name} not restored (another layout): random streams restart")

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -202,3 +203,13 @@ def build_deepspeed_moe_layer(hidden_size: int, expert: torch.nn.Module, *, num_
                              k=topk, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
         layer.set_deepspeed_parallelism()  # deepspeed.initialize would: create and attach the expert group
     return layer
+
+
+def fp32_module_weights(tag_dir: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The model weights of checkpoint `tag_dir` in fp32: DeepSpeed's module file for fp32 runs, its ZeRO fp32
+    master weights (deepspeed.utils.zero_to_fp32) for bf16/fp16 runs."""
+    if not (cfg.train.bf16 or cfg.train.fp16):
+        return torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

@@ -39,17 +39,17 @@ class Trainer:
 def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
     """Groups -> tokenizer -> model -> engine -> datasets -> resume (last: it restores the RNG streams).
 
-    A checkpoint written with another expert-parallel size is loaded into the model before the engine
-    exists, so DeepSpeed's master weights start from it.
+    Weights-only loads (another expert-parallel size, fine-tuning, upcycled checkpoints) go into the model
+    before the engine exists, so DeepSpeed's master weights start from them.
     """
     groups = initialize(cfg.parallel, cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     model = build_model(cfg, tokenizer.vocab_size, groups)
     tag_dir = checkpoint.latest_tag_dir(cfg.checkpoint.load)
-    resharded = checkpoint.load_resharded(model, tag_dir, groups) if checkpoint.needs_reshard(tag_dir, cfg) else None
+    weights = checkpoint.load_weights(model, tag_dir, groups) if checkpoint.loads_weights_only(tag_dir, cfg) else None
     engine = build_engine(model, cfg, layout, groups)
     datasets = build_datasets(cfg, layout, tokenizer)
-    progress = checkpoint.load(engine, tag_dir, groups, resharded)
+    progress = checkpoint.load(engine, tag_dir, groups, weights, restart=checkpoint.restarts(tag_dir, cfg))
     return Trainer(cfg=cfg, layout=layout, groups=groups, engine=engine, datasets=datasets, progress=progress)
 
 

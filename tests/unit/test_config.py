@@ -79,7 +79,7 @@ MISTAKES = [
                                                 r"set train.global_batch_size instead"),
     (["model.max_position_embeddings=64"], 1, r"data.seq_length=128 exceeds model.max_position_embeddings=64"),
     (["model.hidden_size=36"], 1, r"head dimension 9 is odd"),
-    (["moe.variant=unknown"], 1, r"moe.variant=.unknown. is unknown; choose one of dynamic, peer, topk"),
+    (["moe.variant=unknown"], 1, r"moe.variant=.unknown. is unknown; choose one of (\w+, )+topk$"),
     (["parallel.expert_model_parallel_size=2"], 2, r"expert_model_parallel_size=2 needs MoE layers"),
     (["moe.num_experts=6", "parallel.expert_model_parallel_size=4", "deepspeed.zero_stage=1",
       "train.micro_batch_size=4"], 4,
