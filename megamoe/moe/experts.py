@@ -21,7 +21,7 @@ def expert_generator(seed: int, layer_number: int, expert: int) -> torch.Generat
     return torch.Generator().manual_seed(seed + 7919 * layer_number + 104729 * (expert + 1))
 
 
-def _ffn_activation(h_RF: Tensor, swiglu: bool) -> Tensor:
+def ffn_activation(h_RF: Tensor, swiglu: bool) -> Tensor:
     if swiglu:
         gate, up = h_RF.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -94,10 +94,10 @@ def expert_ffn(x_RD: Tensor, counts_e: Tensor, fc1_eXD: Tensor, fc2_eDF: Tensor,
     if grouped:
         offsets = torch.cumsum(counts_e, 0).to(torch.int32)
         h_RF = torch._grouped_mm(x_RD, fc1_eXD.transpose(1, 2), offs=offsets)
-        return torch._grouped_mm(_ffn_activation(h_RF, swiglu), fc2_eDF.transpose(1, 2), offs=offsets)
+        return torch._grouped_mm(ffn_activation(h_RF, swiglu), fc2_eDF.transpose(1, 2), offs=offsets)
     outs = []
     for x_jD, w1, w2 in zip(x_RD.split(counts_e.tolist()), fc1_eXD.unbind(0), fc2_eDF.unbind(0), strict=True):
-        outs.append(_ffn_activation(x_jD @ w1.t(), swiglu) @ w2.t())
+        outs.append(ffn_activation(x_jD @ w1.t(), swiglu) @ w2.t())
     return torch.cat(outs) if outs else x_RD.new_zeros((0, x_RD.shape[1]))
 
 
@@ -127,7 +127,7 @@ class SharedExperts(torch.nn.Module):
         return reduce_grad(param, self.sp_group)
 
     def forward(self, x_TD: Tensor, routed_TD: Tensor) -> Tensor:
-        h_TF = _ffn_activation(x_TD @ self._w(self.linear_fc1).t(), self.swiglu)
+        h_TF = ffn_activation(x_TD @ self._w(self.linear_fc1).t(), self.swiglu)
         shared_TD = h_TF @ self._w(self.linear_fc2).t()
         if self.combine == "add":
             return routed_TD + shared_TD

@@ -213,6 +213,9 @@ class MoELayer(torch.nn.Module):
             raise ValueError(f"{type(self).__name__} cannot be upcycled from a dense FFN")
         self.experts.load_dense_ffn(dense)
 
+    def begin_micro_batch(self, last: bool) -> None:
+        """Called before each training micro-batch's forward; `last`: the optimizer step's last one."""
+
     def finish_step(self) -> None:
         """Called once per optimizer step, after the last backward and before the update."""
         self._step_tokens_per_expert = None

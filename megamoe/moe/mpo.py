@@ -210,11 +210,12 @@ def apply_chain(x_RJ: Tensor, tensors: list[Tensor], shape: MPOShape) -> Tensor:
     """
     n, rows = shape.n, x_RJ.shape[0]
     # state [R, j_1..j_k, d_k, i_{k+1}..i_n] with k = n at the start (d_n = 1)
-    state = x_RJ.reshape(rows, -1, 1, 1)  # [R, J, d_n = 1, I-so-far = 1]
+    state = x_RJ.reshape(rows, shape.cols, 1, 1)  # [R, J, d_n = 1, I-so-far = 1] (explicit sizes: R may be 0)
     for k in range(n - 1, -1, -1):
         t = tensors[k]  # [d_{k-1}, i_k, j_k, d_k]
         j_left = math.prod(shape.j[:k])
-        s = state.reshape(rows, j_left, shape.j[k], shape.bonds[k + 1], -1)  # [R, J<, j_k, d_k, I>]
+        i_right = math.prod(shape.i[k + 1:])
+        s = state.reshape(rows, j_left, shape.j[k], shape.bonds[k + 1], i_right)  # [R, J<, j_k, d_k, I>]
         s = torch.einsum("rajdo,bijd->rabio", s, t)  # [R, J<, d_{k-1}, i_k, I>]
-        state = s.reshape(rows, j_left, shape.bonds[k], -1)
+        state = s.reshape(rows, j_left, shape.bonds[k], shape.i[k] * i_right)
     return state.reshape(rows, shape.rows)

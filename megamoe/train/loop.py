@@ -19,7 +19,7 @@ from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.initialize import initialize
 from megamoe.train import checkpoint
 from megamoe.train.checkpoint import Progress
-from megamoe.train.deepspeed import aux_loss_scale, build_engine, grad_norm_before_step
+from megamoe.train.deepspeed import aux_loss_scale, build_engine, expert_parameters, grad_norm_before_step
 from megamoe.train.metrics import ExpertLoadLog, MetricsWriter, collect_moe_metrics, moe_layers
 from megamoe.utils import get_logger
 
@@ -45,12 +45,20 @@ def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
     groups = initialize(cfg.parallel, cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     model = build_model(cfg, tokenizer.vocab_size, groups)
+    log_parameter_count(model)
     tag_dir = checkpoint.latest_tag_dir(cfg.checkpoint.load)
     weights = checkpoint.load_weights(model, tag_dir, groups) if checkpoint.loads_weights_only(tag_dir, cfg) else None
     engine = build_engine(model, cfg, layout, groups)
     datasets = build_datasets(cfg, layout, tokenizer)
     progress = checkpoint.load(engine, tag_dir, groups, weights, restart=checkpoint.restarts(tag_dir, cfg))
     return Trainer(cfg=cfg, layout=layout, groups=groups, engine=engine, datasets=datasets, progress=progress)
+
+
+def log_parameter_count(model: torch.nn.Module) -> None:
+    """Megatron's per-rank count: this rank's parameters (its tensor-parallel shards, its experts)."""
+    experts = sum(p.numel() for p in expert_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    get_logger().info(f"parameters on this rank: {total:,} ({experts:,} in its routed experts)")
 
 
 def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
@@ -102,8 +110,10 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
                           engine.device).clamp(min=1.0)
     scale = groups.dp_size * gas / total_tokens.item()
     losses, grad_norm = [], None
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
         set_aux_loss_scale(aux_loss_scale(engine))  # the fp16 loss scale may change between micro-batches
+        for layer in moe_layers(engine.module):
+            layer.begin_micro_batch(last=index == gas - 1)
         loss_sum = lm_loss_sum(engine, batch, is_causal(trainer.cfg))
         engine.backward(loss_sum * scale)
         if engine.is_gradient_accumulation_boundary():

@@ -6,7 +6,8 @@ norms, embeddings, dense layers) is copied; routers keep their fresh initialisat
 weights-only checkpoint at iteration 0 plus `finetune.yaml`, the config that fine-tunes it:
     python tools/upcycle.py --load runs/tiny-dense/checkpoints --save runs/upcycled-mpoe moe.variant=mpo \\
         moe.num_experts=8
-    deepspeed --num_gpus 2 launchers/pretrain.py --config runs/upcycled-mpoe/finetune.yaml
+    deepspeed --num_gpus 2 launchers/pretrain.py --config runs/upcycled-mpoe/finetune.yaml \\
+        parallel.expert_model_parallel_size=2 deepspeed.zero_stage=2
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """MPOE under expert parallelism against one process (fp32, gloo): the layer with EP=2 (outputs, input, auxiliary,
 central and router gradients), and the whole model for 3 steps with EP=2 + ZeRO-2 and the central-gradient mask
-on (p_mask=0.5): equal losses and weights, central replicas bit-identical, only auxiliary tensors expert-tagged."""
+on (p_mask=0.5), with 1 and 2 micro-batches per step: equal losses and weights, central replicas bit-identical,
+only auxiliary tensors expert-tagged, one matrix rebuild per layer and step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.helpers import max_rel_diff, spawn, train_steps
@@ -74,13 +76,18 @@ def _train(data: dict, overrides: list[str]) -> dict:
     run["central_replicas_equal"] = all(torch.equal(c[0], c[-1]) for c in gathered.values())
     run["tags"] = {n: getattr(p, "allreduce", True) for n, p in trainer.engine.module.named_parameters()
                    if ".mpo." in n or "_aux" in n}
+    run["rebuilds"] = [m.experts.rebuilds for m in trainer.engine.module.modules() if hasattr(m, "mpo")]
     return run
 
 
-def test_training_matches_one_process(tiny_data):
+@pytest.mark.parametrize("micro_batch", [4, 2], ids=["ga1", "ga2"])
+def test_training_matches_one_process(tiny_data, micro_batch):
+    """With 2 micro-batches per step (ga2) the experts' matrices are still rebuilt once per step: the earlier
+    micro-batch's gradient reaches the MPO tensors through the last one's backward."""
     reference = spawn(_train, 1, tiny_data, ["train.micro_batch_size=8"])[0]
-    run = spawn(_train, 2, tiny_data, ["train.micro_batch_size=4", "parallel.expert_model_parallel_size=2",
-                                       "deepspeed.zero_stage=2"])[0]
+    run = spawn(_train, 2, tiny_data, [f"train.micro_batch_size={micro_batch}", "train.global_batch_size=8",
+                                       "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=2"])[0]
+    assert run["rebuilds"] == reference["rebuilds"] == [3, 3]  # 3 steps, 2 layers
     loss_diff = max(abs(a - b) / b for a, b in zip(run["losses"], reference["losses"], strict=True))
     weight_diff = max_rel_diff(run["full"], reference["full"])
     print(f"losses {run['losses']} vs {reference['losses']} (max rel {loss_diff:.1e}), weights {weight_diff:.1e}")

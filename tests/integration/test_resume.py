@@ -30,7 +30,7 @@ def launch(data: dict, log_dir: Path, *overrides: str) -> list[dict]:
         "data.split=90,10,0", "data.num_workers=1", "train.micro_batch_size=2", "train.global_batch_size=8",
         "train.train_iters=20", "train.lr_warmup_iters=2", "train.log_interval=1", "train.eval_interval=10",
         "train.eval_iters=2", "deepspeed.zero_stage=2", "logging.wandb=false", "logging.tensorboard=false",
-        f"logging.log_dir={log_dir}", *overrides,
+        f"logging.log_dir={log_dir}", f"checkpoint.save={log_dir / 'checkpoints'}", *overrides,
     ]
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "launchers" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny-dense.yaml"), *args]

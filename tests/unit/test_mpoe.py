@@ -215,3 +215,14 @@ def test_parameter_ratio_against_switch():
         report = mpoe_parameter_report(MPOEMoEConfig(num_experts=experts, mpo_shapes=t5), hidden_size=768,
                                        ffn_hidden_size=3072, swiglu=False, count_router=False)
         assert round(report.ratio, 2) == want, report
+
+
+def test_parameter_tool_reports_the_tiny_model_ratio_at_e8_and_e16(capsys):
+    """T6: the demo model's exact MPOE layer is >= 4.5x smaller than Switch at E=8 (routers counted)."""
+    from tests.helpers import ROOT
+    from tools.mpoe_params import main
+
+    assert main(["--config", str(ROOT / "configs" / "tiny-dense.yaml"), "--num-experts", "8,16"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    ratios = {int(row[1]): float(row[7].strip().rstrip("x")) for row in rows}
+    assert ratios[8] >= 4.5 and ratios[16] > ratios[8], ratios

@@ -9,10 +9,12 @@ over this rank's experts in MPOExperts (`experts.<m>_aux<k>`): expert parameters
 expert-data-parallel group. Routing is the top-k layer's; the defaults are Switch top-1 with a router bias and
 the value-1 straight-through gate.
 
-Forward: each local expert's matrices are rebuilt in every forward, batched over experts, and autograd keeps
-them for the backward (with gradient accumulation that is once per micro-batch). tools/bench_mpo.py measures
-this against contracting the activations through the chain (mpo.apply_chain), which is slower at any exact
-bond dimension: it multiplies every token by the central tensor several times.
+Forward: each local expert's matrices are rebuilt once per optimizer step, batched over experts, with their
+autograd graph to the MPO tensors. Under gradient accumulation the earlier micro-batches use a detached copy
+whose gradient accumulates, and the last micro-batch's backward sends the step's whole gradient through the
+rebuild once (MPOExperts.step_matrices; the training loop says which micro-batch is last). tools/bench_mpo.py
+measures rebuilding against contracting the activations through the chain (mpo.apply_chain), which is slower
+at every shape measured: it multiplies every token by the central tensor several times.
 
 Gradient mask (§6.4): at each optimizer step, C_m's gradient is zeroed with probability p_mask (or per element,
 rescaled), drawn from a generator seeded by (seed, step, layer, m): identical on every rank without communication
@@ -56,6 +58,21 @@ class CentralTensor(torch.nn.Module):
         self.central = torch.nn.Parameter(torch.empty(shape.tensor_shape(shape.center)))
 
 
+class _WithEarlierGrads(torch.autograd.Function):
+    """Identity on a step's rebuilt matrix; its backward adds the gradient the step's earlier micro-batches
+    accumulated on the detached copy they used, so the rebuild's backward runs once per step."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, earlier: Tensor) -> Tensor:
+        ctx.earlier = earlier
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        earlier = ctx.earlier.grad
+        return (grad if earlier is None else grad + earlier), None
+
+
 class MPOExperts(Experts):
     """The auxiliary tensors of this rank's experts, [num_local, d_k, i_k, j_k, d_k+1] each; the central tensors
     come from the layer (`central_tensors`, not a submodule: they are dense parameters)."""
@@ -70,6 +87,12 @@ class MPOExperts(Experts):
                 if k != shape.center:
                     self.register_parameter(aux_name(name, k),
                                             torch.nn.Parameter(torch.empty(num_local, *shape.tensor_shape(k))))
+        self.last_micro_batch = True
+        """Whether the current forward is the optimizer step's last micro-batch (set by the layer)."""
+        self.rebuilds = 0
+        """Matrix rebuilds with a graph so far (training forwards): one per optimizer step."""
+        self._step_matrices: dict[str, Tensor] | None = None  # the step's rebuilt matrices, with their graph
+        self._detached: dict[str, Tensor] = {}  # their detached copies for the earlier micro-batches
 
     def matrices(self) -> dict[str, Tensor]:
         """Every local expert's matrices, [num_local, rows, cols] each (nn.Linear's [out, in] layout)."""
@@ -81,8 +104,27 @@ class MPOExperts(Experts):
             out[name] = reconstruct(tensors, shape)
         return out
 
+    def step_matrices(self) -> dict[str, Tensor]:
+        """The matrices for this forward: rebuilt at the step's first training micro-batch; earlier
+        micro-batches get a detached copy (its gradient accumulates), the last one the rebuilt tensors with
+        that gradient added in the backward. Evaluation (no grad) rebuilds without a graph. (Recomputing the
+        MLP's activations in the backward, which megamoe does not offer, would need the step's tensors kept.)"""
+        if not torch.is_grad_enabled():
+            return self.matrices()
+        if self._step_matrices is None:
+            self._step_matrices = self.matrices()
+            self.rebuilds += 1
+        if not self.last_micro_batch:
+            if not self._detached:
+                self._detached = {n: w.detach().requires_grad_() for n, w in self._step_matrices.items()}
+            return self._detached
+        step = {n: _WithEarlierGrads.apply(w, self._detached[n]) if self._detached else w
+                for n, w in self._step_matrices.items()}
+        self._step_matrices, self._detached = None, {}
+        return step
+
     def forward(self, x_RD: Tensor, counts_e: Tensor) -> Tensor:
-        w = self.matrices()
+        w = self.step_matrices()
         fc1, fc2 = (torch.cat([w["gate"], w["up"]], dim=1), w["down"]) if self.swiglu else (w["fc1"], w["fc2"])
         return expert_ffn(x_RD, counts_e, fc1, fc2, self.swiglu, self.grouped_gemm)
 
@@ -179,6 +221,10 @@ class MPOEMoE(TopKMoE):
             self._step_masks[name] = self.central_mask(name, int(self.mask_step))
         mask = self._step_masks[name]
         return grad if mask is None else grad * mask.to(device=grad.device, dtype=grad.dtype)
+
+    def begin_micro_batch(self, last: bool) -> None:
+        super().begin_micro_batch(last)
+        self.experts.last_micro_batch = last
 
     def finish_step(self) -> None:
         super().finish_step()
