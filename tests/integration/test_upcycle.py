@@ -123,3 +123,22 @@ def test_bf16_dense_checkpoint_upcycles_from_its_fp32_master_weights(tiny_data, 
     run = spawn(_finetune, 1, str(tmp_path / "topk"))[0]
     print(f"bf16 topk: dense loss {dense['loss']:.6f}, upcycled {run['loss']:.6f}")
     assert abs(run["loss"] - dense["loss"]) <= 1e-2 * dense["loss"]
+
+
+def _finetune_dense(data: dict, load: str) -> dict:
+    from megamoe.train import startup
+    from megamoe.train.loop import build_trainer
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(data, *DENSE, f"checkpoint.load={load}", "checkpoint.finetune=true")
+    trainer = build_trainer(cfg, startup.check(cfg))
+    state = trainer.engine.optimizer.state
+    return {"loss": _first_batch_loss(trainer), "iteration": trainer.progress.iteration,
+            "consumed": trainer.progress.consumed_samples, "optimizer_state": sum(len(s) for s in state.values())}
+
+
+def test_finetune_loads_a_full_checkpoints_weights_at_iteration_0(tiny_data, dense):
+    """checkpoint.finetune (Megatron's --finetune): the weights of a trained run, none of its progress."""
+    run = spawn(_finetune_dense, 1, tiny_data, dense["save"])[0]
+    assert run["loss"] == dense["loss"]
+    assert run["iteration"] == run["consumed"] == run["optimizer_state"] == 0, run
