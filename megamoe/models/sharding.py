@@ -21,11 +21,18 @@ def gather_tp(shard: torch.Tensor, param: torch.Tensor, groups: ParallelGroups) 
     """The full tensor of which `shard` is this rank's part (`param` carries the partition attributes)."""
     if groups.tp_size == 1 or not _is_sharded(param):
         return shard
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     shards = [torch.empty_like(shard) for _ in range(groups.tp_size)]
     dist.all_gather(shards, shard.contiguous(), group=groups.tp_group)
+    return merge_tp(shards, param)
+
+
+def merge_tp(shards: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """The full tensor from every TP rank's shard, in rank order (`param` carries the partition attributes)."""
+    if len(shards) == 1 or not _is_sharded(param):
+        return shards[0]
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     chunks = [shard_r.chunk(stride, dim=dim) for shard_r in shards]
-    return torch.cat([chunks[r][j] for j in range(stride) for r in range(groups.tp_size)], dim=dim)
+    return torch.cat([chunks[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
 
 
 def shard_tp(full: torch.Tensor, param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:

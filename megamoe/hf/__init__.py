@@ -1,0 +1,1 @@
+"""Hugging Face interchange: megamoe state dicts <-> transformers models (no megatron, no DeepSpeed)."""

@@ -1,0 +1,134 @@
+"""megamoe's GPT (megatron-core parameter names, full unsharded tensors) <-> Hugging Face Llama and Mixtral.
+
+Dense models map to LlamaForCausalLM, top-k MoE models with a MoE layer in every block to MixtralForCausalLM
+(transformers 5.x fused expert layout: `experts.gate_up_proj` [E, 2F, D] = megamoe's `experts.linear_fc1`,
+`experts.down_proj` [E, D, F] = `experts.linear_fc2`). megatron's fused QKV holds, per query group, the group's
+query heads then its key head then its value head; the SwiGLU fc1 holds the gate rows then the up rows. The
+embedding and output rows beyond the tokenizer's vocabulary (megatron's padding) are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megamoe.config import RunConfig, TopKMoEConfig
+
+SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}  # megamoe's sentencepiece ids
+
+
+class UnsupportedExport(ValueError):
+    """The model has a feature the native HF class cannot express."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The sizes the mapping needs, resolved from a run config."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_groups: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    num_experts: int | None
+    topk: int | None
+    moe_ffn_hidden_size: int | None
+
+
+def arch(cfg: RunConfig, vocab_size: int) -> Arch:
+    model, moe = cfg.model, cfg.moe
+    heads = model.num_attention_heads
+    return Arch(num_layers=model.num_layers, hidden_size=model.hidden_size, num_heads=heads,
+                num_groups=model.num_query_groups or heads, head_dim=model.kv_channels or model.hidden_size // heads,
+                ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size, vocab_size=vocab_size,
+                num_experts=moe.num_experts, topk=getattr(moe, "router_topk", None),
+                moe_ffn_hidden_size=moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size)
+
+
+def check_exportable(cfg: RunConfig) -> str:
+    """'llama' or 'mixtral'; UnsupportedExport naming the first setting the native classes cannot express."""
+    model, moe = cfg.model, cfg.moe
+    needs = {"model.normalization": (model.normalization, "RMSNorm"), "model.swiglu": (model.swiglu, True),
+             "model.position_embedding_type": (model.position_embedding_type, "rope"),
+             "model.add_bias_linear": (model.add_bias_linear, False),
+             "model.objective": (model.objective, "causal_lm")}
+    for key, (value, want) in needs.items():
+        if value != want:
+            raise UnsupportedExport(f"{key}={value}: Llama/Mixtral need {want}")
+    if moe.num_experts is None:
+        return "llama"
+    if type(moe) is not TopKMoEConfig:
+        raise UnsupportedExport(f"moe.variant={moe.variant} has no native transformers class (HF custom code "
+                                "export is not available yet)")
+    moe_needs = {"moe.layer_freq": (moe.layer_freq, 1), "moe.shared_expert_intermediate_size":
+                 (moe.shared_expert_intermediate_size, None), "moe.expert_capacity_factor":
+                 (moe.expert_capacity_factor, None), "moe.router_enable_expert_bias":
+                 (moe.router_enable_expert_bias, False), "moe.router_bias": (moe.router_bias, False)}
+    for key, (value, want) in moe_needs.items():
+        if value != want:
+            raise UnsupportedExport(f"{key}={value}: MixtralForCausalLM needs {want}")
+    if moe.router_pre_softmax and not (moe.router_topk == 1 and moe.router_gate == "unit_st"):
+        raise UnsupportedExport("moe.router_pre_softmax=true: Mixtral renormalises the top-k probabilities "
+                                "(megatron's default, router_pre_softmax=false)")
+    return "mixtral"
+
+
+def hf_config(cfg: RunConfig, vocab_size: int):
+    """The transformers config of the exported model."""
+    from transformers import LlamaConfig, MixtralConfig
+
+    a, model = arch(cfg, vocab_size), cfg.model
+    common = dict(vocab_size=vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.num_layers,
+                  num_attention_heads=a.num_heads, num_key_value_heads=a.num_groups, head_dim=a.head_dim,
+                  hidden_act="silu", max_position_embeddings=model.max_position_embeddings or cfg.data.seq_length,
+                  rms_norm_eps=model.norm_epsilon, initializer_range=model.init_method_std,
+                  tie_word_embeddings=not model.untie_embeddings_and_output_weights,
+                  rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
+                  torch_dtype="bfloat16" if cfg.train.bf16 else "float32", **SPECIAL_TOKENS)
+    if check_exportable(cfg) == "llama":
+        return LlamaConfig(intermediate_size=a.ffn_hidden_size, attention_bias=False, mlp_bias=False, **common)
+    return MixtralConfig(intermediate_size=a.moe_ffn_hidden_size, num_local_experts=a.num_experts,
+                         num_experts_per_tok=a.topk, router_aux_loss_coef=cfg.moe.aux_loss_coeff, **common)
+
+
+def split_qkv(qkv: Tensor, a: Arch) -> tuple[Tensor, Tensor, Tensor]:
+    """megatron's [groups x (q_per_group + 2) x head_dim, D] -> q [heads x head_dim, D], k, v [groups x ...]."""
+    per_group = a.num_heads // a.num_groups
+    grouped = qkv.reshape(a.num_groups, per_group + 2, a.head_dim, -1)
+    q, k, v = grouped.split([per_group, 1, 1], dim=1)
+    return q.reshape(-1, q.shape[-1]), k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
+
+
+def join_qkv(q: Tensor, k: Tensor, v: Tensor, a: Arch) -> Tensor:
+    per_group = a.num_heads // a.num_groups
+    parts = [t.reshape(a.num_groups, n, a.head_dim, -1) for t, n in ((q, per_group), (k, 1), (v, 1))]
+    return torch.cat(parts, dim=1).reshape(-1, q.shape[-1])
+
+
+def to_hf(megatron: dict[str, Tensor], a: Arch) -> dict[str, Tensor]:
+    """HF state dict (Llama or Mixtral names) from megamoe's full state dict."""
+    out = {"model.embed_tokens.weight": megatron["embedding.word_embeddings.weight"][:a.vocab_size],
+           "model.norm.weight": megatron["decoder.final_layernorm.weight"]}
+    if "output_layer.weight" in megatron:
+        out["lm_head.weight"] = megatron["output_layer.weight"][:a.vocab_size]
+    for i in range(a.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        q, k, v = split_qkv(megatron[src + "self_attention.linear_qkv.weight"], a)
+        out |= {dst + "input_layernorm.weight": megatron[src + "input_layernorm.weight"],
+                dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
+                dst + "self_attn.v_proj.weight": v,
+                dst + "self_attn.o_proj.weight": megatron[src + "self_attention.linear_proj.weight"],
+                dst + "post_attention_layernorm.weight": megatron[src + "pre_mlp_layernorm.weight"]}
+        if a.num_experts is None:
+            gate, up = megatron[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+            out |= {dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
+                    dst + "mlp.down_proj.weight": megatron[src + "mlp.linear_fc2.weight"]}
+        else:
+            out |= {dst + "mlp.gate.weight": megatron[src + "mlp.moe.router.weight"],
+                    dst + "mlp.experts.gate_up_proj": megatron[src + "mlp.moe.experts.linear_fc1"],
+                    dst + "mlp.experts.down_proj": megatron[src + "mlp.moe.experts.linear_fc2"]}
+    return {name: t.contiguous() for name, t in out.items()}
