@@ -1,9 +1,16 @@
-"""Convert a megamoe checkpoint (any TP/EP layout) to a Hugging Face directory.
+"""Convert checkpoints between megamoe (any TP/EP layout) and Hugging Face.
 
-  python tools/convert_checkpoint.py --load runs/tiny-dense/checkpoints --save hf/tiny-dense [--dtype bfloat16]
-Dense models become LlamaForCausalLM, top-k MoE models MixtralForCausalLM (config.json, model.safetensors,
-generation_config.json, tokenizer.model + tokenizer_config.json). Shards are merged from the checkpoint files
-alone, in one process. Settings the native classes cannot express are refused with the reason.
+  megamoe -> HF:  python tools/convert_checkpoint.py --load runs/tiny-dense/checkpoints --save hf/tiny-dense \\
+                      [--dtype bfloat16]
+  HF -> megamoe:  python tools/convert_checkpoint.py --load-hf hf/tiny-dense --save runs/imported \\
+                      --config configs/tiny-dense.yaml [section.key=value ...]
+                  deepspeed --num_gpus 2 launchers/pretrain.py --config runs/imported/finetune.yaml \\
+                      [parallel.tensor_model_parallel_size=2 ...]
+Dense models are LlamaForCausalLM, top-k MoE models MixtralForCausalLM (config.json, model.safetensors,
+generation_config.json, tokenizer.model + tokenizer_config.json). Export merges the shards from the checkpoint
+files alone, in one process. Import writes a weights-only checkpoint (iteration 0) that any TP/EP layout
+loads, plus finetune.yaml: the model from config.json; data, train and parallel from --config and the
+overrides. Settings the other side cannot express are refused with the reason.
 """
 
 from __future__ import annotations
@@ -19,16 +26,26 @@ from megamoe import config  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load", required=True, help="a run's checkpoint directory (its 'latest' tag is read)")
-    parser.add_argument("--save", required=True, help="the HF directory to write")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--load", help="megamoe -> HF: a run's checkpoint directory (its 'latest' tag is read)")
+    source.add_argument("--load-hf", help="HF -> megamoe: a Llama or Mixtral directory with tokenizer.model")
+    parser.add_argument("--save", required=True, help="the directory to write")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="dtype of the saved weights")
+                        help="megamoe -> HF: dtype of the saved weights")
+    parser.add_argument("--config", help="HF -> megamoe: the run config giving data, train and parallel settings")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="HF -> megamoe: the run's other settings (data, train, parallel)")
     args = parser.parse_args(argv)
+    if args.load and (args.overrides or args.config):
+        parser.error("--config and overrides apply to --load-hf only (an export keeps the checkpoint's config)")
     from megamoe.hf.llama import UnsupportedExport
-    from megamoe.train.export import export_hf
+    from megamoe.train.export import export_hf, import_hf
 
     try:
-        export_hf(args.load, args.save, args.dtype)
+        if args.load:
+            export_hf(args.load, args.save, args.dtype)
+        else:
+            import_hf(args.load_hf, args.save, args.config, args.overrides)
     except (UnsupportedExport, config.ConfigError, FileNotFoundError, ValueError) as err:
         print(f"megamoe: convert_checkpoint: {err}", file=sys.stderr)
         return 2

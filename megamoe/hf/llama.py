@@ -132,3 +132,55 @@ def to_hf(megatron: dict[str, Tensor], a: Arch) -> dict[str, Tensor]:
                     dst + "mlp.experts.gate_up_proj": megatron[src + "mlp.moe.experts.linear_fc1"],
                     dst + "mlp.experts.down_proj": megatron[src + "mlp.moe.experts.linear_fc2"]}
     return {name: t.contiguous() for name, t in out.items()}
+
+
+def from_hf(hf: dict[str, Tensor], a: Arch) -> dict[str, Tensor]:
+    """megamoe's full state dict (megatron names, unpadded vocabulary) from a Llama or Mixtral state dict."""
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    if "lm_head.weight" in hf:
+        out["output_layer.weight"] = hf["lm_head.weight"]
+    for i in range(a.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        qkv = join_qkv(*(hf[src + f"self_attn.{x}_proj.weight"] for x in "qkv"), a)
+        out |= {dst + "input_layernorm.weight": hf[src + "input_layernorm.weight"],
+                dst + "self_attention.linear_qkv.weight": qkv,
+                dst + "self_attention.linear_proj.weight": hf[src + "self_attn.o_proj.weight"],
+                dst + "pre_mlp_layernorm.weight": hf[src + "post_attention_layernorm.weight"]}
+        if a.num_experts is None:
+            out |= {dst + "mlp.linear_fc1.weight": torch.cat([hf[src + "mlp.gate_proj.weight"],
+                                                              hf[src + "mlp.up_proj.weight"]]),
+                    dst + "mlp.linear_fc2.weight": hf[src + "mlp.down_proj.weight"]}
+        else:
+            out |= {dst + "mlp.moe.router.weight": hf[src + "mlp.gate.weight"],
+                    dst + "mlp.moe.experts.linear_fc1": hf[src + "mlp.experts.gate_up_proj"],
+                    dst + "mlp.moe.experts.linear_fc2": hf[src + "mlp.experts.down_proj"]}
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def run_overrides(hf_cfg) -> list[str]:
+    """The model (and moe) overrides of megamoe's config for a transformers Llama or Mixtral config."""
+    if hf_cfg.model_type not in ("llama", "mixtral"):
+        raise UnsupportedExport(f"model_type {hf_cfg.model_type!r}: megamoe imports llama and mixtral checkpoints")
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    checks = {"hidden_act": (hf_cfg.hidden_act, "silu"), "rope_type": (rope.get("rope_type", "default"), "default"),
+              "attention_bias": (getattr(hf_cfg, "attention_bias", False), False),
+              "mlp_bias": (getattr(hf_cfg, "mlp_bias", False), False)}
+    for key, (value, want) in checks.items():
+        if value != want:
+            raise UnsupportedExport(f"{key}={value}: megamoe's GPT needs {want}")
+    heads = hf_cfg.num_attention_heads
+    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // heads
+    out = [f"model.num_layers={hf_cfg.num_hidden_layers}", f"model.hidden_size={hf_cfg.hidden_size}",
+           f"model.num_attention_heads={heads}", f"model.num_query_groups={hf_cfg.num_key_value_heads or heads}",
+           f"model.kv_channels={head_dim}", f"model.ffn_hidden_size={hf_cfg.intermediate_size}",
+           f"model.norm_epsilon={hf_cfg.rms_norm_eps}", f"model.rotary_base={int(rope.get('rope_theta', 10000))}",
+           f"model.max_position_embeddings={hf_cfg.max_position_embeddings}",
+           f"model.untie_embeddings_and_output_weights={str(not hf_cfg.tie_word_embeddings).lower()}",
+           "model.normalization=RMSNorm", "model.swiglu=true", "model.position_embedding_type=rope",
+           "model.add_bias_linear=false"]
+    if hf_cfg.model_type == "mixtral":
+        out += ["moe.variant=topk", f"moe.num_experts={hf_cfg.num_local_experts}",
+                f"moe.router_topk={hf_cfg.num_experts_per_tok}", "moe.router_pre_softmax=false", "moe.layer_freq=1",
+                f"moe.ffn_hidden_size={hf_cfg.intermediate_size}"]
+    return out

@@ -5,9 +5,10 @@ rank (dropout streams differ per rank); `config.yaml` (the resolved config); `ex
 experts of expert-parallel rank r keyed by global expert id (DeepSpeed's model file holds only EP rank 0's
 experts, integration.md 6.4). `<save>/latest` names the newest tag.
 
-Resuming with the saved expert-parallel size restores everything. With another EP size the model weights
-are loaded (experts resharded from the shards) before the engine exists, the LR schedule and data position
-continue, and the optimizer state starts afresh (DeepSpeed cannot reshard it). `checkpoint.finetune` and
+Resuming with the saved tensor- and expert-parallel sizes restores everything. With another TP or EP size the
+model weights are loaded (TP shards merged and re-cut, experts placed from their shards) before the engine
+exists, the LR schedule and data position continue, and the optimizer state starts afresh (DeepSpeed cannot
+reshard it). `checkpoint.finetune` and
 weights-only checkpoints (written by tools/upcycle.py: the same files without DeepSpeed's optimizer state, plus
 a `weights_only` marker) load the weights the same way and start at iteration 0.
 """
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import yaml
 
 from megamoe.config import RunConfig, dump
+from megamoe.models.sharding import merge_tp, shard_tp
 from megamoe.moe import MoELayer
 from megamoe.moe.experts import Experts
 from megamoe.parallel.groups import ParallelGroups
@@ -162,35 +164,63 @@ def restarts(tag_dir: Path | None, cfg: RunConfig) -> bool:
 
 def loads_weights_only(tag_dir: Path | None, cfg: RunConfig) -> bool:
     """True when only the weights of `tag_dir` load, before the engine exists (then load_weights): fine-tuning,
-    a weights-only checkpoint, or another expert-parallel size than the checkpoint's."""
+    a weights-only checkpoint, or another tensor- or expert-parallel size than the checkpoint's."""
     if tag_dir is None:
         return False
     tp, ep = saved_layout(tag_dir)
-    if tp != cfg.parallel.tensor_model_parallel_size:
-        raise ValueError(f"checkpoint {tag_dir} was written with tensor_model_parallel_size={tp}; resume with the "
-                         f"same size (this run has {cfg.parallel.tensor_model_parallel_size})")
-    return restarts(tag_dir, cfg) or ep != cfg.parallel.expert_model_parallel_size
+    return (restarts(tag_dir, cfg) or ep != cfg.parallel.expert_model_parallel_size
+            or tp != cfg.parallel.tensor_model_parallel_size)
 
 
-def _model_states(tag_dir: Path, groups: ParallelGroups) -> dict:
+def _model_states(tag_dir: Path, tp_rank: int) -> dict:
     # DeepSpeed's own file (written by deepspeed.save_checkpoint): it holds plain containers besides tensors.
-    return torch.load(tag_dir / f"mp_rank_{groups.tp_rank:02d}_model_states.pt", weights_only=False)
+    return torch.load(tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt", weights_only=False)
+
+
+def _resharded_module(tag_dir: Path, model: torch.nn.Module, groups: ParallelGroups) -> tuple[dict, dict]:
+    """(DeepSpeed's saved state of TP rank 0, this rank's module weights) from a checkpoint written with another
+    tensor-parallel size: each parameter merged from the saved shards, then cut for this rank."""
+    saved_tp, _ = saved_layout(tag_dir)
+    shards = [_model_states(tag_dir, r) for r in range(saved_tp)]
+    params = dict(model.named_parameters())
+    module = {}
+    for name, value in shards[0]["module"].items():
+        if name not in params or not isinstance(value, torch.Tensor):
+            module[name] = value
+            continue
+        full = merge_tp([shard["module"][name] for shard in shards], params[name])
+        if getattr(params[name], "tensor_model_parallel", False) and params[name].partition_dim == 0:
+            full = _fit_vocab_rows(full, params[name].shape[0] * groups.tp_size)
+        module[name] = shard_tp(full, params[name], groups)
+    return shards[0], module
+
+
+def _fit_vocab_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
+    """Megatron pads the vocabulary to a multiple of 128 x TP: another TP size has other padding rows (never a
+    real token's), dropped or added as zeros. Other row-sharded tensors already have `rows` rows."""
+    if full.shape[0] >= rows:
+        return full[:rows]
+    return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
 
 
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> dict:
     """The model weights of a checkpoint, experts resharded to this run's expert-parallel size, before the engine
     exists (so DeepSpeed's fp32 master weights start from them). Returns the saved state for `load`."""
-    states = _model_states(tag_dir, groups)
+    if saved_layout(tag_dir)[0] == groups.tp_size:
+        states = _model_states(tag_dir, groups.tp_rank)
+        module = states["module"]
+    else:
+        states, module = _resharded_module(tag_dir, model, groups)
     expert_keys = {f"{name}.{p}" for name, m in _experts(model).items() for p, _ in m.named_parameters(recurse=False)}
-    dense = {k: v for k, v in states["module"].items() if k not in expert_keys}
+    dense = {k: v for k, v in module.items() if k not in expert_keys}
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if (not_loaded := sorted(set(missing) - expert_keys)) or unexpected:
         raise ValueError(f"{tag_dir}: checkpoint does not fit the model (missing {not_loaded[:3]}, "
                          f"unexpected {unexpected[:3]})")
     load_expert_shards(model, tag_dir)
     get_logger().warning(f"loaded the weights of {tag_dir} (fine-tuning, a weights-only checkpoint or another "
-                         "expert-parallel size): the optimizer state starts afresh")
+                         "tensor- or expert-parallel size): the optimizer state starts afresh")
     return states
 
 

@@ -105,3 +105,46 @@ def save_tokenizer(tokenizer_model: Path, out: Path) -> None:
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
         "legacy": False}, indent=2))
+
+
+def import_hf(hf_dir: str, save_dir: str, base_config: str | None, overrides: list[str]) -> Path:
+    """A weights-only megamoe checkpoint (iteration 0) and `finetune.yaml` from a Llama or Mixtral directory
+    holding a sentencepiece `tokenizer.model`. The run's other settings (data, train, parallel) come from
+    `base_config` and `overrides`; its model section from config.json. Any TP/EP layout then loads the
+    checkpoint (weights are re-cut at load time)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megamoe.data.tokenizer import spm_vocab_size
+
+    source = Path(hf_dir)
+    tokenizer_model = source / "tokenizer.model"
+    if (vocab_size := spm_vocab_size(tokenizer_model)) is None:
+        raise FileNotFoundError(f"{source} has no tokenizer.model: megamoe trains with sentencepiece tokenizers")
+    hf_cfg = AutoConfig.from_pretrained(source)
+    if hf_cfg.vocab_size != vocab_size:
+        raise ValueError(f"{source}: vocab_size {hf_cfg.vocab_size} differs from tokenizer.model's {vocab_size}")
+    save = Path(save_dir)
+    paths = [f"data.tokenizer_model={tokenizer_model}", f"checkpoint.load={save}", f"checkpoint.save={save}",
+             f"logging.log_dir={save / 'logs'}"]
+    cfg = config.load(base_config, [*paths, *llama.run_overrides(hf_cfg), *overrides])
+    llama.check_exportable(cfg)  # what imports must export back
+    model = one_process_model(cfg, vocab_size)
+    hf_state = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
+    state = llama.from_hf(hf_state, llama.arch(cfg, vocab_size))
+    own = model.state_dict()
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in state:  # megatron's padded vocabulary: zero rows beyond the tokenizer's
+            state[name] = torch.cat([state[name], own[name].new_zeros(own[name].shape[0] - vocab_size,
+                                                                      own[name].shape[1])])
+    params = {n for n, _ in model.named_parameters()}
+    if missing := sorted(params - state.keys()):
+        raise ValueError(f"{source} lacks {len(missing)} of the model's weights, e.g. {missing[:3]}")
+    model.load_state_dict(state, strict=False)
+    single = dataclasses.replace(cfg, parallel=config.ParallelConfig())
+    from megamoe.parallel.groups import ParallelGroups
+
+    tag_dir = checkpoint.save_weights_only(model, single, save, ParallelGroups.single_process())
+    (save / "finetune.yaml").write_text(config.dump(cfg))
+    get_logger().info(f"imported {source} ({hf_cfg.model_type}) into {tag_dir}; train with --config "
+                      f"{save / 'finetune.yaml'}")
+    return tag_dir

@@ -81,3 +81,61 @@ def test_unsupported_variant_is_refused_in_one_line(tiny_data, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "megamoe: convert_checkpoint: moe.variant=mpo has no native transformers class (HF custom code export is "
         "not available yet)"]
+
+
+def _loaded_weights(data: dict, load: str, overrides: list[str]) -> dict:
+    from megamoe.train import startup
+    from megamoe.train.loop import build_trainer
+    from tests.helpers import full_params, tiny_config
+
+    cfg = tiny_config(data, "train.train_iters=2", f"checkpoint.load={load}", *overrides)
+    return full_params(build_trainer(cfg, startup.check(cfg)))
+
+
+def test_a_tp2_checkpoint_loads_under_tp1_with_the_same_weights(tiny_data, tmp_path):
+    """Another TP size loads the weights (merged and re-cut; vocabulary padding rows refitted)."""
+    save = str(tmp_path / "checkpoints")
+    trained = spawn(_train, 2, tiny_data, save, MODELS["llama_tp2"])[0]["full"]
+    loaded = spawn(_loaded_weights, 1, tiny_data, save, [])[0]
+    assert sorted(loaded) == sorted(trained)
+    for key, want in trained.items():
+        rows = min(want.shape[0], loaded[key].shape[0])
+        assert torch.equal(loaded[key][:rows], want[:rows]), key
+
+
+def _import(hf_dir: str, save: str, data_prefix: str) -> dict:
+    from safetensors.torch import load_file
+
+    from megamoe.train import export
+    from tests.helpers import ROOT
+
+    export.import_hf(hf_dir, save, str(ROOT / "configs" / "tiny-dense.yaml"), [f"data.data_path=[{data_prefix}]"])
+    return load_file(f"{hf_dir}/model.safetensors")
+
+
+def _export_again(save: str, hf_again: str) -> dict:
+    from safetensors.torch import load_file
+
+    from megamoe.train import export
+
+    export.export_hf(save, hf_again)
+    return load_file(f"{hf_again}/model.safetensors")
+
+
+def test_hf_to_megamoe_to_hf_round_trip_is_identical_and_loads_under_tp2_ep2(tiny_data, tmp_path):
+    save = str(tmp_path / "checkpoints")
+    trained = spawn(_train, 2, tiny_data, save, MODELS["mixtral_ep2"])[0]["full"]
+    spawn(_export_and_compare, 1, save, str(tmp_path / "hf"))
+    first = spawn(_import, 1, str(tmp_path / "hf"), str(tmp_path / "imported"), tiny_data["prefix"])[0]
+    again = spawn(_export_again, 1, str(tmp_path / "imported"), str(tmp_path / "hf_again"))[0]
+    assert sorted(first) == sorted(again)
+    for name, tensor in first.items():
+        assert torch.equal(again[name], tensor), name
+    # The imported TP=1 EP=1 checkpoint under TP=2 x EP=2: the trained weights (vocabulary rows: the real ones).
+    loaded = spawn(_loaded_weights, 4, tiny_data, str(tmp_path / "imported"),
+                   ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64", "deepspeed.zero_stage=2",
+                    "parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2",
+                    "parallel.sequence_parallel=true", "train.micro_batch_size=4"])[0]
+    vocab = first["model.embed_tokens.weight"].shape[0]
+    for key, want in trained.items():
+        assert torch.equal(loaded[key][:vocab], want[:vocab]), key
