@@ -32,5 +32,5 @@ def tiny_data(tmp_path_factory) -> dict[str, str]:
     with gzip.open(CORPUS, "rt") as src, corpus.open("w") as dst:
         dst.writelines(itertools.islice(src, 300))
     tokenizer = preprocess.train_tokenizer([str(corpus)], str(root / "spm"), vocab_size=512)
-    prefix, _, _ = preprocess.encode_corpus([str(corpus)], tokenizer, str(root / "slice"))
+    prefix = preprocess.encode_corpus([str(corpus)], tokenizer, str(root / "slice")).prefix
     return {"root": str(root), "corpus": str(corpus), "tokenizer": tokenizer, "prefix": prefix}

@@ -1,8 +1,10 @@
 """Tokenize a corpus into a Megatron indexed dataset, training the sentencepiece model first if asked.
 
   python tools/preprocess_data.py --input data/shakespeare-train.jsonl.gz --output-prefix data/processed/shakespeare \
-      --train-tokenizer --vocab-size 4000
-writes data/processed/shakespeare.model (the tokenizer) and data/processed/shakespeare_text_document.{bin,idx}.
+      --train-tokenizer --vocab-size 4000 [--tokenizer-type unigram] [--special-tokens <a> <b>] [--workers 4]
+writes data/processed/shakespeare.model (the tokenizer) and data/processed/shakespeare_text_document.{bin,idx}
+(megatron.core.datasets' format: Megatron-LM's tools read them). Prints documents, tokens and tokens/s.
+Inspect the result with tools/inspect_dataset.py; blend several with data.data_path=[w1, prefix1, w2, prefix2].
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="train a sentencepiece model on the input first (<output-prefix>.model)")
     parser.add_argument("--vocab-size", type=int, default=4000, help="vocabulary of a trained tokenizer")
     parser.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default="bpe")
+    parser.add_argument("--special-tokens", nargs="*", default=[], help="extra pieces a trained tokenizer never splits")
+    parser.add_argument("--no-byte-fallback", action="store_true",
+                        help="a trained tokenizer maps unknown characters to <unk> instead of UTF-8 bytes")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers} must be >= 1")
     for path in args.input:
         if not Path(path).is_file():
             parser.error(f"--input file '{path}' does not exist")
@@ -36,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     model = args.tokenizer_model
     if args.train_tokenizer:
         model = preprocess.train_tokenizer(args.input, args.output_prefix, args.vocab_size, args.tokenizer_type,
-                                           args.json_keys)
-        print(f"tokenizer: {model} ({args.vocab_size} {args.tokenizer_type} pieces)")
-    prefix, docs, tokens = preprocess.encode_corpus(args.input, model, args.output_prefix, args.json_keys)
-    print(f"dataset: {prefix}.bin/.idx  {docs} documents, {tokens} tokens, "
-          f"{time.perf_counter() - start:.1f} s")
+                                           args.json_keys, tuple(args.special_tokens), not args.no_byte_fallback)
+        print(f"tokenizer: {model} ({args.vocab_size} {args.tokenizer_type} pieces, "
+              f"{time.perf_counter() - start:.1f} s)")
+    report = preprocess.encode_corpus(args.input, model, args.output_prefix, args.json_keys, workers=args.workers,
+                                      progress=sys.stderr.isatty())
+    print(f"dataset: {report.prefix}.bin/.idx  {report.documents:,} documents, {report.tokens:,} tokens in "
+          f"{report.seconds:.1f} s = {report.tokens_per_s:,.0f} tokens/s with {args.workers} worker(s)")
     return 0
 
 

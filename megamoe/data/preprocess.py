@@ -6,11 +6,15 @@ one document per JSON line, end-of-document token appended.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import multiprocessing
 import os
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +46,10 @@ def read_documents(path: str | Path, json_key: str = "text") -> Iterator[str]:
 
 
 def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, model_type: str = "bpe",
-                    json_key: str = "text") -> str:
-    """Train a sentencepiece model on the documents of `inputs`; returns the .model path."""
+                    json_key: str = "text", special_tokens: tuple[str, ...] = (), byte_fallback: bool = True) -> str:
+    """Train a sentencepiece model on the documents of `inputs`; returns the .model path.
+
+    Ids 0-3 are pad, unk, bos, eos (EOD); `<mask>` and `special_tokens` are single pieces never split."""
     Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as corpus:
         for path in inputs:
@@ -51,33 +57,119 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, model
                 corpus.write(doc.replace("\n", " ") + "\n")
     try:
         spm.SentencePieceTrainer.train(input=corpus.name, model_prefix=model_prefix, vocab_size=vocab_size,
-                                       model_type=model_type, character_coverage=1.0, byte_fallback=True,
-                                       user_defined_symbols=[MASK_PIECE], minloglevel=2, **SPECIAL_IDS)
+                                       model_type=model_type, character_coverage=1.0, byte_fallback=byte_fallback,
+                                       user_defined_symbols=[MASK_PIECE, *special_tokens], minloglevel=2,
+                                       **SPECIAL_IDS)
     finally:
         os.unlink(corpus.name)
     return model_prefix + ".model"
 
 
-def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str,
-                  json_key: str = "text") -> tuple[str, int, int]:
-    """Tokenize every document (EOD appended) into `<output_prefix>_<json_key>_document`.
+@dataclass
+class EncodeReport:
+    prefix: str
+    documents: int
+    tokens: int
+    seconds: float
 
-    Returns (dataset prefix, documents, tokens).
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+_WORKER_TOKENIZER = None
+
+
+def _load_worker_tokenizer(tokenizer_model: str) -> None:
+    global _WORKER_TOKENIZER
+    from megamoe.data.tokenizer import load_tokenizer
+
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_model)
+
+
+def _encode_batch(docs: list[str]) -> list[list[int]]:
+    tokenizer = _WORKER_TOKENIZER
+    return [tokenizer.tokenize(doc) + [tokenizer.eod] for doc in docs]
+
+
+def _batches(inputs: list[str], json_key: str, size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for path in inputs:
+        for doc in read_documents(path, json_key):
+            batch.append(doc)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str, json_key: str = "text",
+                  workers: int = 1, batch_documents: int = 256, progress: bool = False) -> EncodeReport:
+    """Tokenize every document (EOD appended) into `<output_prefix>_<json_key>_document`, in input order.
+
+    `workers` processes tokenize batches of `batch_documents` documents while this one writes them (Megatron's
+    IndexedDatasetBuilder); `progress` shows a bar (documents done, tokens/s) on stderr.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
-    from megamoe.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_model)
+    start = time.perf_counter()
     prefix = f"{output_prefix}_{json_key}_document"
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if tokenizer.vocab_size < 65_536 else np.int32
+    dtype = np.uint16 if spm.SentencePieceProcessor(model_file=tokenizer_model).vocab_size() < 65_536 else np.int32
     builder = IndexedDatasetBuilder(get_bin_path(prefix), dtype=dtype)
+    batches = _batches(inputs, json_key, batch_documents)
     num_docs = num_tokens = 0
-    for path in inputs:
-        for doc in read_documents(path, json_key):
-            ids = tokenizer.tokenize(doc) + [tokenizer.eod]
-            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-            num_docs, num_tokens = num_docs + 1, num_tokens + len(ids)
+    with _tokenized(batches, tokenizer_model, workers) as encoded, _progress_bar(progress) as bar:
+        for docs_ids in encoded:
+            for ids in docs_ids:
+                builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+                num_tokens += len(ids)
+            num_docs += len(docs_ids)
+            bar.update(len(docs_ids))
+            bar.set_postfix(tokens_per_s=f"{num_tokens / (time.perf_counter() - start):,.0f}", refresh=False)
     builder.finalize(get_idx_path(prefix))
-    return prefix, num_docs, num_tokens
+    return EncodeReport(prefix=prefix, documents=num_docs, tokens=num_tokens, seconds=time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _tokenized(batches: Iterator[list[str]], tokenizer_model: str, workers: int):
+    """Token ids per batch, in order: in this process (workers=1) or a pool of `workers` processes."""
+    if workers <= 1:
+        _load_worker_tokenizer(tokenizer_model)
+        yield map(_encode_batch, batches)
+        return
+    # fork where there is one: the workers inherit the loaded tokenizer instead of importing megatron again
+    # (seconds each); nothing in this process has started threads yet (no torch op has run).
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "fork":
+        _load_worker_tokenizer(tokenizer_model)
+    initializer, initargs = (None, ()) if method == "fork" else (_load_worker_tokenizer, (tokenizer_model,))
+    with multiprocessing.get_context(method).Pool(workers, initializer, initargs) as pool:
+        yield pool.imap(_encode_batch, batches, chunksize=1)
+
+
+def _progress_bar(enabled: bool):
+    from tqdm import tqdm  # a DeepSpeed dependency
+
+    return tqdm(disable=not enabled, unit=" docs", desc="tokenizing", mininterval=1.0)
+
+
+def describe_dataset(prefix: str, tokenizer_model: str | None = None, sample: int = 0,
+                     sample_tokens: int = 64) -> dict:
+    """Documents, tokens and document lengths of an indexed dataset (read by megatron-core's IndexedDataset),
+    with document `sample`'s first `sample_tokens` ids, decoded when a tokenizer is given."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    lengths = dataset.sequence_lengths
+    if not 0 <= sample < len(dataset):
+        raise ValueError(f"--sample {sample} is outside the {len(dataset)} documents of {prefix}")
+    ids = dataset[sample][:sample_tokens].tolist()
+    out = {"prefix": prefix, "dtype": np.dtype(dataset.index.dtype).name, "documents": len(dataset),
+           "tokens": int(lengths.sum()), "doc_tokens_min": int(lengths.min()),
+           "doc_tokens_mean": round(float(lengths.mean()), 1), "doc_tokens_max": int(lengths.max()),
+           "sample": sample, "sample_ids": ids}
+    if tokenizer_model is not None:
+        out["sample_text"] = spm.SentencePieceProcessor(model_file=tokenizer_model).decode(ids)
+    return out

@@ -38,7 +38,8 @@ def test_read_documents_formats(tmp_path):
 
 
 def test_encode_names_files_like_megatron(tiny_data, tmp_path):
-    prefix, docs, tokens = encode_corpus([tiny_data["corpus"]], tiny_data["tokenizer"], str(tmp_path / "c"))
+    report = encode_corpus([tiny_data["corpus"]], tiny_data["tokenizer"], str(tmp_path / "c"))
+    prefix, docs, tokens = report.prefix, report.documents, report.tokens
     assert prefix.endswith("c_text_document") and docs == 300 and tokens > 300
     assert (tmp_path / "c_text_document.bin").stat().st_size == 2 * tokens  # uint16
 
@@ -83,8 +84,50 @@ def _blend_fractions(data: dict, second_prefix: str) -> dict:
 def test_weighted_blend_through_megatron_builder(tiny_data, tmp_path):
     from tests.helpers import spawn
 
-    second, _, _ = encode_corpus([tiny_data["corpus"]], tiny_data["tokenizer"], str(tmp_path / "second"))
+    second = encode_corpus([tiny_data["corpus"]], tiny_data["tokenizer"], str(tmp_path / "second")).prefix
     got = spawn(_blend_fractions, 1, tiny_data, second)[0]
     assert got["fractions"].round(2).tolist() == [0.7, 0.3]
     assert got["train"] == 50 * 4 and got["valid"] >= 2 * 4  # train_iters x global batch; eval_iters x micro
     assert got["keys"] == ["dataset_id", "labels", "loss_mask", "position_ids", "tokens"] and got["shifted"]
+
+
+def test_two_workers_write_the_same_files_in_order(tiny_data, tmp_path):
+    one = encode_corpus([tiny_data["corpus"]], tiny_data["tokenizer"], str(tmp_path / "one"), batch_documents=7)
+    two = encode_corpus([tiny_data["corpus"]], tiny_data["tokenizer"], str(tmp_path / "two"), workers=2,
+                        batch_documents=7)
+    assert (one.documents, one.tokens) == (two.documents, two.tokens) == (300, one.tokens)
+    for suffix in (".bin", ".idx"):
+        with open(one.prefix + suffix, "rb") as a, open(two.prefix + suffix, "rb") as b:
+            assert a.read() == b.read(), suffix
+    assert two.tokens_per_s > 0
+
+
+def test_trained_tokenizer_keeps_special_tokens_and_falls_back_to_bytes(tiny_data, tmp_path):
+    import sentencepiece as spm
+
+    from megamoe.data.preprocess import train_tokenizer
+
+    model = train_tokenizer([tiny_data["corpus"]], str(tmp_path / "spm"), vocab_size=400,
+                            special_tokens=("<|user|>",))
+    processor = spm.SentencePieceProcessor(model_file=model)
+    assert [processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id()] == [0, 1, 2, 3]
+    user = processor.piece_to_id("<|user|>")
+    assert user != processor.unk_id() and user in processor.encode("hi <|user|> there")
+    assert processor.unk_id() not in processor.encode("€ 漢")  # bytes, not <unk>
+    plain = spm.SentencePieceProcessor(model_file=train_tokenizer(
+        [tiny_data["corpus"]], str(tmp_path / "plain"), vocab_size=400, byte_fallback=False))
+    assert plain.unk_id() in plain.encode("漢")
+
+
+def test_describe_dataset_counts_and_decodes(tiny_data):
+    from megamoe.data.preprocess import describe_dataset
+
+    docs = list(read_documents(tiny_data["corpus"]))
+    tokenizer = load_tokenizer(tiny_data["tokenizer"])
+    lengths = [len(tokenizer.tokenize(d)) + 1 for d in docs]
+    short = lengths.index(min(lengths))
+    info = describe_dataset(tiny_data["prefix"], tiny_data["tokenizer"], sample=short, sample_tokens=10_000)
+    assert (info["documents"], info["tokens"], info["doc_tokens_max"]) == (300, sum(lengths), max(lengths))
+    assert info["sample_ids"][-1] == tokenizer.eod and info["sample_text"] == docs[short]
+    with pytest.raises(ValueError, match="outside the 300 documents"):
+        describe_dataset(tiny_data["prefix"], sample=300)
