@@ -6,8 +6,9 @@
                       --config configs/tiny-dense.yaml [section.key=value ...]
                   deepspeed --num_gpus 2 launchers/pretrain.py --config runs/imported/finetune.yaml \\
                       [parallel.tensor_model_parallel_size=2 ...]
-Dense models are LlamaForCausalLM, top-k MoE models MixtralForCausalLM (config.json, model.safetensors,
-generation_config.json, tokenizer.model + tokenizer_config.json). Export merges the shards from the checkpoint
+Dense models are LlamaForCausalLM, top-k MoE models MixtralForCausalLM or, with a gated shared expert,
+Qwen2MoeForCausalLM (config.json, model.safetensors, generation_config.json, tokenizer.model +
+tokenizer_config.json). Export merges the shards from the checkpoint
 files alone, in one process. Import writes a weights-only checkpoint (iteration 0) that any TP/EP layout
 loads, plus finetune.yaml: the model from config.json; data, train and parallel from --config and the
 overrides. Settings the other side cannot express are refused with the reason.
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--load", help="megamoe -> HF: a run's checkpoint directory (its 'latest' tag is read)")
-    source.add_argument("--load-hf", help="HF -> megamoe: a Llama or Mixtral directory with tokenizer.model")
+    source.add_argument("--load-hf", help="HF -> megamoe: a Llama, Mixtral or Qwen2-MoE directory with "
+                        "tokenizer.model")
     parser.add_argument("--save", required=True, help="the directory to write")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="megamoe -> HF: dtype of the saved weights")
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.load and (args.overrides or args.config):
         parser.error("--config and overrides apply to --load-hf only (an export keeps the checkpoint's config)")
-    from megamoe.hf.llama import UnsupportedExport
+    from megamoe.hf.native import UnsupportedExport
     from megamoe.train.export import export_hf, import_hf
 
     try:

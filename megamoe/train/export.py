@@ -16,7 +16,7 @@ import torch
 
 from megamoe import config
 from megamoe.config import RunConfig
-from megamoe.hf import llama
+from megamoe.hf import native
 from megamoe.models.sharding import merge_tp
 from megamoe.train import checkpoint
 from megamoe.utils import get_logger
@@ -67,13 +67,13 @@ def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
     if tag_dir is None:
         raise FileNotFoundError(f"{load_dir} holds no checkpoint ('latest' missing); pass a run's checkpoint.save")
     cfg = config.load(tag_dir / "config.yaml")
-    llama.check_exportable(cfg)
+    native.check_exportable(cfg)
     tokenizer_model = Path(cfg.data.tokenizer_model)
     vocab_size = spm_vocab_size(tokenizer_model)
     if vocab_size is None:
         raise FileNotFoundError(f"the run's tokenizer {tokenizer_model} is missing; the export ships it")
     model = one_process_model(cfg, vocab_size)
-    state = llama.to_hf(merged_state_dict(tag_dir, model), llama.arch(cfg, vocab_size))
+    state = native.to_hf(merged_state_dict(tag_dir, model), native.arch(cfg, vocab_size))
     hf_model = hf_model_from(cfg, vocab_size, state)
     out = Path(out_dir)
     hf_model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
@@ -86,7 +86,7 @@ def hf_model_from(cfg: RunConfig, vocab_size: int, state: dict[str, torch.Tensor
     """The transformers model holding `state` (every tensor must be used)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    hf_cfg = llama.hf_config(cfg, vocab_size)
+    hf_cfg = native.hf_config(cfg, vocab_size)
     with torch.device("meta"):
         hf_model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
     hf_model.load_state_dict(state, strict=True, assign=True)
@@ -108,8 +108,8 @@ def save_tokenizer(tokenizer_model: Path, out: Path) -> None:
 
 
 def import_hf(hf_dir: str, save_dir: str, base_config: str | None, overrides: list[str]) -> Path:
-    """A weights-only megamoe checkpoint (iteration 0) and `finetune.yaml` from a Llama or Mixtral directory
-    holding a sentencepiece `tokenizer.model`. The run's other settings (data, train, parallel) come from
+    """A weights-only megamoe checkpoint (iteration 0) and `finetune.yaml` from a Llama, Mixtral or Qwen2-MoE
+    directory holding a sentencepiece `tokenizer.model`. The run's other settings (data, train, parallel) come from
     `base_config` and `overrides`; its model section from config.json. Any TP/EP layout then loads the
     checkpoint (weights are re-cut at load time)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -126,11 +126,11 @@ def import_hf(hf_dir: str, save_dir: str, base_config: str | None, overrides: li
     save = Path(save_dir)
     paths = [f"data.tokenizer_model={tokenizer_model}", f"checkpoint.load={save}", f"checkpoint.save={save}",
              f"logging.log_dir={save / 'logs'}"]
-    cfg = config.load(base_config, [*paths, *llama.run_overrides(hf_cfg), *overrides])
-    llama.check_exportable(cfg)  # what imports must export back
+    cfg = config.load(base_config, [*paths, *native.run_overrides(hf_cfg), *overrides])
+    native.check_exportable(cfg)  # what imports must export back
     model = one_process_model(cfg, vocab_size)
     hf_state = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
-    state = llama.from_hf(hf_state, llama.arch(cfg, vocab_size))
+    state = native.from_hf(hf_state, native.arch(cfg, vocab_size))
     own = model.state_dict()
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if name in state:  # megatron's padded vocabulary: zero rows beyond the tokenizer's

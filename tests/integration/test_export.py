@@ -1,6 +1,8 @@
-"""megamoe -> Hugging Face: checkpoints trained with TP=2 (dense, Llama) and EP=2 (top-k MoE, Mixtral) are merged
-from their files alone into exactly the trained weights; transformers' logits equal megamoe's (fp32, one
-process, the merged weights) within 1e-4; generate() runs offline; unsupported variants are refused."""
+"""megamoe <-> Hugging Face. Checkpoints trained with TP=2 (dense: Llama) and EP=2 (top-k MoE: Mixtral; with a
+gated shared expert and a dense first layer: Qwen2-MoE) are merged from their files alone into exactly the trained
+weights; transformers' logits equal megamoe's (fp32, one process, the merged weights) within 1e-4; generate()
+runs offline; HF -> megamoe -> HF gives identical tensors, and the imported checkpoint loads under TP=2 x EP=2;
+unsupported variants are refused."""
 
 from __future__ import annotations
 
@@ -13,7 +15,13 @@ MODELS = {
     "llama_tp2": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
     "mixtral_ep2": ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64",
                     "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=2"],
+    "qwen2_moe_ep2": ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64", "moe.layer_freq=[0,1]",
+                      "moe.router_pre_softmax=true", "moe.shared_expert_intermediate_size=96",
+                      "moe.shared_expert_combine=gate", "parallel.expert_model_parallel_size=2",
+                      "deepspeed.zero_stage=2"],
 }
+CLASSES = {"llama_tp2": "LlamaForCausalLM", "mixtral_ep2": "MixtralForCausalLM",
+           "qwen2_moe_ep2": "Qwen2MoeForCausalLM"}
 
 
 def _train(data: dict, save: str, overrides: list[str]) -> dict:
@@ -59,7 +67,7 @@ def test_export_equals_the_trained_model(tiny_data, tmp_path, name):
     trained = spawn(_train, 2, tiny_data, save, MODELS[name])[0]
     got = spawn(_export_and_compare, 1, save, str(tmp_path / "hf"))[0]
     print(f"{name}: {got['class']}, max |logits diff| {got['logits_diff']:.1e}")
-    assert got["class"] == {"llama_tp2": "LlamaForCausalLM", "mixtral_ep2": "MixtralForCausalLM"}[name]
+    assert got["class"] == CLASSES[name]
     assert sorted(got["merged"]) == sorted(trained["full"])
     for key, full in trained["full"].items():
         assert torch.equal(got["merged"][key], full), key  # shards merged into exactly the trained tensors
@@ -122,20 +130,21 @@ def _export_again(save: str, hf_again: str) -> dict:
     return load_file(f"{hf_again}/model.safetensors")
 
 
-def test_hf_to_megamoe_to_hf_round_trip_is_identical_and_loads_under_tp2_ep2(tiny_data, tmp_path):
+@pytest.mark.parametrize("name", ["mixtral_ep2", "qwen2_moe_ep2"])
+def test_hf_to_megamoe_to_hf_round_trip_is_identical_and_loads_under_tp2_ep2(tiny_data, tmp_path, name):
     save = str(tmp_path / "checkpoints")
-    trained = spawn(_train, 2, tiny_data, save, MODELS["mixtral_ep2"])[0]["full"]
+    trained = spawn(_train, 2, tiny_data, save, MODELS[name])[0]["full"]
     spawn(_export_and_compare, 1, save, str(tmp_path / "hf"))
     first = spawn(_import, 1, str(tmp_path / "hf"), str(tmp_path / "imported"), tiny_data["prefix"])[0]
     again = spawn(_export_again, 1, str(tmp_path / "imported"), str(tmp_path / "hf_again"))[0]
     assert sorted(first) == sorted(again)
-    for name, tensor in first.items():
-        assert torch.equal(again[name], tensor), name
+    for key, tensor in first.items():
+        assert torch.equal(again[key], tensor), key
     # The imported TP=1 EP=1 checkpoint under TP=2 x EP=2: the trained weights (vocabulary rows: the real ones).
-    loaded = spawn(_loaded_weights, 4, tiny_data, str(tmp_path / "imported"),
-                   ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64", "deepspeed.zero_stage=2",
-                    "parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2",
-                    "parallel.sequence_parallel=true", "train.micro_batch_size=4"])[0]
+    layout = ["parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2",
+              "parallel.sequence_parallel=true", "train.micro_batch_size=4", "deepspeed.zero_stage=2"]
+    moe = [o for o in MODELS[name] if o.startswith("moe.")]
+    loaded = spawn(_loaded_weights, 4, tiny_data, str(tmp_path / "imported"), [*moe, *layout])[0]
     vocab = first["model.embed_tokens.weight"].shape[0]
     for key, want in trained.items():
         assert torch.equal(loaded[key][:vocab], want[:vocab]), key

@@ -1,8 +1,10 @@
-"""megamoe's GPT (megatron-core parameter names, full unsharded tensors) <-> Hugging Face Llama and Mixtral.
+"""megamoe's GPT (megatron-core parameter names, full unsharded tensors) <-> native transformers classes.
 
-Dense models map to LlamaForCausalLM, top-k MoE models with a MoE layer in every block to MixtralForCausalLM
-(transformers 5.x fused expert layout: `experts.gate_up_proj` [E, 2F, D] = megamoe's `experts.linear_fc1`,
-`experts.down_proj` [E, D, F] = `experts.linear_fc2`). megatron's fused QKV holds, per query group, the group's
+Dense models map to LlamaForCausalLM; top-k MoE models with a MoE layer in every block and no shared expert to
+MixtralForCausalLM; top-k MoE models with a sigmoid-gated shared expert (`moe.shared_expert_combine: gate`,
+any `moe.layer_freq`) to Qwen2MoeForCausalLM. Experts use transformers 5.x's fused layout:
+`experts.gate_up_proj` [E, 2F, D] = megamoe's `experts.linear_fc1`, `experts.down_proj` [E, D, F] =
+`experts.linear_fc2`. megatron's fused QKV holds, per query group, the group's
 query heads then its key head then its value head; the SwiGLU fc1 holds the gate rows then the up rows. The
 embedding and output rows beyond the tokenizer's vocabulary (megatron's padding) are dropped.
 """
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor
 
 from megamoe.config import RunConfig, TopKMoEConfig
+from megamoe.config.validate import moe_layer_numbers
 
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}  # megamoe's sentencepiece ids
 
@@ -37,6 +40,9 @@ class Arch:
     num_experts: int | None
     topk: int | None
     moe_ffn_hidden_size: int | None
+    moe_layers: tuple[int, ...]
+    """0-based indices of the blocks holding a MoE layer."""
+    shared_ffn_hidden_size: int | None
 
 
 def arch(cfg: RunConfig, vocab_size: int) -> Arch:
@@ -46,7 +52,9 @@ def arch(cfg: RunConfig, vocab_size: int) -> Arch:
                 num_groups=model.num_query_groups or heads, head_dim=model.kv_channels or model.hidden_size // heads,
                 ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size, vocab_size=vocab_size,
                 num_experts=moe.num_experts, topk=getattr(moe, "router_topk", None),
-                moe_ffn_hidden_size=moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size)
+                moe_ffn_hidden_size=moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size,
+                moe_layers=tuple(n - 1 for n in moe_layer_numbers(moe, model.num_layers)),
+                shared_ffn_hidden_size=moe.shared_expert_intermediate_size)
 
 
 def check_exportable(cfg: RunConfig) -> str:
@@ -64,14 +72,23 @@ def check_exportable(cfg: RunConfig) -> str:
     if type(moe) is not TopKMoEConfig:
         raise UnsupportedExport(f"moe.variant={moe.variant} has no native transformers class (HF custom code "
                                 "export is not available yet)")
-    moe_needs = {"moe.layer_freq": (moe.layer_freq, 1), "moe.shared_expert_intermediate_size":
-                 (moe.shared_expert_intermediate_size, None), "moe.expert_capacity_factor":
-                 (moe.expert_capacity_factor, None), "moe.router_enable_expert_bias":
-                 (moe.router_enable_expert_bias, False), "moe.router_bias": (moe.router_bias, False)}
+    moe_needs = {"moe.expert_capacity_factor": (moe.expert_capacity_factor, None),
+                 "moe.router_enable_expert_bias": (moe.router_enable_expert_bias, False),
+                 "moe.router_bias": (moe.router_bias, False)}
     for key, (value, want) in moe_needs.items():
         if value != want:
-            raise UnsupportedExport(f"{key}={value}: MixtralForCausalLM needs {want}")
-    if moe.router_pre_softmax and not (moe.router_topk == 1 and moe.router_gate == "unit_st"):
+            raise UnsupportedExport(f"{key}={value}: Mixtral and Qwen2-MoE need {want}")
+    if moe.shared_expert_intermediate_size is not None:
+        if moe.shared_expert_combine != "gate":
+            raise UnsupportedExport(f"moe.shared_expert_combine={moe.shared_expert_combine}: Qwen2-MoE's shared "
+                                    "expert is sigmoid-gated (moe.shared_expert_combine=gate)")
+        if moe.router_gate != "weights":
+            raise UnsupportedExport(f"moe.router_gate={moe.router_gate}: Qwen2-MoE weights experts by probability")
+        return "qwen2_moe"
+    if moe.layer_freq != 1:
+        raise UnsupportedExport(f"moe.layer_freq={moe.layer_freq}: Mixtral has a MoE layer in every block (a "
+                                "sigmoid-gated shared expert would export as Qwen2-MoE)")
+    if moe.router_pre_softmax and moe.router_gate != "unit_st":
         raise UnsupportedExport("moe.router_pre_softmax=true: Mixtral renormalises the top-k probabilities "
                                 "(megatron's default, router_pre_softmax=false)")
     return "mixtral"
@@ -89,10 +106,20 @@ def hf_config(cfg: RunConfig, vocab_size: int):
                   tie_word_embeddings=not model.untie_embeddings_and_output_weights,
                   rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
                   torch_dtype="bfloat16" if cfg.train.bf16 else "float32", **SPECIAL_TOKENS)
-    if check_exportable(cfg) == "llama":
+    kind = check_exportable(cfg)
+    if kind == "llama":
         return LlamaConfig(intermediate_size=a.ffn_hidden_size, attention_bias=False, mlp_bias=False, **common)
-    return MixtralConfig(intermediate_size=a.moe_ffn_hidden_size, num_local_experts=a.num_experts,
-                         num_experts_per_tok=a.topk, router_aux_loss_coef=cfg.moe.aux_loss_coeff, **common)
+    if kind == "mixtral":
+        return MixtralConfig(intermediate_size=a.moe_ffn_hidden_size, num_local_experts=a.num_experts,
+                             num_experts_per_tok=a.topk, router_aux_loss_coef=cfg.moe.aux_loss_coeff, **common)
+    from transformers import Qwen2MoeConfig
+
+    dense_layers = [i for i in range(a.num_layers) if i not in a.moe_layers]
+    return Qwen2MoeConfig(intermediate_size=a.ffn_hidden_size, moe_intermediate_size=a.moe_ffn_hidden_size,
+                          shared_expert_intermediate_size=a.shared_ffn_hidden_size, num_experts=a.num_experts,
+                          num_experts_per_tok=a.topk, norm_topk_prob=not cfg.moe.router_pre_softmax,
+                          decoder_sparse_step=1, mlp_only_layers=dense_layers, qkv_bias=False,
+                          router_aux_loss_coef=cfg.moe.aux_loss_coeff, use_sliding_window=False, **common)
 
 
 def split_qkv(qkv: Tensor, a: Arch) -> tuple[Tensor, Tensor, Tensor]:
@@ -123,15 +150,28 @@ def to_hf(megatron: dict[str, Tensor], a: Arch) -> dict[str, Tensor]:
                 dst + "self_attn.v_proj.weight": v,
                 dst + "self_attn.o_proj.weight": megatron[src + "self_attention.linear_proj.weight"],
                 dst + "post_attention_layernorm.weight": megatron[src + "pre_mlp_layernorm.weight"]}
-        if a.num_experts is None:
-            gate, up = megatron[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-            out |= {dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
-                    dst + "mlp.down_proj.weight": megatron[src + "mlp.linear_fc2.weight"]}
-        else:
-            out |= {dst + "mlp.gate.weight": megatron[src + "mlp.moe.router.weight"],
-                    dst + "mlp.experts.gate_up_proj": megatron[src + "mlp.moe.experts.linear_fc1"],
-                    dst + "mlp.experts.down_proj": megatron[src + "mlp.moe.experts.linear_fc2"]}
+        if i not in a.moe_layers:
+            out |= _dense_mlp_to_hf(megatron[src + "mlp.linear_fc1.weight"], megatron[src + "mlp.linear_fc2.weight"],
+                                    dst + "mlp.")
+            continue
+        out |= {dst + "mlp.gate.weight": megatron[src + "mlp.moe.router.weight"],
+                dst + "mlp.experts.gate_up_proj": megatron[src + "mlp.moe.experts.linear_fc1"],
+                dst + "mlp.experts.down_proj": megatron[src + "mlp.moe.experts.linear_fc2"]}
+        if a.shared_ffn_hidden_size is not None:
+            shared = src + "mlp.moe.shared_experts."
+            out |= _dense_mlp_to_hf(megatron[shared + "linear_fc1"], megatron[shared + "linear_fc2"],
+                                    dst + "mlp.shared_expert.")
+            out[dst + "mlp.shared_expert_gate.weight"] = megatron[shared + "gate_weight"]
     return {name: t.contiguous() for name, t in out.items()}
+
+
+def _dense_mlp_to_hf(fc1: Tensor, fc2: Tensor, prefix: str) -> dict[str, Tensor]:
+    gate, up = fc1.chunk(2, dim=0)
+    return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up, prefix + "down_proj.weight": fc2}
+
+
+def _dense_mlp_from_hf(hf: dict[str, Tensor], prefix: str) -> tuple[Tensor, Tensor]:
+    return torch.cat([hf[prefix + "gate_proj.weight"], hf[prefix + "up_proj.weight"]]), hf[prefix + "down_proj.weight"]
 
 
 def from_hf(hf: dict[str, Tensor], a: Arch) -> dict[str, Tensor]:
@@ -147,25 +187,32 @@ def from_hf(hf: dict[str, Tensor], a: Arch) -> dict[str, Tensor]:
                 dst + "self_attention.linear_qkv.weight": qkv,
                 dst + "self_attention.linear_proj.weight": hf[src + "self_attn.o_proj.weight"],
                 dst + "pre_mlp_layernorm.weight": hf[src + "post_attention_layernorm.weight"]}
-        if a.num_experts is None:
-            out |= {dst + "mlp.linear_fc1.weight": torch.cat([hf[src + "mlp.gate_proj.weight"],
-                                                              hf[src + "mlp.up_proj.weight"]]),
-                    dst + "mlp.linear_fc2.weight": hf[src + "mlp.down_proj.weight"]}
-        else:
-            out |= {dst + "mlp.moe.router.weight": hf[src + "mlp.gate.weight"],
-                    dst + "mlp.moe.experts.linear_fc1": hf[src + "mlp.experts.gate_up_proj"],
-                    dst + "mlp.moe.experts.linear_fc2": hf[src + "mlp.experts.down_proj"]}
+        if i not in a.moe_layers:
+            fc1, fc2 = _dense_mlp_from_hf(hf, src + "mlp.")
+            out |= {dst + "mlp.linear_fc1.weight": fc1, dst + "mlp.linear_fc2.weight": fc2}
+            continue
+        out |= {dst + "mlp.moe.router.weight": hf[src + "mlp.gate.weight"],
+                dst + "mlp.moe.experts.linear_fc1": hf[src + "mlp.experts.gate_up_proj"],
+                dst + "mlp.moe.experts.linear_fc2": hf[src + "mlp.experts.down_proj"]}
+        if a.shared_ffn_hidden_size is not None:
+            shared = dst + "mlp.moe.shared_experts."
+            fc1, fc2 = _dense_mlp_from_hf(hf, src + "mlp.shared_expert.")
+            out |= {shared + "linear_fc1": fc1, shared + "linear_fc2": fc2,
+                    shared + "gate_weight": hf[src + "mlp.shared_expert_gate.weight"]}
     return {name: t.contiguous() for name, t in out.items()}
 
 
 def run_overrides(hf_cfg) -> list[str]:
     """The model (and moe) overrides of megamoe's config for a transformers Llama or Mixtral config."""
-    if hf_cfg.model_type not in ("llama", "mixtral"):
-        raise UnsupportedExport(f"model_type {hf_cfg.model_type!r}: megamoe imports llama and mixtral checkpoints")
+    if hf_cfg.model_type not in ("llama", "mixtral", "qwen2_moe"):
+        raise UnsupportedExport(f"model_type {hf_cfg.model_type!r}: megamoe imports llama, mixtral and qwen2_moe "
+                                "checkpoints")
     rope = getattr(hf_cfg, "rope_parameters", None) or {}
     checks = {"hidden_act": (hf_cfg.hidden_act, "silu"), "rope_type": (rope.get("rope_type", "default"), "default"),
               "attention_bias": (getattr(hf_cfg, "attention_bias", False), False),
-              "mlp_bias": (getattr(hf_cfg, "mlp_bias", False), False)}
+              "mlp_bias": (getattr(hf_cfg, "mlp_bias", False), False),
+              "qkv_bias": (getattr(hf_cfg, "qkv_bias", False), False),
+              "use_sliding_window": (getattr(hf_cfg, "use_sliding_window", False), False)}
     for key, (value, want) in checks.items():
         if value != want:
             raise UnsupportedExport(f"{key}={value}: megamoe's GPT needs {want}")
@@ -183,4 +230,14 @@ def run_overrides(hf_cfg) -> list[str]:
         out += ["moe.variant=topk", f"moe.num_experts={hf_cfg.num_local_experts}",
                 f"moe.router_topk={hf_cfg.num_experts_per_tok}", "moe.router_pre_softmax=false", "moe.layer_freq=1",
                 f"moe.ffn_hidden_size={hf_cfg.intermediate_size}"]
+    if hf_cfg.model_type == "qwen2_moe":
+        dense = set(hf_cfg.mlp_only_layers or [])
+        flags = [int(i not in dense and (i + 1) % hf_cfg.decoder_sparse_step == 0)
+                 for i in range(hf_cfg.num_hidden_layers)]
+        out += ["moe.variant=topk", f"moe.num_experts={hf_cfg.num_experts}",
+                f"moe.router_topk={hf_cfg.num_experts_per_tok}",
+                f"moe.router_pre_softmax={str(not hf_cfg.norm_topk_prob).lower()}",
+                f"moe.layer_freq=[{','.join(map(str, flags))}]", f"moe.ffn_hidden_size={hf_cfg.moe_intermediate_size}",
+                f"moe.shared_expert_intermediate_size={hf_cfg.shared_expert_intermediate_size}",
+                "moe.shared_expert_combine=gate"]
     return out
