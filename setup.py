@@ -26,11 +26,14 @@ CORE = [
     "ninja",  # DeepSpeed JIT-builds its CPU communication op
     "matplotlib>=3.8",  # expert-load heatmaps, comparison plots
 ]
+HF = ["transformers~=5.23", "safetensors~=0.8"]
+PEER_BASELINE = ["PEER-pytorch~=0.2"]  # the baseline tools/bench_peer.py compares with
 EXTRAS = {
-    "hf": ["transformers~=5.23", "safetensors~=0.8"],
+    "hf": HF,
     "mpi": ["mpi4py~=4.1"],
-    "bench": ["PEER-pytorch~=0.2"],  # the baseline tools/bench_peer.py compares with
-    "dev": ["pytest~=9.0", "pytest-timeout~=2.4", "ruff~=0.17", "PEER-pytorch~=0.2"],
+    "bench": PEER_BASELINE,
+    # The suite checks exports against transformers and benches against PEER-pytorch: dev brings both.
+    "dev": ["pytest~=9.0", "pytest-timeout~=2.4", "ruff~=0.17", *HF, *PEER_BASELINE],
 }
 
 setup(

@@ -136,69 +136,62 @@ def join_qkv(q: Tensor, k: Tensor, v: Tensor, a: Arch) -> Tensor:
     return torch.cat(parts, dim=1).reshape(-1, q.shape[-1])
 
 
-def to_hf(megatron: dict[str, Tensor], a: Arch) -> dict[str, Tensor]:
-    """HF state dict (Llama or Mixtral names) from megamoe's full state dict."""
-    out = {"model.embed_tokens.weight": megatron["embedding.word_embeddings.weight"][:a.vocab_size],
-           "model.norm.weight": megatron["decoder.final_layernorm.weight"]}
-    if "output_layer.weight" in megatron:
-        out["lm_head.weight"] = megatron["output_layer.weight"][:a.vocab_size]
+def _renames(a: Arch) -> list[tuple[str, str]]:
+    """(megamoe name, HF name) of every tensor copied as it is."""
+    pairs = [("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+             ("decoder.final_layernorm.weight", "model.norm.weight"), ("output_layer.weight", "lm_head.weight")]
     for i in range(a.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = split_qkv(megatron[src + "self_attention.linear_qkv.weight"], a)
-        out |= {dst + "input_layernorm.weight": megatron[src + "input_layernorm.weight"],
-                dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
-                dst + "self_attn.v_proj.weight": v,
-                dst + "self_attn.o_proj.weight": megatron[src + "self_attention.linear_proj.weight"],
-                dst + "post_attention_layernorm.weight": megatron[src + "pre_mlp_layernorm.weight"]}
+        pairs += [(src + "input_layernorm.weight", dst + "input_layernorm.weight"),
+                  (src + "self_attention.linear_proj.weight", dst + "self_attn.o_proj.weight"),
+                  (src + "pre_mlp_layernorm.weight", dst + "post_attention_layernorm.weight")]
         if i not in a.moe_layers:
-            out |= _dense_mlp_to_hf(megatron[src + "mlp.linear_fc1.weight"], megatron[src + "mlp.linear_fc2.weight"],
-                                    dst + "mlp.")
+            pairs.append((src + "mlp.linear_fc2.weight", dst + "mlp.down_proj.weight"))
             continue
-        out |= {dst + "mlp.gate.weight": megatron[src + "mlp.moe.router.weight"],
-                dst + "mlp.experts.gate_up_proj": megatron[src + "mlp.moe.experts.linear_fc1"],
-                dst + "mlp.experts.down_proj": megatron[src + "mlp.moe.experts.linear_fc2"]}
+        pairs += [(src + "mlp.moe.router.weight", dst + "mlp.gate.weight"),
+                  (src + "mlp.moe.experts.linear_fc1", dst + "mlp.experts.gate_up_proj"),
+                  (src + "mlp.moe.experts.linear_fc2", dst + "mlp.experts.down_proj")]
         if a.shared_ffn_hidden_size is not None:
-            shared = src + "mlp.moe.shared_experts."
-            out |= _dense_mlp_to_hf(megatron[shared + "linear_fc1"], megatron[shared + "linear_fc2"],
-                                    dst + "mlp.shared_expert.")
-            out[dst + "mlp.shared_expert_gate.weight"] = megatron[shared + "gate_weight"]
+            pairs += [(src + "mlp.moe.shared_experts.linear_fc2", dst + "mlp.shared_expert.down_proj.weight"),
+                      (src + "mlp.moe.shared_experts.gate_weight", dst + "mlp.shared_expert_gate.weight")]
+    return pairs
+
+
+def _gated_fc1s(a: Arch) -> list[tuple[str, str]]:
+    """(megamoe SwiGLU fc1 [gate; up], HF MLP prefix with gate_proj and up_proj) of the dense MLPs."""
+    pairs = []
+    for i in range(a.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        if i not in a.moe_layers:
+            pairs.append((src + "mlp.linear_fc1.weight", dst + "mlp."))
+        elif a.shared_ffn_hidden_size is not None:
+            pairs.append((src + "mlp.moe.shared_experts.linear_fc1", dst + "mlp.shared_expert."))
+    return pairs
+
+
+def to_hf(megatron: dict[str, Tensor], a: Arch) -> dict[str, Tensor]:
+    """HF state dict (Llama, Mixtral or Qwen2-MoE names) from megamoe's full state dict (vocabulary rows beyond
+    the tokenizer's dropped)."""
+    out = {hf: megatron[ours] for ours, hf in _renames(a) if ours in megatron}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in out:
+            out[name] = out[name][:a.vocab_size]
+    for i in range(a.num_layers):
+        q, k, v = split_qkv(megatron[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], a)
+        out |= {f"model.layers.{i}.self_attn.{x}_proj.weight": t for x, t in zip("qkv", (q, k, v), strict=True)}
+    for ours, prefix in _gated_fc1s(a):
+        out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = megatron[ours].chunk(2, dim=0)
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def _dense_mlp_to_hf(fc1: Tensor, fc2: Tensor, prefix: str) -> dict[str, Tensor]:
-    gate, up = fc1.chunk(2, dim=0)
-    return {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up, prefix + "down_proj.weight": fc2}
-
-
-def _dense_mlp_from_hf(hf: dict[str, Tensor], prefix: str) -> tuple[Tensor, Tensor]:
-    return torch.cat([hf[prefix + "gate_proj.weight"], hf[prefix + "up_proj.weight"]]), hf[prefix + "down_proj.weight"]
-
-
 def from_hf(hf: dict[str, Tensor], a: Arch) -> dict[str, Tensor]:
-    """megamoe's full state dict (megatron names, unpadded vocabulary) from a Llama or Mixtral state dict."""
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
-    if "lm_head.weight" in hf:
-        out["output_layer.weight"] = hf["lm_head.weight"]
+    """megamoe's full state dict (megatron names, unpadded vocabulary) from to_hf's names."""
+    out = {ours: hf[theirs] for ours, theirs in _renames(a) if theirs in hf}
     for i in range(a.num_layers):
-        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        qkv = join_qkv(*(hf[src + f"self_attn.{x}_proj.weight"] for x in "qkv"), a)
-        out |= {dst + "input_layernorm.weight": hf[src + "input_layernorm.weight"],
-                dst + "self_attention.linear_qkv.weight": qkv,
-                dst + "self_attention.linear_proj.weight": hf[src + "self_attn.o_proj.weight"],
-                dst + "pre_mlp_layernorm.weight": hf[src + "post_attention_layernorm.weight"]}
-        if i not in a.moe_layers:
-            fc1, fc2 = _dense_mlp_from_hf(hf, src + "mlp.")
-            out |= {dst + "mlp.linear_fc1.weight": fc1, dst + "mlp.linear_fc2.weight": fc2}
-            continue
-        out |= {dst + "mlp.moe.router.weight": hf[src + "mlp.gate.weight"],
-                dst + "mlp.moe.experts.linear_fc1": hf[src + "mlp.experts.gate_up_proj"],
-                dst + "mlp.moe.experts.linear_fc2": hf[src + "mlp.experts.down_proj"]}
-        if a.shared_ffn_hidden_size is not None:
-            shared = dst + "mlp.moe.shared_experts."
-            fc1, fc2 = _dense_mlp_from_hf(hf, src + "mlp.shared_expert.")
-            out |= {shared + "linear_fc1": fc1, shared + "linear_fc2": fc2,
-                    shared + "gate_weight": hf[src + "mlp.shared_expert_gate.weight"]}
+        qkv = [hf[f"model.layers.{i}.self_attn.{x}_proj.weight"] for x in "qkv"]
+        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = join_qkv(*qkv, a)
+    for ours, prefix in _gated_fc1s(a):
+        out[ours] = torch.cat([hf[prefix + "gate_proj.weight"], hf[prefix + "up_proj.weight"]])
     return {name: t.contiguous() for name, t in out.items()}
 
 

@@ -54,3 +54,29 @@ def test_ruff_clean():
         pytest.skip("ruff is not installed (bash tools/install.sh dev installs it)")
     proc = subprocess.run([ruff, "check", "--output-format", "concise", str(ROOT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_dev_install_brings_everything_the_tests_import():
+    """CI installs `.[dev]` only: a test importing a package from another extra fails there, not here."""
+    import ast
+    import importlib.metadata as metadata
+    import sys
+
+    installed = set()
+    for text in metadata.requires("megamoe"):  # e.g. 'transformers~=5.23; extra == "dev"'
+        name, _, marker = text.partition(";")
+        if not marker or 'extra == "dev"' in marker:
+            installed.add(re.match(r"[A-Za-z0-9._-]+", name).group().lower())
+    distributions = metadata.packages_distributions()
+    missing = set()
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for top in {name.split(".")[0] for name in names}:
+                if top in sys.stdlib_module_names or top in ("megamoe", "tests", "tools", "launchers"):
+                    continue
+                dists = {d.lower() for d in distributions.get(top, [top])}
+                if not dists & installed:
+                    missing.add(f"{path.relative_to(ROOT)} imports {top}")
+    assert not missing, f"not in setup.py's core or dev requirements: {sorted(missing)}"
