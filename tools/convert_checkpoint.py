@@ -7,9 +7,10 @@
                   deepspeed --num_gpus 2 launchers/pretrain.py --config runs/imported/finetune.yaml \\
                       [parallel.tensor_model_parallel_size=2 ...]
 Dense models are LlamaForCausalLM, top-k MoE models MixtralForCausalLM or, with a gated shared expert,
-Qwen2MoeForCausalLM (config.json, model.safetensors, generation_config.json, tokenizer.model +
-tokenizer_config.json). Export merges the shards from the checkpoint
-files alone, in one process. Import writes a weights-only checkpoint (iteration 0) that any TP/EP layout
+Qwen2MoeForCausalLM; DA-MoE, PEER, CartesianMoE, MPOE and encoders are megamoe's HF custom code
+(MegamoeForCausalLM / MegamoeForMaskedLM, loaded with trust_remote_code=True). The directory holds
+config.json, model.safetensors, generation_config.json, tokenizer.model + tokenizer_config.json (and the custom
+code's .py files). Export merges the shards from the checkpoint files alone, in one process. Import writes a weights-only checkpoint (iteration 0) that any TP/EP layout
 loads, plus finetune.yaml: the model from config.json; data, train and parallel from --config and the
 overrides. Settings the other side cannot express are refused with the reason.
 """
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--load", help="megamoe -> HF: a run's checkpoint directory (its 'latest' tag is read)")
-    source.add_argument("--load-hf", help="HF -> megamoe: a Llama, Mixtral or Qwen2-MoE directory with "
+    source.add_argument("--load-hf", help="HF -> megamoe: a Llama, Mixtral, Qwen2-MoE or megamoe directory with "
                         "tokenizer.model")
     parser.add_argument("--save", required=True, help="the directory to write")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",

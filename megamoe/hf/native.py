@@ -43,6 +43,8 @@ class Arch:
     moe_layers: tuple[int, ...]
     """0-based indices of the blocks holding a MoE layer."""
     shared_ffn_hidden_size: int | None
+    native_moe: bool = True
+    """MoE layers in Mixtral/Qwen2-MoE names; False: the caller maps them (megamoe's custom code keeps its own)."""
 
 
 def arch(cfg: RunConfig, vocab_size: int) -> Arch:
@@ -70,8 +72,7 @@ def check_exportable(cfg: RunConfig) -> str:
     if moe.num_experts is None:
         return "llama"
     if type(moe) is not TopKMoEConfig:
-        raise UnsupportedExport(f"moe.variant={moe.variant} has no native transformers class (HF custom code "
-                                "export is not available yet)")
+        raise UnsupportedExport(f"moe.variant={moe.variant} has no native transformers class")
     moe_needs = {"moe.expert_capacity_factor": (moe.expert_capacity_factor, None),
                  "moe.router_enable_expert_bias": (moe.router_enable_expert_bias, False),
                  "moe.router_bias": (moe.router_bias, False)}
@@ -148,6 +149,8 @@ def _renames(a: Arch) -> list[tuple[str, str]]:
         if i not in a.moe_layers:
             pairs.append((src + "mlp.linear_fc2.weight", dst + "mlp.down_proj.weight"))
             continue
+        if not a.native_moe:
+            continue
         pairs += [(src + "mlp.moe.router.weight", dst + "mlp.gate.weight"),
                   (src + "mlp.moe.experts.linear_fc1", dst + "mlp.experts.gate_up_proj"),
                   (src + "mlp.moe.experts.linear_fc2", dst + "mlp.experts.down_proj")]
@@ -164,7 +167,7 @@ def _gated_fc1s(a: Arch) -> list[tuple[str, str]]:
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         if i not in a.moe_layers:
             pairs.append((src + "mlp.linear_fc1.weight", dst + "mlp."))
-        elif a.shared_ffn_hidden_size is not None:
+        elif a.native_moe and a.shared_ffn_hidden_size is not None:
             pairs.append((src + "mlp.moe.shared_experts.linear_fc1", dst + "mlp.shared_expert."))
     return pairs
 

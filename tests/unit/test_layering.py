@@ -104,3 +104,22 @@ def test_the_scan_catches_a_patch():
     assert patch_sites("import torch\ntorch.cuda.current_device = lambda: 0\n") == [
         "line 2: torch.cuda.current_device"]
     assert patch_sites("from megatron.core import utils as u\nsetattr(u, 'x', 1)\n") == ["line 2: setattr"]
+
+
+REMOTE = PACKAGE / "hf" / "remote"
+
+
+@pytest.mark.parametrize("path", sorted(REMOTE.glob("*.py")), ids=lambda p: p.name)
+def test_hf_custom_code_is_self_contained(path):
+    """Exports ship these files: a user loading them has torch and transformers, not megamoe."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            assert (REMOTE / f"{node.module}.py").is_file(), f"{path.name}: .{node.module} is not shipped with it"
+            continue
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) else []
+        for name in names:
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or top in {"torch", "transformers", "__future__"}, \
+                f"{path.name} imports {name}: HF custom code may import torch, transformers and its siblings only"
