@@ -89,22 +89,75 @@ def tiny_config(data: dict[str, str], *overrides: str) -> config.RunConfig:
 
 
 def full_params(trainer) -> dict:
-    """Every parameter as the full tensor: TP shards gathered, experts gathered over the expert-parallel group."""
+    """Every parameter as the full tensor under its global name, on every rank: TP shards gathered, experts
+    gathered over the expert-parallel group, pipeline stages merged."""
+    return full_tensors(trainer, {name: p.detach() for name, p in trainer.engine.module.named_parameters()})
+
+
+def full_tensors(trainer, local: dict) -> dict:
+    """Full copies of per-parameter tensors laid out like this rank's parameters (the parameters themselves,
+    or their gradients), by global name: TP-gathered, EP-gathered, merged over the pipeline stages."""
     import torch
     import torch.distributed as dist
 
-    from megamoe.models.sharding import full_state_dict
+    from megamoe.models.sharding import gather_tp, shift_layer_index
     from megamoe.moe.experts import Experts
+    from megamoe.train.checkpoint import layer_offset
 
-    full = full_state_dict(trainer.engine.module, trainer.groups)
-    groups = trainer.groups
-    for name, module in trainer.engine.module.named_modules():
-        if isinstance(module, Experts) and groups.ep_group is not None:
-            for pname, param in module.named_parameters(recurse=False):
-                parts = [torch.empty_like(param) for _ in range(groups.ep_size)]
-                dist.all_gather(parts, param.detach().contiguous(), group=groups.ep_group)
-                full[f"{name}.{pname}"] = torch.cat(parts)
+    model, groups = trainer.engine.module, trainer.groups
+    params = dict(model.named_parameters())
+    experts = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, Experts)
+               for p, _ in m.named_parameters(recurse=False)}
+    full = {}
+    for name, tensor in local.items():
+        if name in experts and groups.ep_group is not None:
+            parts = [torch.empty_like(tensor) for _ in range(groups.ep_size)]
+            dist.all_gather(parts, tensor.contiguous(), group=groups.ep_group)
+            full[name] = torch.cat(parts)
+        else:
+            full[name] = gather_tp(tensor, params[name], groups).clone()
+    offset = layer_offset(model)
+    full = {shift_layer_index(name, offset): t for name, t in full.items()}
+    if groups.pp_group is not None:
+        stages = [None] * groups.pp_size
+        dist.all_gather_object(stages, full, group=groups.pp_group)
+        full = {k: v for stage in stages for k, v in stage.items()}
     return full
+
+
+class GradientCapture:
+    """The gradient each optimizer step uses, per parameter (before ZeRO partitions it): hooks sum every
+    micro-batch's local gradient; `step()` averages over the data-parallel replicas (experts: summed over their
+    expert-data-parallel replicas, over the data-parallel size, as the loss is scaled) and returns full
+    tensors by global name (full_tensors). Works for every ZeRO stage and pipeline layout."""
+
+    def __init__(self, trainer) -> None:
+        from megamoe.moe.experts import Experts
+
+        self.trainer, self.sums = trainer, {}
+        model = trainer.engine.module
+        self.experts = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, Experts)
+                        for p, _ in m.named_parameters(recurse=False)}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.register_hook(lambda grad, name=name: self._add(name, grad))
+
+    def _add(self, name: str, grad) -> None:
+        grad = grad.detach().float()
+        self.sums[name] = self.sums[name] + grad if name in self.sums else grad.clone()
+
+    def step(self) -> dict:
+        import torch.distributed as dist
+
+        groups, out = self.trainer.groups, {}
+        for name, grad in sorted(self.sums.items()):
+            # Experts are DeepSpeed expert parameters only under EP > 1 (else dense, reduced over DP).
+            group = groups.edp_group if name in self.experts and groups.ep_size > 1 else groups.dp_group
+            if group is not None:
+                dist.all_reduce(grad, group=group)
+            out[name] = grad / groups.dp_size
+        self.sums = {}
+        return full_tensors(self.trainer, out)
 
 
 def train_steps(data: dict, overrides: list[str], steps: int) -> dict:

@@ -70,7 +70,26 @@ def validate(cfg: RunConfig, env: Environment) -> Layout:
     _check_objective(cfg, env)
     _check_moe(cfg.moe, cfg, env.world_size)
     _check_deepspeed(cfg)
+    _check_pipeline(cfg)
     return layout
+
+
+def _check_pipeline(cfg: RunConfig) -> None:
+    """What megamoe's pipeline schedule (train/pipeline.py: one DeepSpeed engine per stage) supports."""
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if pp == 1:
+        return
+    if cfg.deepspeed.zero_stage not in (1, 2):
+        _fail(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} with parallel.pipeline_model_parallel_size={pp}: "
+              "use ZeRO 1 or 2 (stage 0 clips with a norm over one stage only; stage 3 partitions the parameters "
+              "the stages keep to themselves)")
+    if not cfg.model.untie_embeddings_and_output_weights:
+        _fail("model.untie_embeddings_and_output_weights=false with pipeline parallelism: the embedding and the "
+              "output layer live on different stages; untie them (the Llama setting) or use "
+              "parallel.pipeline_model_parallel_size=1")
+    if cfg.train.fp16:
+        _fail("train.fp16=true with pipeline parallelism: each stage would scale its loss separately; use "
+              "train.bf16=true")
 
 
 def _fail(message: str) -> None:
@@ -119,9 +138,6 @@ def _check_parallel(par: ParallelConfig, train: TrainConfig, model: ModelConfig,
     if model.num_layers % pp:
         _fail(f"model.num_layers={model.num_layers} is not divisible by "
               f"parallel.pipeline_model_parallel_size={pp}")
-    if pp > 1:
-        _fail(f"parallel.pipeline_model_parallel_size={pp}: pipeline parallelism is not available in this "
-              "version of megamoe; use 1 (tensor and data parallelism work)")
     if par.sequence_parallel and tp == 1:
         warnings.warn("parallel.sequence_parallel=true is ignored with tensor_model_parallel_size=1",
                       stacklevel=2)

@@ -1,7 +1,10 @@
 """The one place megamoe's config becomes megatron-core's: TransformerConfig and the layer specs.
 
 Every layer comes from megatron-core's local (pure PyTorch) GPT layer spec with megamoe's norms; the MLP
-slot is chosen per layer by `mlp_spec` — the dense megatron MLP here, MoE layers plug in there.
+slot is chosen per layer by `mlp_spec` — the dense megatron MLP here, MoE layers plug in there. Under
+pipeline parallelism a stage gets the specs of its own layers only (megatron numbers them globally).
+Each layer initialises from its own random stream (`SeededTransformerLayer`), so a layer's initial weights
+do not depend on which stage builds it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megamoe.config import CartesianMoEConfig, DynamicMoEConfig, RunConfig
 from megamoe.config.validate import moe_layer_numbers
@@ -51,6 +55,8 @@ def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
         bf16=cfg.train.bf16,
         fp16=cfg.train.fp16,
         params_dtype=torch.float32,
+        # The dtype of the hidden states crossing pipeline stages (megatron requires it with PP > 1).
+        pipeline_dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32,
         # Initialise each full weight on the CPU and keep this rank's shard: the model is then the same
         # for every TP size (TP runs compare exactly with TP=1). Required without CUDA anyway.
         use_cpu_initialization=True,
@@ -76,8 +82,28 @@ def mlp_spec(cfg: RunConfig, layer_number: int, dense_mlp: ModuleSpec, groups: P
     return moe_mlp_spec(cfg.moe, shape, groups, importance)
 
 
+class SeededTransformerLayer(TransformerLayer):
+    """megatron's TransformerLayer, initialised from a random stream of its own: (seed, global layer number).
+
+    megatron initialises on the CPU from the default generator in construction order, so without this a
+    layer's weights would depend on how many layers (and embeddings) its pipeline stage built before it.
+    """
+
+    def __init__(self, *args, init_seed: int, global_layer_number: int, **kwargs) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed + 1_000_033 * global_layer_number)
+            super().__init__(*args, **kwargs)
+
+
+def stage_layer_numbers(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """The global (1-based) numbers of the layers pipeline stage `pp_rank` holds: an equal, contiguous share."""
+    per_stage = num_layers // pp_size
+    return range(pp_rank * per_stage + 1, (pp_rank + 1) * per_stage + 1)
+
+
 def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlockSubmodules:
-    """One layer spec per decoder layer: megatron's local GPT layer, megamoe's norms, a per-layer MLP.
+    """One layer spec per decoder layer of this pipeline stage: megatron's local GPT layer, megamoe's norms, a
+    per-layer MLP.
 
     masked_lm makes self-attention bidirectional (padding mask only). A DA-MoE layer's attention core also
     reports token importance, handed to the layer's MoE by a per-layer collector.
@@ -86,8 +112,10 @@ def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlo
     base = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
     moe_layers = moe_layer_numbers(cfg.moe, cfg.model.num_layers)
     layers = []
-    for layer_number in range(1, cfg.model.num_layers + 1):
+    for layer_number in stage_layer_numbers(cfg.model.num_layers, groups.pp_size, groups.pp_rank):
         spec = copy.deepcopy(base)
+        spec.module = SeededTransformerLayer
+        spec.params = {**spec.params, "init_seed": cfg.train.seed, "global_layer_number": layer_number}
         spec.submodules.input_layernorm = norm
         spec.submodules.pre_mlp_layernorm = norm
         if cfg.model.objective == "masked_lm":

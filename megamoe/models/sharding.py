@@ -2,10 +2,13 @@
 
 megatron marks a sharded parameter with `tensor_model_parallel=True`, the split axis `partition_dim` and
 `partition_stride`: with stride s the full tensor is cut into TP*s chunks and rank r holds chunks
-r, r+TP, r+2TP, ... (SwiGLU's fc1 uses s=2 so each rank holds matching gate and up rows).
+r, r+TP, r+2TP, ... (SwiGLU's fc1 uses s=2 so each rank holds matching gate and up rows). A pipeline stage
+numbers its decoder layers from 0; `shift_layer_index` gives their global names.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.distributed as dist
@@ -64,3 +67,21 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
         raise KeyError(f"{len(missing)} parameters missing from the full state dict, e.g. {missing[:3]}")
     for name, param in params.items():
         param.copy_(shard_tp(full[name], param, groups))
+
+
+_LAYER_PREFIX = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def shift_layer_index(name: str, offset: int) -> str:
+    """`decoder.layers.<i>.x` -> `decoder.layers.<i + offset>.x` (other names unchanged): a pipeline stage numbers
+    its layers from 0, checkpoints and exports by their global index (offset = the stage's first layer)."""
+    match = _LAYER_PREFIX.match(name)
+    if match is None or offset == 0:
+        return name
+    return f"decoder.layers.{int(match[1]) + offset}.{name[match.end():]}"
+
+
+def layer_index(name: str) -> int | None:
+    """The layer index in `decoder.layers.<i>.x`, or None for names outside the decoder layers."""
+    match = _LAYER_PREFIX.match(name)
+    return None if match is None else int(match[1])

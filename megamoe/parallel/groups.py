@@ -29,6 +29,22 @@ class ParallelGroups:
     ep_size: int
     edp_rank: int
     sequence_parallel: bool
+    pp_group: dist.ProcessGroup | None = None
+    """This rank's pipeline: one rank per stage, holding the same TP/DP coordinates."""
+    pp_rank: int = 0
+    pp_size: int = 1
+    pp_prev: int | None = None
+    """Global rank of the previous stage's peer (None on the first stage)."""
+    pp_next: int | None = None
+    """Global rank of the next stage's peer (None on the last stage)."""
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
     @property
     def sp_group(self) -> dist.ProcessGroup | None:

@@ -70,7 +70,7 @@ def initialize(par: ParallelConfig, seed: int) -> ParallelGroups:
     model_parallel_cuda_manual_seed(seed)
     groups = _groups(par.sequence_parallel)
     get_logger().info(f"world {dist.get_world_size()} ({dist.get_backend()}): TP={groups.tp_size} "
-                      f"DP={groups.dp_size} EP={groups.ep_size}, platform patches: "
+                      f"PP={groups.pp_size} DP={groups.dp_size} EP={groups.ep_size}, platform patches: "
                       f"{platform.apply() or 'none (CUDA)'}")
     return groups
 
@@ -81,6 +81,7 @@ def _groups(sequence_parallel: bool) -> ParallelGroups:
     def group_or_none(group):  # size-1 groups become None: nothing to communicate
         return group if dist.get_world_size(group) > 1 else None
 
+    pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
     return ParallelGroups(
         tp_group=group_or_none(ps.get_tensor_model_parallel_group()),
         dp_group=group_or_none(ps.get_data_parallel_group()),
@@ -95,6 +96,10 @@ def _groups(sequence_parallel: bool) -> ParallelGroups:
         ep_size=ps.get_expert_model_parallel_world_size(),
         edp_rank=ps.get_expert_data_parallel_rank(),
         sequence_parallel=sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1,
+        pp_group=group_or_none(ps.get_pipeline_model_parallel_group()),
+        pp_rank=pp_rank, pp_size=pp_size,
+        pp_prev=ps.get_pipeline_model_parallel_prev_rank() if pp_rank > 0 else None,
+        pp_next=ps.get_pipeline_model_parallel_next_rank() if pp_rank < pp_size - 1 else None,
     )
 
 

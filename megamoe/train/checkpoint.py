@@ -1,14 +1,16 @@
 """Checkpoints: DeepSpeed's engine state plus megamoe's own (step, data position, RNG, config, experts).
 
-Layout of `<save>/iter_0000010/`: DeepSpeed's model/optimizer/scheduler files; `rng_state_rank<r>.pt` per
-rank (dropout streams differ per rank); `config.yaml` (the resolved config); `experts_ep<r>.pt`, the routed
-experts of expert-parallel rank r keyed by global expert id (DeepSpeed's model file holds only EP rank 0's
-experts, integration.md 6.4). `<save>/latest` names the newest tag.
+Layout of `<save>/iter_0000010/`: DeepSpeed's model/optimizer/scheduler files (`mp_rank_<m>_...`, m = pp_rank x
+TP + tp_rank: one per tensor-parallel shard of each pipeline stage, decoder layers numbered from 0 within the
+stage); `rng_state_rank<r>.pt` per rank (dropout streams differ per rank); `config.yaml` (the resolved config);
+`experts_ep<r>.pt` (`experts_ep<r>_pp<s>.pt` per stage s under pipeline parallelism), the routed experts of
+expert-parallel rank r keyed by their module's global name and global expert id (DeepSpeed's model file holds
+only EP rank 0's experts, integration.md 6.4). `<save>/latest` names the newest tag.
 
-Resuming with the saved tensor- and expert-parallel sizes restores everything. With another TP or EP size the
-model weights are loaded (TP shards merged and re-cut, experts placed from their shards) before the engine
-exists, the LR schedule and data position continue, and the optimizer state starts afresh (DeepSpeed cannot
-reshard it). `checkpoint.finetune` and
+Resuming with the saved tensor-, pipeline- and expert-parallel sizes restores everything. With another layout the
+model weights are loaded (TP shards merged and re-cut, layers taken from whichever stage held them, experts placed
+from their shards) before the engine exists, the LR schedule and data position continue, and the optimizer state
+starts afresh (DeepSpeed cannot reshard it). `checkpoint.finetune` and
 weights-only checkpoints (written by tools/upcycle.py: the same files without DeepSpeed's optimizer state, plus
 a `weights_only` marker) load the weights the same way and start at iteration 0.
 """
@@ -25,7 +27,7 @@ import torch.distributed as dist
 import yaml
 
 from megamoe.config import RunConfig, dump
-from megamoe.models.sharding import merge_tp, shard_tp
+from megamoe.models.sharding import merge_tp, shard_tp, shift_layer_index
 from megamoe.moe import MoELayer
 from megamoe.moe.experts import Experts
 from megamoe.parallel.groups import ParallelGroups
@@ -84,23 +86,32 @@ def set_rng_state(state: dict) -> None:
 
 
 def _experts(model: torch.nn.Module) -> dict[str, Experts]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
+    """This stage's expert modules by their global name."""
+    offset = layer_offset(model)
+    return {shift_layer_index(name, offset): m for name, m in model.named_modules() if isinstance(m, Experts)}
+
+
+def layer_offset(model: torch.nn.Module) -> int:
+    """Global index of this pipeline stage's first decoder layer (megatron numbers its layers globally)."""
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
 
 
 def save_expert_shard(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> None:
-    """The first expert-data-parallel replica of each EP rank writes its experts, keyed by global id."""
+    """The first expert-data-parallel replica of each EP rank (of each stage) writes its experts."""
     experts = _experts(model)
     if not experts or groups.edp_rank != 0:
         return
     shard = {name: {"first_expert": m.first_expert,
                     "tensors": {p: t.detach().cpu().clone() for p, t in m.named_parameters(recurse=False)}}
              for name, m in experts.items()}
-    torch.save(shard, tag_dir / f"experts_ep{groups.ep_rank:03d}.pt")
+    stage = f"_pp{groups.pp_rank:02d}" if groups.pp_size > 1 else ""
+    torch.save(shard, tag_dir / f"experts_ep{groups.ep_rank:03d}{stage}.pt")
 
 
 @torch.no_grad()
 def load_expert_shards(model: torch.nn.Module, tag_dir: Path) -> None:
-    """Fill this rank's experts from the shards, whatever EP size wrote them."""
+    """Fill this rank's experts from the shards, whatever EP and PP sizes wrote them."""
     experts = _experts(model)
     if not experts:
         return
@@ -111,7 +122,7 @@ def load_expert_shards(model: torch.nn.Module, tag_dir: Path) -> None:
     for name, module in experts.items():
         for pname, param in module.named_parameters(recurse=False):
             filled = torch.zeros(module.num_local, dtype=torch.bool)
-            for shard in shards:
+            for shard in (s for s in shards if name in s):
                 first, saved = shard[name]["first_expert"], shard[name]["tensors"][pname]
                 mine = module.first_expert
                 lo, hi = max(first, mine), min(first + len(saved), mine + module.num_local)
@@ -144,10 +155,43 @@ def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> 
     return tag_dir
 
 
-def saved_layout(tag_dir: Path) -> tuple[int, int]:
-    """(tensor-parallel size, expert-parallel size) the checkpoint was written with."""
-    parallel = yaml.safe_load((tag_dir / "config.yaml").read_text()).get("parallel", {})
-    return parallel.get("tensor_model_parallel_size", 1), parallel.get("expert_model_parallel_size", 1)
+@dataclass(frozen=True)
+class SavedLayout:
+    """The parallel sizes a checkpoint was written with."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    num_layers: int = 1
+
+    def stage_files(self, tag_dir: Path) -> list[list[Path]]:
+        """DeepSpeed's model files, [stage][tp_rank]."""
+        return [[tag_dir / f"mp_rank_{s * self.tp + r:02d}_model_states.pt" for r in range(self.tp)]
+                for s in range(self.pp)]
+
+    def stage_offset(self, stage: int) -> int:
+        return stage * (self.num_layers // self.pp)
+
+
+def saved_layout(tag_dir: Path) -> SavedLayout:
+    """The tensor-, pipeline- and expert-parallel sizes the checkpoint was written with."""
+    saved = yaml.safe_load((tag_dir / "config.yaml").read_text())
+    parallel = saved.get("parallel", {})
+    return SavedLayout(tp=parallel.get("tensor_model_parallel_size", 1),
+                       pp=parallel.get("pipeline_model_parallel_size", 1),
+                       ep=parallel.get("expert_model_parallel_size", 1),
+                       num_layers=saved.get("model", {}).get("num_layers", 1))
+
+
+def global_module_states(tag_dir: Path) -> list[dict[str, list]]:
+    """Every entry of DeepSpeed's model files by global name: a list over the tensor-parallel ranks."""
+    layout = saved_layout(tag_dir)
+    out: dict[str, list] = {}
+    for stage, files in enumerate(layout.stage_files(tag_dir)):
+        for path in files:
+            for name, value in _load_model_file(path)["module"].items():
+                out.setdefault(shift_layer_index(name, layout.stage_offset(stage)), []).append(value)
+    return out
 
 
 WEIGHTS_ONLY_MARKER = "weights_only"
@@ -167,32 +211,36 @@ def loads_weights_only(tag_dir: Path | None, cfg: RunConfig) -> bool:
     a weights-only checkpoint, or another tensor- or expert-parallel size than the checkpoint's."""
     if tag_dir is None:
         return False
-    tp, ep = saved_layout(tag_dir)
-    return (restarts(tag_dir, cfg) or ep != cfg.parallel.expert_model_parallel_size
-            or tp != cfg.parallel.tensor_model_parallel_size)
+    saved, par = saved_layout(tag_dir), cfg.parallel
+    return (restarts(tag_dir, cfg) or saved.ep != par.expert_model_parallel_size
+            or saved.tp != par.tensor_model_parallel_size or saved.pp != par.pipeline_model_parallel_size)
 
 
-def _model_states(tag_dir: Path, tp_rank: int) -> dict:
+def _load_model_file(path: Path) -> dict:
     # DeepSpeed's own file (written by deepspeed.save_checkpoint): it holds plain containers besides tensors.
-    return torch.load(tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt", weights_only=False)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
+    return torch.load(path, weights_only=False)
 
 
-def _resharded_module(tag_dir: Path, model: torch.nn.Module, groups: ParallelGroups) -> tuple[dict, dict]:
-    """(DeepSpeed's saved state of TP rank 0, this rank's module weights) from a checkpoint written with another
-    tensor-parallel size: each parameter merged from the saved shards, then cut for this rank."""
-    saved_tp, _ = saved_layout(tag_dir)
-    shards = [_model_states(tag_dir, r) for r in range(saved_tp)]
-    params = dict(model.named_parameters())
+def _resharded_module(tag_dir: Path, model: torch.nn.Module, groups: ParallelGroups) -> dict:
+    """This rank's module state from a checkpoint written with another layout: each parameter merged from the
+    saved tensor-parallel shards of whichever stage held it, then cut for this rank; buffers as saved."""
+    saved = global_module_states(tag_dir)
+    params, offset = dict(model.named_parameters()), layer_offset(model)
     module = {}
-    for name, value in shards[0]["module"].items():
-        if name not in params or not isinstance(value, torch.Tensor):
-            module[name] = value
+    for name in model.state_dict():
+        values = saved.get(shift_layer_index(name, offset))
+        if values is None:
+            continue  # reported by load_weights (experts come from their shards)
+        if name not in params or not isinstance(values[0], torch.Tensor):
+            module[name] = values[0]
             continue
-        full = merge_tp([shard["module"][name] for shard in shards], params[name])
+        full = merge_tp(values, params[name])
         if getattr(params[name], "tensor_model_parallel", False) and params[name].partition_dim == 0:
             full = _fit_vocab_rows(full, params[name].shape[0] * groups.tp_size)
         module[name] = shard_tp(full, params[name], groups)
-    return shards[0], module
+    return module
 
 
 def _fit_vocab_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
@@ -205,14 +253,16 @@ def _fit_vocab_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
 
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> dict:
-    """The model weights of a checkpoint, experts resharded to this run's expert-parallel size, before the engine
-    exists (so DeepSpeed's fp32 master weights start from them). Returns the saved state for `load`."""
-    if saved_layout(tag_dir)[0] == groups.tp_size:
-        states = _model_states(tag_dir, groups.tp_rank)
-        module = states["module"]
+    """The model weights of a checkpoint, resharded to this run's layout, before the engine exists (so
+    DeepSpeed's fp32 master weights start from them). Returns the saved state for `load`."""
+    saved = saved_layout(tag_dir)
+    states = _load_model_file(saved.stage_files(tag_dir)[0][0])
+    if (saved.tp, saved.pp) == (groups.tp_size, groups.pp_size):
+        module = _load_model_file(saved.stage_files(tag_dir)[groups.pp_rank][groups.tp_rank])["module"]
     else:
-        states, module = _resharded_module(tag_dir, model, groups)
-    expert_keys = {f"{name}.{p}" for name, m in _experts(model).items() for p, _ in m.named_parameters(recurse=False)}
+        module = _resharded_module(tag_dir, model, groups)
+    expert_keys = {n for n, m in model.named_modules() if isinstance(m, Experts)}
+    expert_keys = {f"{n}.{p}" for n in expert_keys for p, _ in model.get_submodule(n).named_parameters(recurse=False)}
     dense = {k: v for k, v in module.items() if k not in expert_keys}
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if (not_loaded := sorted(set(missing) - expert_keys)) or unexpected:
@@ -220,7 +270,7 @@ def load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) 
                          f"unexpected {unexpected[:3]})")
     load_expert_shards(model, tag_dir)
     get_logger().warning(f"loaded the weights of {tag_dir} (fine-tuning, a weights-only checkpoint or another "
-                         "tensor- or expert-parallel size): the optimizer state starts afresh")
+                         "parallel layout): the optimizer state starts afresh")
     return states
 
 

@@ -59,23 +59,34 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 class MegatronMPU:
     """megatron-core's parallel_state through the `mpu` interface DeepSpeed reads (Megatron-DeepSpeed's).
 
-    DeepSpeed's "model parallel" group is megatron's tensor-parallel group: ZeRO reduces over the
-    data-parallel group only, counts TP-sharded gradients (tensor_model_parallel=True) on every TP rank
-    and replicated ones on TP rank 0 when computing the global norm, and names checkpoint files by TP rank.
+    ZeRO reduces over megatron's data-parallel group (within a pipeline stage). DeepSpeed's "model parallel"
+    group is megatron's tensor x pipeline group: the global gradient norm sums every stage's share, counting
+    TP-sharded gradients (tensor_model_parallel=True) on every TP rank and replicated ones on TP rank 0. The
+    "model parallel rank" names checkpoint files: stage-major, pp_rank x TP + tp_rank (= the TP rank without
+    pipeline parallelism), so every stage writes its own files.
     """
 
     get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
     get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
     get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
-    get_model_parallel_rank = get_tensor_model_parallel_rank
-    get_model_parallel_world_size = get_tensor_model_parallel_world_size
-    get_model_parallel_group = get_tensor_model_parallel_group
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
     get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
     get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
     get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
     get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
     get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
     get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return (parallel_state.get_pipeline_model_parallel_rank()
+                * parallel_state.get_tensor_model_parallel_world_size()
+                + parallel_state.get_tensor_model_parallel_rank())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return (parallel_state.get_pipeline_model_parallel_world_size()
+                * parallel_state.get_tensor_model_parallel_world_size())
 
 
 def grad_norm_before_step(engine: deepspeed.DeepSpeedEngine) -> float | None:
@@ -86,8 +97,8 @@ def grad_norm_before_step(engine: deepspeed.DeepSpeedEngine) -> float | None:
     from deepspeed.runtime.utils import get_flattened_grad_norm, is_model_parallel_parameter
 
     # Each TP rank holds its own shard of a TP-parallel weight but a copy of a replicated one (norms):
-    # count the copies once, as DeepSpeed's clipping does.
-    tp_rank = engine.mpu.get_model_parallel_rank()
+    # count the copies once, as DeepSpeed's clipping does (ZeRO-0: no pipeline parallelism, validate.py).
+    tp_rank = engine.mpu.get_tensor_model_parallel_rank()
     params = [p for p in engine.module.parameters() if tp_rank == 0 or is_model_parallel_parameter(p)]
     return float(get_flattened_grad_norm(params, mpu=engine.mpu))
 
@@ -113,16 +124,23 @@ class ExpertParallelMarker(DeepSpeedMoE):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by the engine: create DeepSpeed's EP/EDP groups and require them equal to megatron's."""
-        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
-            ds_groups._create_expert_and_data_parallel(
-                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
-        got = (list(ds_groups._get_expert_parallel_group_ranks(self.expert_group_name)),
-               list(ds_groups._get_expert_data_parallel_group_ranks(self.expert_group_name)))
         want = (dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group()),
                 dist.get_process_group_ranks(parallel_state.get_expert_data_parallel_group()))
-        if got != want:
+        name = self.expert_group_name
+        if name in ds_groups._get_expert_parallel_group_dict() and self._deepspeed_ranks() != want:
+            # Built for an earlier layout of this process (megamoe rebuilds megatron's groups per run): drop them.
+            for group in (ds_groups._get_expert_parallel_group(name), ds_groups._get_expert_data_parallel_group(name)):
+                ds_groups._release_process_group_references(group)
+        if name not in ds_groups._get_expert_parallel_group_dict():
+            ds_groups._create_expert_and_data_parallel(
+                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        if (got := self._deepspeed_ranks()) != want:
             raise RuntimeError(f"DeepSpeed's expert-parallel / expert-data-parallel ranks {got} differ from "
                                f"megatron-core's {want}: expert gradients would be reduced over the wrong ranks")
+
+    def _deepspeed_ranks(self) -> tuple[list[int], list[int]]:
+        return (list(ds_groups._get_expert_parallel_group_ranks(self.expert_group_name)),
+                list(ds_groups._get_expert_data_parallel_group_ranks(self.expert_group_name)))
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("ExpertParallelMarker is a marker; the MoE layers live in the MLP slots")

@@ -1,8 +1,9 @@
 """A megamoe checkpoint of any TP/EP layout -> one full state dict -> a Hugging Face directory.
 
-The tensor-parallel shards of DeepSpeed's `mp_rank_XX_model_states.pt` files are merged with megatron's own
-partition attributes (read from the same model built in this process with TP = 1); the routed experts come from
-megamoe's `experts_ep*.pt` shards, placed by global expert id. Nothing but the checkpoint and its config is read.
+The tensor-parallel shards of DeepSpeed's `mp_rank_XX_model_states.pt` files (one set per pipeline stage, layers
+renumbered globally) are merged with megatron's own partition attributes (read from the same model built in this
+process with TP = PP = 1); the routed experts come from megamoe's `experts_ep*.pt` shards, placed by global expert
+id. Nothing but the checkpoint and its config is read.
 """
 
 from __future__ import annotations
@@ -34,25 +35,23 @@ def one_process_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
 
 def merged_state_dict(tag_dir: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter of the checkpoint as a full fp32 tensor, and every persistent buffer (expert bias, PEER's
-    placement and BatchNorm statistics, ...: identical on every rank), named as in `model` (TP = 1, all experts
-    local)."""
-    tp, _ = checkpoint.saved_layout(tag_dir)
-    modules = [torch.load(tag_dir / f"mp_rank_{r:02d}_model_states.pt", weights_only=False)["module"]
-               for r in range(tp)]
+    placement and BatchNorm statistics, ...: identical on every rank), named as in `model` (TP = PP = 1, all
+    experts local)."""
+    saved = checkpoint.global_module_states(tag_dir)
     experts = _expert_tensors(tag_dir)
     merged = {}
     for name, param in model.named_parameters():
         if name in experts:
             merged[name] = experts[name]
-        elif name in modules[0]:
-            merged[name] = merge_tp([m[name] for m in modules], param).float()
+        elif name in saved:
+            merged[name] = merge_tp(saved[name], param).float()
         else:
             raise ValueError(f"{tag_dir} lacks {name}: the checkpoint does not fit its own config.yaml")
     for name, buffer in model.state_dict().items():
         if name not in merged and isinstance(buffer, torch.Tensor):
-            if not isinstance(modules[0].get(name), torch.Tensor):
+            if not isinstance(saved.get(name, [None])[0], torch.Tensor):
                 raise ValueError(f"{tag_dir} lacks {name}: the checkpoint does not fit its own config.yaml")
-            merged[name] = modules[0][name]
+            merged[name] = saved[name][0]
     return merged
 
 

@@ -17,10 +17,10 @@ from megamoe.models.gpt import build_model
 from megamoe.moe.losses import set_aux_loss_scale
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.initialize import initialize
-from megamoe.train import checkpoint
+from megamoe.train import checkpoint, pipeline
 from megamoe.train.checkpoint import Progress
 from megamoe.train.deepspeed import aux_loss_scale, build_engine, expert_parameters, grad_norm_before_step
-from megamoe.train.metrics import ExpertLoadLog, MetricsWriter, collect_moe_metrics, moe_layers
+from megamoe.train.metrics import ExpertLoadLog, MetricsWriter, collect_moe_metrics, gather_over_pipeline, moe_layers
 from megamoe.utils import get_logger
 
 
@@ -95,7 +95,8 @@ def dp_sum(value: torch.Tensor, groups: ParallelGroups, device: torch.device) ->
 
 def train_step(trainer: Trainer, batches: Iterator[dict],
                before_step: Callable[[object], None] | None = None) -> dict[str, float]:
-    """One optimizer step: grad_accum_steps micro-batches, each backward scaled by DeepSpeed (1/GAS).
+    """One optimizer step: grad_accum_steps micro-batches, each backward scaled by DeepSpeed (1/GAS); with
+    pipeline parallelism in 1F1B order across the stages (train/pipeline.py).
 
     `before_step(engine)` runs once the step's gradients are complete, before the optimizer uses them
     (after the MoE layers' own step work: expert-bias updates).
@@ -109,48 +110,99 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
     total_tokens = dp_sum(sum(b["loss_mask"].float().sum() for b in micro_batches), groups,
                           engine.device).clamp(min=1.0)
     scale = groups.dp_size * gas / total_tokens.item()
-    losses, grad_norm = [], None
-    for index, batch in enumerate(micro_batches):
+    losses, grad_norm = [], []
+
+    def forward(index: int, x: torch.Tensor | None) -> torch.Tensor:
         set_aux_loss_scale(aux_loss_scale(engine))  # the fp16 loss scale may change between micro-batches
         for layer in moe_layers(engine.module):
             layer.begin_micro_batch(last=index == gas - 1)
-        loss_sum = lm_loss_sum(engine, batch, is_causal(trainer.cfg))
-        engine.backward(loss_sum * scale)
+        out = stage_output(trainer, micro_batches[index], x)
+        if not groups.last_stage:
+            return out
+        losses.append(out.detach())
+        return out * scale
+
+    def backward(y: torch.Tensor, dy: torch.Tensor | None) -> None:
+        if dy is None:
+            engine.backward(y)
+        else:  # an inner pipeline stage: d(sum(y * dy))/dy = dy, already divided by GAS downstream
+            engine.backward((y * dy).sum(), scale_wrt_gas=False)
+
+    def step() -> None:
         if engine.is_gradient_accumulation_boundary():
-            grad_norm = grad_norm_before_step(engine)
+            grad_norm.append(grad_norm_before_step(engine))
             for layer in moe_layers(engine.module):
                 layer.finish_step()
             if before_step is not None:
                 before_step(engine)
         engine.step(lr_kwargs={"increment": 1})  # optimizer and LR step only at the accumulation boundary
-        losses.append(loss_sum.detach())
-    if grad_norm is None:
-        grad_norm = engine.get_global_grad_norm()
-    loss = (dp_sum(torch.stack(losses).sum(), groups, engine.device) / total_tokens).item()
-    return {"train/loss": loss, "train/lr": lr,
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    if groups.pp_size == 1:
+        for index in range(gas):
+            backward(forward(index, None), None)
+            step()
+    else:
+        pipeline.train_1f1b(groups, gas, forward, backward, step, *stage_io(trainer))
+    norm = grad_norm[0] if grad_norm and grad_norm[0] is not None else engine.get_global_grad_norm()
+    loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=engine.device)
+    loss = (dp_sum(pipeline.from_last_stage(loss_sum.float(), groups), groups, engine.device) / total_tokens).item()
+    return {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(norm) if norm is not None else float("nan")}
+
+
+def stage_output(trainer: Trainer, batch: dict[str, torch.Tensor], x: torch.Tensor | None) -> torch.Tensor:
+    """This pipeline stage's output for one micro-batch: the summed loss on the last stage (lm_loss_sum), the
+    hidden states [S, B, D] before it; `x` is the previous stage's output (None on the first stage)."""
+    engine = trainer.engine
+    if x is not None:
+        engine.module.set_input_tensor(x)
+    if trainer.groups.last_stage:
+        return lm_loss_sum(engine, batch, is_causal(trainer.cfg))
+    device = engine.device
+    tokens = batch["tokens"].to(device)
+    mask = causal_mask(tokens.shape[1], device) if is_causal(trainer.cfg) else None
+    return engine(tokens, batch["position_ids"].to(device), mask)
+
+
+def stage_io(trainer: Trainer) -> tuple[torch.Size, torch.dtype, torch.device]:
+    """Shape, dtype and device of the hidden states passed between pipeline stages."""
+    cfg, groups = trainer.cfg, trainer.groups
+    seq = cfg.data.seq_length // (groups.tp_size if groups.sequence_parallel else 1)
+    dtype = next(trainer.engine.module.parameters()).dtype
+    return torch.Size([seq, cfg.train.micro_batch_size, cfg.model.hidden_size]), dtype, trainer.engine.device
 
 
 @torch.no_grad()
 def evaluate(trainer: Trainer) -> dict[str, float]:
     """Validation loss and perplexity over the same first eval_iters micro-batches every time."""
-    engine = trainer.engine
+    engine, groups = trainer.engine, trainer.groups
     layers = moe_layers(engine.module)
     for layer in layers:
         layer.sync_buffers()  # e.g. PEER's BatchNorm statistics: the same model on every rank
     engine.eval()
-    loader = build_loader(trainer.datasets.valid, 0, trainer.cfg, trainer.groups)
-    sums = torch.stack([torch.stack([lm_loss_sum(engine, batch, is_causal(trainer.cfg)),
-                                     batch["loss_mask"].float().sum().to(engine.device)]) for batch in loader])
+    batches = list(build_loader(trainer.datasets.valid, 0, trainer.cfg, groups))
+    sums = []
+
+    def forward(index: int, x: torch.Tensor | None) -> torch.Tensor:
+        out = stage_output(trainer, batches[index], x)
+        if groups.last_stage:
+            sums.append(torch.stack([out.float(), batches[index]["loss_mask"].float().sum().to(engine.device)]))
+        return out
+
+    if groups.pp_size == 1:
+        for index in range(len(batches)):
+            forward(index, None)
+    else:
+        pipeline.forward_only(groups, len(batches), forward, *stage_io(trainer))
     engine.train()
     values = {}
     for layer in layers:
         layer.pop_stats()  # training statistics only
         values.update({f"valid/moe_{layer.shape.label}_{k}": v
                        for k, v in layer.validation_metrics().items()})
-    loss_sum, tokens = dp_sum(sums.sum(dim=0), trainer.groups, engine.device)
+    total = torch.stack(sums).sum(dim=0) if sums else torch.zeros(2, device=engine.device)
+    loss_sum, tokens = dp_sum(pipeline.from_last_stage(total, groups), groups, engine.device)
     loss = (loss_sum / tokens.clamp(min=1.0)).item()
-    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), **values}
+    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), **gather_over_pipeline(values, groups)}
 
 
 def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog) -> dict[int, float]:

@@ -86,12 +86,24 @@ def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
 
 
 def collect_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple[dict[str, float], dict[str, list]]:
-    """Every MoE layer's statistics since the last call, summed over the ranks that saw different tokens.
+    """Every MoE layer's statistics since the last call, summed over the ranks that saw different tokens, and
+    gathered from every pipeline stage.
 
     Returns scalar metrics (per layer: load imbalance max/mean, dropped share, mean and max experts per token,
-    balancing, z and router losses, the K histogram of variable-K layers) and each layer's expert load
-    (share of copies per expert). Collective: every rank calls it.
+    balancing, z and router losses, the K histogram of variable-K layers; and their means over the model) and
+    each layer's expert load (share of copies per expert). Collective: every rank calls it.
     """
+    scalars, loads = gather_over_pipeline(_stage_moe_metrics(model, groups), groups)
+    for name, combine in (("balance_loss", _mean), ("load_max_over_mean", max), ("dropped_frac", _mean),
+                          ("experts_per_token_mean", _mean)):
+        values = [v for k, v in scalars.items() if k.endswith(f"/{name}")]
+        if values:
+            scalars[f"moe/{name}"] = combine(values)
+    return scalars, loads
+
+
+def _stage_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple[dict[str, float], dict[str, list]]:
+    """Per-layer metrics and loads of this stage's MoE layers."""
     layers = moe_layers(model)
     if not layers:
         return {}, {}
@@ -111,12 +123,19 @@ def collect_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple
         if "tokens_per_expert" in sums:
             loads[label] = (sums["tokens_per_expert"] / sums["tokens_per_expert"].sum().clamp(min=1.0)).tolist()
         scalars.update(layer_metrics(f"moe/{label}", sums, k_max[i]))
-    for name, combine in (("balance_loss", _mean), ("load_max_over_mean", max), ("dropped_frac", _mean),
-                          ("experts_per_token_mean", _mean)):
-        values = [v for k, v in scalars.items() if k.endswith(f"/{name}")]
-        if values:
-            scalars[f"moe/{name}"] = combine(values)
     return scalars, loads
+
+
+def gather_over_pipeline(values, groups: ParallelGroups):
+    """Merge a stage's dict (or tuple of dicts) of per-layer values with the other stages' (layers are named
+    globally, so keys never clash). Collective over the pipeline group; a no-op without pipeline parallelism."""
+    if groups.pp_group is None:
+        return values
+    gathered = [None] * groups.pp_size
+    dist.all_gather_object(gathered, values, group=groups.pp_group)
+    if isinstance(values, dict):
+        return {k: v for part in gathered for k, v in part.items()}
+    return tuple({k: v for part in gathered for k, v in part[i].items()} for i in range(len(values)))
 
 
 def _mean(values: list[float]) -> float:

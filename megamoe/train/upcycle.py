@@ -97,8 +97,10 @@ def upcycle(load_dir: str, save_dir: str, overrides: Sequence[str]) -> Path:
     if tag is None:
         raise FileNotFoundError(f"{load_dir} holds no checkpoint ('latest' missing); pass the dense run's "
                                 "checkpoint.save directory")
-    if checkpoint.saved_layout(tag)[0] != 1:
-        raise ValueError(f"{tag} was written with tensor parallelism; upcycle a tensor_model_parallel_size=1 run")
+    saved = checkpoint.saved_layout(tag)
+    if (saved.tp, saved.pp) != (1, 1):
+        raise ValueError(f"{tag} was written with tensor or pipeline parallelism; upcycle a run with "
+                         "tensor_model_parallel_size=1 and pipeline_model_parallel_size=1")
     save = Path(save_dir)
     target = target_config(tag, save, overrides)
     one_process = dataclasses.replace(target, parallel=config.ParallelConfig())

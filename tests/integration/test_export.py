@@ -1,4 +1,4 @@
-"""megamoe <-> Hugging Face. Checkpoints trained with TP=2 (dense: Llama) and EP=2 (top-k MoE: Mixtral; with a
+"""megamoe <-> Hugging Face. Checkpoints trained with TP=2 (dense: Llama), EP=2 and PP=2 (top-k MoE: Mixtral; with a
 gated shared expert and a dense first layer: Qwen2-MoE) are merged from their files alone into exactly the trained
 weights; transformers' logits equal megamoe's (fp32, one process, the merged weights) within 1e-4; generate()
 runs offline; HF -> megamoe -> HF gives identical tensors, and the imported checkpoint loads under TP=2 x EP=2.
@@ -17,12 +17,15 @@ MODELS = {
     "llama_tp2": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
     "mixtral_ep2": ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64",
                     "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=2"],
+    "mixtral_pp2": ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64",
+                    "parallel.pipeline_model_parallel_size=2", "train.micro_batch_size=4", "train.global_batch_size=8",
+                    "deepspeed.zero_stage=1"],
     "qwen2_moe_ep2": ["moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64", "moe.layer_freq=[0,1]",
                       "moe.router_pre_softmax=true", "moe.shared_expert_intermediate_size=96",
                       "moe.shared_expert_combine=gate", "parallel.expert_model_parallel_size=2",
                       "deepspeed.zero_stage=2"],
 }
-CLASSES = {"llama_tp2": "LlamaForCausalLM", "mixtral_ep2": "MixtralForCausalLM",
+CLASSES = {"llama_tp2": "LlamaForCausalLM", "mixtral_ep2": "MixtralForCausalLM", "mixtral_pp2": "MixtralForCausalLM",
            "qwen2_moe_ep2": "Qwen2MoeForCausalLM"}
 TP2_EP2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
            "parallel.expert_model_parallel_size=2", "train.micro_batch_size=4", "deepspeed.zero_stage=2"]
@@ -169,11 +172,14 @@ def _loaded_weights(data: dict, load: str, overrides: list[str]) -> dict:
     return full_params(build_trainer(cfg, startup.check(cfg)))
 
 
-def test_a_tp2_checkpoint_loads_under_tp1_with_the_same_weights(tiny_data, tmp_path):
-    """Another TP size loads the weights (merged and re-cut; vocabulary padding rows refitted)."""
+@pytest.mark.parametrize("name", ["llama_tp2", "mixtral_pp2"])
+def test_a_tp2_or_pp2_checkpoint_loads_in_one_process_with_the_same_weights(tiny_data, tmp_path, name):
+    """Another TP or PP size loads the weights (TP shards merged and re-cut, vocabulary padding rows refitted;
+    each layer from the stage that held it)."""
     save = str(tmp_path / "checkpoints")
-    trained = spawn(_train, 2, tiny_data, save, MODELS["llama_tp2"])[0]["full"]
-    loaded = spawn(_loaded_weights, 1, tiny_data, save, [])[0]
+    trained = spawn(_train, 2, tiny_data, save, MODELS[name])[0]["full"]
+    moe = [o for o in MODELS[name] if o.startswith("moe.")]
+    loaded = spawn(_loaded_weights, 1, tiny_data, save, moe)[0]
     assert sorted(loaded) == sorted(trained)
     for key, want in trained.items():
         rows = min(want.shape[0], loaded[key].shape[0])

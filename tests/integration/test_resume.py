@@ -2,7 +2,8 @@
 
 Runs the real entry point (`deepspeed --num_gpus 2 launchers/pretrain.py`) with ZeRO-2, DP=2 and dropout
 on, so data position, optimizer/scheduler state and every RNG stream must be restored; for the MoE model
-with EP=2 also each rank's experts (from megamoe's expert shards: DeepSpeed's file holds rank 0's only).
+with EP=2 also each rank's experts (from megamoe's expert shards: DeepSpeed's file holds rank 0's only); with
+PP=2 each stage's own files.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def train_losses(records: list[dict]) -> dict[int, float]:
 
 MODELS = {"dense": [], "moe_ep2": ["moe.num_experts=4", "moe.ffn_hidden_size=64",
                                    "parallel.expert_model_parallel_size=2",
-                                   "moe.router_enable_expert_bias=true"]}
+                                   "moe.router_enable_expert_bias=true"],
+          "moe_pp2": ["moe.num_experts=4", "moe.ffn_hidden_size=64", "parallel.pipeline_model_parallel_size=2",
+                      "moe.router_enable_expert_bias=true"]}
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

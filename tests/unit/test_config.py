@@ -61,7 +61,11 @@ MISTAKES = [
     (["model.num_query_groups=3"], 1, r"model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
     (["parallel.pipeline_model_parallel_size=3"], 3,
      r"model.num_layers=4 is not divisible by parallel.pipeline_model_parallel_size=3"),
-    (["parallel.pipeline_model_parallel_size=2"], 2, r"pipeline parallelism is not available"),
+    (["parallel.pipeline_model_parallel_size=2"], 2,
+     r"deepspeed.zero_stage=0 with parallel.pipeline_model_parallel_size=2: use ZeRO 1 or 2"),
+    (["parallel.pipeline_model_parallel_size=2", "deepspeed.zero_stage=1",
+      "model.untie_embeddings_and_output_weights=false"], 2,
+     r"untie_embeddings_and_output_weights=false with pipeline parallelism: .* on different stages"),
     (["train.global_batch_size=12"], 1, r"train.global_batch_size=12 is not a multiple of micro_batch_size x "
                                         r"data-parallel size = 8 x 1 = 8"),
     (["model.vocab_size=1000"], 1, r"model.vocab_size=1000 disagrees with the tokenizer .* \(512 tokens\)"),
