@@ -64,8 +64,12 @@ def _run(data: dict, runs: list[tuple[str, list[str]]]) -> dict | None:
         trainer = build_trainer(cfg, startup.check(cfg))
         capture, grads, losses, norms = GradientCapture(trainer), [], [], []
         batches = iter(build_loader(trainer.datasets.train, 0, cfg, trainer.groups))
+
+        def keep_grads(engine, grads=grads, capture=capture) -> None:
+            grads.append(capture.step())
+
         for _ in range(STEPS):
-            values = train_step(trainer, batches, lambda engine: grads.append(capture.step()))
+            values = train_step(trainer, batches, keep_grads)
             losses.append(values["train/loss"])
             norms.append(values["train/grad_norm"])
         metrics = collect_moe_metrics(trainer.engine.module, trainer.groups)[0]
