@@ -12,7 +12,8 @@ Qwen2MoeForCausalLM; DA-MoE, PEER, CartesianMoE, MPOE and encoders are megamoe's
 config.json, model.safetensors, generation_config.json, tokenizer.model + tokenizer_config.json (and the custom
 code's .py files). Export merges the shards of any TP/PP/EP layout from the checkpoint files alone, in one
 process. Import writes a weights-only checkpoint (iteration 0) that any TP/PP/EP layout loads, plus
-finetune.yaml: the model from config.json; data, train and parallel from --config and the overrides. Settings the other side cannot express are refused with the reason.
+finetune.yaml: the model from config.json; data, train and parallel from --config and the overrides.
+Settings the other side cannot express are refused with the reason.
 """
 
 from __future__ import annotations
