@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megamoe: config error: {err}", file=sys.stderr)
         return 2
     from megamoe.train import loop  # heavy imports (megatron, deepspeed) only after the config is good
+    from megamoe.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
-    loop.run(cfg, layout)
+    try:
+        loop.run(cfg, layout)
+    except Preempted:  # a scheduler's signal: the checkpoint is written, the job script requeues
+        return REQUEUE_EXIT_CODE
     return 0
 
 

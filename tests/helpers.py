@@ -88,6 +88,20 @@ def tiny_config(data: dict[str, str], *overrides: str) -> config.RunConfig:
     return config.load(None, base + list(overrides))
 
 
+def tiny_launch_overrides(data: dict[str, str], log_dir) -> list[str]:
+    """Overrides of configs/tiny-dense.yaml for a launched tiny run (2 ranks, dropout on, DP=2 with 2 micro-batches
+    per step, ZeRO-2; metrics and checkpoints under `log_dir`)."""
+    return [
+        "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+        "model.hidden_dropout=0.1", "model.attention_dropout=0.1", "model.make_vocab_size_divisible_by=64",
+        f"data.data_path=[{data['prefix']}]", f"data.tokenizer_model={data['tokenizer']}", "data.seq_length=32",
+        "data.split=90,10,0", "data.num_workers=1", "train.micro_batch_size=2", "train.global_batch_size=8",
+        "train.lr_warmup_iters=2", "train.log_interval=1", "train.eval_iters=2", "deepspeed.zero_stage=2",
+        "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={log_dir}",
+        f"checkpoint.save={log_dir}/checkpoints",
+    ]
+
+
 def full_params(trainer) -> dict:
     """Every parameter as the full tensor under its global name, on every rank: TP shards gathered, experts
     gathered over the expert-parallel group, pipeline stages merged."""

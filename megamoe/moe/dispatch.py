@@ -37,7 +37,8 @@ def _sorted_rows(x_TD: Tensor, routing: Routing, pad_to: int | None) -> tuple[Te
     """The copies' rows grouped by expert (padded to `pad_to` rows per expert if given): (order, rows,
     rows per expert, padded slot of each copy or None)."""
     order_N = routing.expert_N.argsort(stable=True)
-    x_ND, counts_E, slot_N = x_TD[routing.token_N[order_N]], routing.tokens_per_expert(), None
+    # index_select, not x[index]: its backward is an index_add (advanced indexing's is a slower index_put).
+    x_ND, counts_E, slot_N = x_TD.index_select(0, routing.token_N[order_N]), routing.tokens_per_expert(), None
     if pad_to is not None:
         x_ND, slot_N = _pad_to_capacity(x_ND, routing.expert_N[order_N], counts_E, pad_to)
         counts_E = torch.full_like(counts_E, pad_to)

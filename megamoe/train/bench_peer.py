@@ -11,6 +11,13 @@ getrusage's ru_maxrss at the end. Linux carries the pre-exec high-water mark acr
 by vfork + exec, so a child's ru_maxrss starts at the parent's peak: the parent here imports torch and builds
 nothing. `peak_hwm_gb` (VmHWM of the child's own address space) cross-checks it.
 
+Allocator: every backward allocates fresh [N, d] table gradients (as training does: ZeRO frees them after each
+reduction). On a GPU the caching allocator hands the same blocks back; glibc instead returns such blocks to the
+OS on free, and the next backward page-faults 2 GB of new pages at N = 1024^2, which made the timings of that
+case vary by 2-4x from run to run. The cases therefore run with glibc's mmap and trim thresholds raised
+(GLIBC_REUSE: freed blocks stay in the process for reuse, like a caching allocator), for both implementations,
+unless the caller set those variables.
+
 Shapes: T tokens, D hidden, N experts, I timed iterations.
 """
 
@@ -33,6 +40,8 @@ from megamoe.moe import LayerShape, build_moe
 from megamoe.parallel.groups import ParallelGroups
 
 IMPLS = ("megamoe", "peer-pytorch")
+GLIBC_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+"""glibc reads these at process start: allocations below 4 GB come from the heap and freed memory is kept."""
 SCALING_TARGET = 2.0
 """Acceptance: megamoe's per-token time at the largest N (1024^2) at most this multiple of the smallest (128^2)."""
 PEER_PYTORCH_DIFFERENCES = (
@@ -131,6 +140,8 @@ def run(sides: list[int], impls: list[str], cfg: PEERBenchConfig | None = None) 
     """One record per (side, implementation), each measured in its own process, then the ratios."""
     cfg = cfg or PEERBenchConfig()
     validate_peer_bench(sides, impls, cfg)
+    for name, value in GLIBC_REUSE.items():  # the spawned cases inherit the environment
+        os.environ.setdefault(name, value)
     records = [measure_in_subprocess(impl, side * side, cfg) for side in sorted(sides) for impl in impls]
     add_ratios(records)
     return records

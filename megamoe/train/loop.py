@@ -21,6 +21,7 @@ from megamoe.train import checkpoint, pipeline
 from megamoe.train.checkpoint import Progress
 from megamoe.train.deepspeed import aux_loss_scale, build_engine, expert_parameters, grad_norm_before_step
 from megamoe.train.metrics import ExpertLoadLog, MetricsWriter, collect_moe_metrics, gather_over_pipeline, moe_layers
+from megamoe.train.preemption import REQUEUE_EXIT_CODE, Preempted, StopRequests
 from megamoe.utils import get_logger
 
 
@@ -205,8 +206,10 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), **gather_over_pipeline(values, groups)}
 
 
-def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog) -> dict[int, float]:
-    """Steps from trainer.progress to train_iters: log, validate, checkpoint. Returns {step: valid ppl}."""
+def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
+          stop: StopRequests | None = None) -> dict[int, float]:
+    """Steps from trainer.progress to train_iters: log, validate, checkpoint. Returns {step: valid ppl}.
+    Raises Preempted (after a checkpoint) when a rank got a stop signal (`stop`, see train/preemption.py)."""
     cfg, layout = trainer.cfg, trainer.layout
     tokens_per_step = layout.global_batch_size * cfg.data.seq_length
     do_eval = trainer.datasets.valid is not None
@@ -234,8 +237,11 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog) 
                                "train/consumed_samples": trainer.progress.consumed_samples, **moe_values})
         if do_eval and (step % cfg.train.eval_interval == 0 or last):
             validate(step)
-        if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0 or last):
+        signum = stop.agreed(trainer.engine.device) if stop is not None else 0
+        if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0 or last or signum):
             checkpoint.save(trainer.engine, cfg, trainer.progress, trainer.groups)
+        if signum and not last:
+            raise Preempted(step, signum)
     return perplexity
 
 
@@ -244,7 +250,11 @@ def run(cfg: RunConfig, layout: Layout) -> None:
     trainer = build_trainer(cfg, layout)
     metrics, expert_load = MetricsWriter(cfg), ExpertLoadLog(cfg.logging.log_dir)
     try:
-        perplexity = train(trainer, metrics, expert_load)
+        with StopRequests() as stop:
+            perplexity = train(trainer, metrics, expert_load, stop)
+    except Preempted as stopped:
+        get_logger().warning(f"{stopped}: checkpoint written, exiting with {REQUEUE_EXIT_CODE} for a requeue")
+        raise
     finally:
         metrics.close()
         expert_load.write_heatmap()

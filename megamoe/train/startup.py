@@ -9,6 +9,7 @@ import torch
 
 from megamoe.config import Environment, Layout, RunConfig, validate
 from megamoe.data.tokenizer import spm_mask_id, spm_vocab_size
+from megamoe.parallel.launch import discover_ranks
 
 
 def environment(cfg: RunConfig) -> Environment:
@@ -20,7 +21,9 @@ def environment(cfg: RunConfig) -> Environment:
 
 
 def check(cfg: RunConfig) -> Layout:
-    """Validate `cfg` for this launch (ConfigError on a mistake) and select DeepSpeed's accelerator."""
+    """Validate `cfg` for this launch (ConfigError on a mistake) and select DeepSpeed's accelerator. The ranks
+    come from the launcher first (deepspeed, torchrun, srun or mpirun: parallel/launch.py)."""
+    discover_ranks()
     env = environment(cfg)
     layout = validate(cfg, env)
     set_runtime_environment(env.cuda_available)

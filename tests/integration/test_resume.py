@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, tiny_launch_overrides
 
 LAUNCH_TIMEOUT_S = 300
 
@@ -24,17 +24,9 @@ LAUNCH_TIMEOUT_S = 300
 def launch(data: dict, log_dir: Path, *overrides: str) -> list[dict]:
     """Run the tiny model through the deepspeed launcher on 2 CPU ranks; return metrics.jsonl records."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    args = [
-        "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
-        "model.hidden_dropout=0.1", "model.attention_dropout=0.1", "model.make_vocab_size_divisible_by=64",
-        f"data.data_path=[{data['prefix']}]", f"data.tokenizer_model={data['tokenizer']}", "data.seq_length=32",
-        "data.split=90,10,0", "data.num_workers=1", "train.micro_batch_size=2", "train.global_batch_size=8",
-        "train.train_iters=20", "train.lr_warmup_iters=2", "train.log_interval=1", "train.eval_interval=10",
-        "train.eval_iters=2", "deepspeed.zero_stage=2", "logging.wandb=false", "logging.tensorboard=false",
-        f"logging.log_dir={log_dir}", f"checkpoint.save={log_dir / 'checkpoints'}", *overrides,
-    ]
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launchers" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny-dense.yaml"), *args]
+           str(ROOT / "launchers" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny-dense.yaml"),
+           *tiny_launch_overrides(data, log_dir), "train.train_iters=20", "train.eval_interval=10", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]

@@ -47,7 +47,7 @@ def built(tiny_data) -> dict:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_trains(built, variant):
     run = built[variant]
-    assert 5.5 < run["loss"] < 7.0, run["loss"]  # ~ln(512): an untrained model over a 512-row padded vocab
+    assert 5.0 < run["loss"] < 7.0, run["loss"]  # ~ln(512) = 6.2: an untrained model over a 512-row padded vocab
     assert run["no_grad"] == [], f"parameters without gradient: {run['no_grad']}"
 
 

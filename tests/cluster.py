@@ -1,0 +1,131 @@
+"""Real launch infrastructure for the launch tests, installed and started by the tests themselves: a one-node
+Slurm cluster on localhost (Debian's slurm-wlm with munge) and Open MPI. Where that is impossible (not root, no
+apt-get, no package mirror) the tests skip and say why.
+
+The Slurm cluster lives in a temporary directory: its slurm.conf (found by every Slurm command and daemon through
+SLURM_CONF), state, spool, logs and pid files; only munged uses the system's /run/munge and key. Daemons are
+stopped by the pids in their pid files, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+APT_TIMEOUT_S = 600
+
+
+def install_debian_packages(packages: list[str], binary: str) -> str | None:
+    """Install `packages` unless `binary` is already on PATH; None on success, else why it cannot be done."""
+    if shutil.which(binary):
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return f"{binary} is missing and packages can only be installed as root with apt-get"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT_S)
+        if proc.returncode != 0:
+            return f"{' '.join(cmd[:3])} failed: {(proc.stderr or proc.stdout).strip()[-300:]}"
+    return None if shutil.which(binary) else f"{binary} still missing after installing {packages}"
+
+
+def slurm_conf(root: Path, node: str, hardware: str) -> str:
+    """slurm.conf of a one-node cluster on 127.0.0.1: no systemd, cgroups or accounting; root runs everything."""
+    return "\n".join([
+        "ClusterName=megamoe-test", f"SlurmctldHost={node}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
+        "AuthType=auth/munge", "CryptoType=crypto/munge", "MpiDefault=none", "MailProg=/bin/true",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none", "SchedulerType=sched/backfill",
+        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",
+        "GresTypes=gpu",  # the job script asks for GPUs per node: this node offers counted, file-less "gpus"
+        f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root / 'spool'}",
+        f"SlurmctldPidFile={root / 'slurmctld.pid'}", f"SlurmdPidFile={root / 'slurmd.pid'}",
+        f"SlurmctldLogFile={root / 'slurmctld.log'}", f"SlurmdLogFile={root / 'slurmd.log'}",
+        f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+        f"{hardware} Gres=gpu:2 NodeAddr=127.0.0.1 State=UNKNOWN",
+        f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP", ""])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SlurmCluster:
+    """munged + slurmctld + slurmd on this machine, configured under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+        self.pid_files = [root / "slurmd.pid", root / "slurmctld.pid"]
+
+    def start(self) -> None:
+        for sub in ("state", "spool"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        node = socket.gethostname().split(".")[0]
+        hardware = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+        memory = int(re.search(r"RealMemory=(\d+)", hardware)[1])
+        hardware = re.sub(r"RealMemory=\d+", f"RealMemory={memory * 9 // 10}", hardware)  # or the node drains
+        (self.root / "slurm.conf").write_text(slurm_conf(self.root, node, hardware))
+        (self.root / "gres.conf").write_text("Name=gpu Count=2\n")
+        self._start_munge()
+        for daemon in ("/usr/sbin/slurmctld", "/usr/sbin/slurmd"):
+            subprocess.run([daemon], env=self.env, check=True, timeout=60)
+        self._wait_idle()
+
+    def _start_munge(self) -> None:
+        if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
+            return  # already running
+        for path in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            shutil.chown(path, "munge", "munge")
+        os.chmod("/run/munge", 0o755)
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True, timeout=60)
+        self.pid_files.append(Path("/run/munge/munged.pid"))
+        time.sleep(1)
+
+    def _wait_idle(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=self.env).stdout
+            if out.strip() == "idle":
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the Slurm node did not become idle: sinfo says {out.strip()!r}; see {self.root}")
+
+    def stop(self) -> None:
+        for pid_file in self.pid_files:
+            if pid_file.is_file():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+        time.sleep(2)
+
+    def sbatch(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+        proc = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, check=True,
+                              env={**self.env, **(env or {})}, cwd=cwd, timeout=60)
+        return int(proc.stdout.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """scontrol's fields of the job (JobState, ExitCode, Restarts, ...)."""
+        out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
+                             env=self.env).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait(self, job_id: int, timeout: float) -> dict[str, str]:
+        """Poll until the job has ended (sbatch --wait backs off to tens of seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                return job
+            time.sleep(1)
+        subprocess.run(["scancel", str(job_id)], env=self.env)
+        raise TimeoutError(f"job {job_id} did not end within {timeout:.0f} s: {self.job(job_id)}")
