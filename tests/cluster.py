@@ -44,7 +44,7 @@ def slurm_conf(root: Path, node: str, hardware: str) -> str:
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none", "SchedulerType=sched/backfill",
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",
-        "GresTypes=gpu",  # the job script asks for GPUs per node: this node offers counted, file-less "gpus"
+        "GresTypes=gpu",  # the job script asks for GPUs per node: this node offers two stand-ins (gres.conf)
         f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root / 'spool'}",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}", f"SlurmdPidFile={root / 'slurmd.pid'}",
         f"SlurmctldLogFile={root / 'slurmctld.log'}", f"SlurmdLogFile={root / 'slurmd.log'}",
@@ -75,7 +75,8 @@ class SlurmCluster:
         memory = int(re.search(r"RealMemory=(\d+)", hardware)[1])
         hardware = re.sub(r"RealMemory=\d+", f"RealMemory={memory * 9 // 10}", hardware)  # or the node drains
         (self.root / "slurm.conf").write_text(slurm_conf(self.root, node, hardware))
-        (self.root / "gres.conf").write_text("Name=gpu Count=2\n")
+        # Two "GPUs" backed by harmless character devices (nothing opens them: no cgroup device limits here).
+        (self.root / "gres.conf").write_text("Name=gpu File=/dev/null\nName=gpu File=/dev/zero\n")
         self._start_munge()
         for daemon in ("/usr/sbin/slurmctld", "/usr/sbin/slurmd"):
             subprocess.run([daemon], env=self.env, check=True, timeout=60)

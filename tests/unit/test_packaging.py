@@ -41,18 +41,10 @@ def test_readme_config_reference_is_current():
 
 
 def test_ruff_clean():
-    import shutil
     import subprocess
-    import sys
-    from pathlib import Path
 
-    beside_python = Path(sys.executable).parent / "ruff"  # the venv's bin/ need not be on PATH
-    ruff = str(beside_python) if beside_python.is_file() else shutil.which("ruff")
-    if ruff is None:
-        import pytest
-
-        pytest.skip("ruff is not installed (bash tools/install.sh dev installs it)")
-    proc = subprocess.run([ruff, "check", "--output-format", "concise", str(ROOT)], capture_output=True, text=True)
+    proc = subprocess.run([_beside_python("ruff"), "check", "--output-format", "concise", str(ROOT)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -80,3 +72,37 @@ def test_dev_install_brings_everything_the_tests_import():
                 if not dists & installed:
                     missing.add(f"{path.relative_to(ROOT)} imports {top}")
     assert not missing, f"not in setup.py's core or dev requirements: {sorted(missing)}"
+
+
+def _beside_python(tool: str) -> str:
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    beside = Path(sys.executable).parent / tool  # the venv's bin/ need not be on PATH
+    found = str(beside) if beside.is_file() else shutil.which(tool)
+    if found is None:
+        pytest.skip(f"{tool} is not installed (bash tools/install.sh dev installs it)")
+    return found
+
+
+def test_dockerfile_passes_hadolint():
+    """docker/Dockerfile cannot be built here (no Docker engine): lint it."""
+    import subprocess
+
+    proc = subprocess.run([_beside_python("hadolint"), str(ROOT / "docker" / "Dockerfile")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_shell_scripts_pass_shellcheck():
+    import subprocess
+
+    scripts = [ROOT / ".ci" / "run", ROOT / "tools" / "install.sh", *sorted((ROOT / "launchers").rglob("*.sh")),
+               *sorted((ROOT / "launchers").rglob("*.sbatch"))]
+    assert len(scripts) >= 4
+    proc = subprocess.run([_beside_python("shellcheck"), "--shell=bash", *map(str, scripts)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
