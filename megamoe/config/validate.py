@@ -50,6 +50,8 @@ class Environment:
     """Read from data.tokenizer_model by the caller; None when the file is missing."""
     tokenizer_has_mask: bool = True
     """Whether the tokenizer has a <mask> piece (masked_lm needs one)."""
+    check_files: bool = True
+    """False for a run planned elsewhere (tools/plan.py): data and tokenizer files are not looked for."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def validate(cfg: RunConfig, env: Environment) -> Layout:
     _check_model(cfg.model, cfg.data, cfg.parallel)
     layout = _check_parallel(cfg.parallel, cfg.train, cfg.model, env.world_size)
     _check_train(cfg.train, env.cuda_available)
-    _check_data(cfg.data, cfg.model, cfg.train.eval_iters, env.tokenizer_vocab_size)
+    if env.check_files:
+        _check_data(cfg.data, cfg.model, cfg.train.eval_iters, env.tokenizer_vocab_size)
     _check_objective(cfg, env)
     _check_moe(cfg.moe, cfg, env.world_size)
     _check_deepspeed(cfg)

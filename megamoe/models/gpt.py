@@ -6,9 +6,10 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from megamoe.config import RunConfig
-from megamoe.models.megatron import decoder_block_spec, padded_vocab_size, to_transformer_config
+from megamoe.models.megatron import decoder_block_spec, to_transformer_config
 from megamoe.models.sharding import shard_tp
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.parallel.layout import padded_vocab_size
 
 # Weights outside the decoder layers, each initialised from its own stream (the layers seed themselves).
 OUTSIDE_LAYERS = {"embedding.word_embeddings.weight": 1, "embedding.position_embeddings.weight": 2,

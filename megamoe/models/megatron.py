@@ -28,6 +28,7 @@ from megamoe.models.moe_mlp import moe_mlp_spec
 from megamoe.models.norms import NORMS
 from megamoe.moe import LayerShape
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.parallel.layout import stage_layer_numbers
 
 
 def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
@@ -95,12 +96,6 @@ class SeededTransformerLayer(TransformerLayer):
             super().__init__(*args, **kwargs)
 
 
-def stage_layer_numbers(num_layers: int, pp_size: int, pp_rank: int) -> range:
-    """The global (1-based) numbers of the layers pipeline stage `pp_rank` holds: an equal, contiguous share."""
-    per_stage = num_layers // pp_size
-    return range(pp_rank * per_stage + 1, (pp_rank + 1) * per_stage + 1)
-
-
 def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlockSubmodules:
     """One layer spec per decoder layer of this pipeline stage: megatron's local GPT layer, megamoe's norms, a
     per-layer MLP.
@@ -129,9 +124,3 @@ def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlo
         spec.submodules.mlp = mlp_spec(cfg, layer_number, base.submodules.mlp, groups, collector)
         layers.append(spec)
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    """Megatron's rule: pad the embedding rows to a multiple of divisible_by x TP."""
-    multiple = divisible_by * tp_size
-    return -(-vocab_size // multiple) * multiple

@@ -6,9 +6,47 @@ or the group hangs (Megatron-LM issue #5749).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+@dataclass
+class TrafficMeter:
+    """Bytes this rank sent through all_to_all (forward and backward) while the meter was on."""
+
+    to_other_ranks: int = 0
+    to_itself: int = 0
+    """The block a rank keeps: an all_to_all copies it locally, nothing crosses the network."""
+
+    def add(self, input_splits: list[int], row_bytes: int, group) -> None:
+        own = dist.get_rank(group)
+        self.to_itself += input_splits[own] * row_bytes
+        self.to_other_ranks += (sum(input_splits) - input_splits[own]) * row_bytes
+
+
+# Process-wide, not a context variable: on GPUs autograd runs backward on its own device threads.
+_METERS: list[TrafficMeter] = []
+
+
+@contextlib.contextmanager
+def metered() -> Iterator[TrafficMeter]:
+    """Count the all-to-all traffic of the code inside, backward included (planner validation, benchmarks)."""
+    meter = TrafficMeter()
+    _METERS.append(meter)
+    try:
+        yield meter
+    finally:
+        _METERS.remove(meter)
+
+
+def _count(splits: list[int], x_RD: Tensor, group) -> None:
+    for meter in _METERS:
+        meter.add(splits, x_RD[0].numel() * x_RD.element_size() if x_RD.shape[0] else 0, group)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -18,6 +56,7 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x_RD: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
         ctx.splits, ctx.group = (output_splits, input_splits), group
         out = x_RD.new_empty((sum(output_splits), *x_RD.shape[1:]))
+        _count(input_splits, x_RD, group)
         dist.all_to_all_single(out, x_RD.contiguous(), output_splits, input_splits, group=group)
         return out
 
@@ -25,6 +64,7 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad_RD: Tensor):
         output_splits, input_splits = ctx.splits
         grad_in = grad_RD.new_empty((sum(input_splits), *grad_RD.shape[1:]))
+        _count(output_splits, grad_RD, ctx.group)
         dist.all_to_all_single(grad_in, grad_RD.contiguous(), input_splits, output_splits, group=ctx.group)
         return grad_in, None, None, None
 

@@ -94,7 +94,7 @@ def test_norms_match_torch():
 
 
 def test_padded_vocab_size():
-    from megamoe.models.megatron import padded_vocab_size
+    from megamoe.parallel.layout import padded_vocab_size
 
     assert padded_vocab_size(50257, 128, 1) == 50304
     assert padded_vocab_size(50257, 128, 2) == 50432

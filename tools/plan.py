@@ -1,0 +1,50 @@
+"""Predict per-GPU memory and all-to-all traffic of a run before launching it.
+
+  python tools/plan.py --config configs/mixtral-1b-ep8.yaml --nodes 2 --gpus-per-node 8 [section.key=value ...]
+Prints, per pipeline stage (one rank of it): weights, gradients and optimizer states under the ZeRO stage,
+activations kept for backward (times the micro-batches the 1F1B schedule keeps alive) and the bytes the rank
+sends to other ranks through the expert-parallel all-to-all per optimizer step (megamoe/train/plan.py says how;
+tests/distributed/test_plan.py checks it against measured runs). The vocabulary comes from --vocab-size,
+model.vocab_size or the config's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from megamoe import config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run's YAML")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
+    parser.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: model.vocab_size or the "
+                        "config's data.tokenizer_model)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    from megamoe.data.tokenizer import spm_vocab_size
+    from megamoe.train import plan
+
+    world = args.nodes * args.gpus_per_node
+    try:
+        cfg = config.load(args.config, args.overrides)
+        vocab = args.vocab_size or cfg.model.vocab_size or spm_vocab_size(cfg.data.tokenizer_model)
+        if vocab is None:
+            raise config.ConfigError(f"the tokenizer {cfg.data.tokenizer_model} is missing: pass --vocab-size")
+        config.validate(cfg, config.Environment(world_size=world, cuda_available=True, tokenizer_vocab_size=vocab,
+                                                check_files=False))
+    except config.ConfigError as err:
+        print(f"megamoe: plan: {err}", file=sys.stderr)
+        return 2
+    print(plan.format_plan(plan.plan(cfg, world, vocab), cfg, world))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
