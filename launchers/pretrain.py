@@ -31,12 +31,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megamoe: config error: {err}", file=sys.stderr)
         return 2
     from megamoe.train import loop  # heavy imports (megatron, deepspeed) only after the config is good
+    from megamoe.train.integrity import CheckpointError
     from megamoe.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
     try:
         loop.run(cfg, layout)
     except Preempted:  # a scheduler's signal: the checkpoint is written, the job script requeues
         return REQUEUE_EXIT_CODE
+    except (CheckpointError, loop.NonFiniteTraining) as err:
+        print(f"megamoe: rank {global_rank()}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -44,13 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--config and overrides apply to --load-hf only (an export keeps the checkpoint's config)")
     from megamoe.hf.native import UnsupportedExport
     from megamoe.train.export import export_hf, import_hf
+    from megamoe.train.integrity import CheckpointError
 
     try:
         if args.load:
             export_hf(args.load, args.save, args.dtype)
         else:
             import_hf(args.load_hf, args.save, args.config, args.overrides)
-    except (UnsupportedExport, config.ConfigError, FileNotFoundError, ValueError) as err:
+    except (UnsupportedExport, config.ConfigError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"megamoe: convert_checkpoint: {err}", file=sys.stderr)
         return 2
     return 0

@@ -33,9 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         if global_rank() == 0:
             print(f"megamoe: config error: {err}", file=sys.stderr)
         return 2
+    from megamoe.train.integrity import CheckpointError
     from megamoe.train.loop import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(cfg, layout)
+    try:
+        metrics = evaluate_checkpoint(cfg, layout)
+    except (CheckpointError, ValueError) as err:
+        if global_rank() == 0:
+            print(f"megamoe: evaluate: {err}", file=sys.stderr)
+        return 2
     if global_rank() == 0:
         print(json.dumps(metrics), flush=True)
     return 0

@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="+", metavar="section.key=value",
                         help="the MoE layers, e.g. moe.variant=mpo moe.num_experts=8")
     args = parser.parse_args(argv)
+    from megamoe.train.integrity import CheckpointError
     from megamoe.train.upcycle import upcycle
 
     try:
         upcycle(args.load, args.save, args.overrides)
-    except (config.ConfigError, ValueError, FileNotFoundError) as err:
+    except (config.ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"megamoe: upcycle: {err}", file=sys.stderr)
         return 2
     return 0

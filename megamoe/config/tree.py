@@ -298,6 +298,9 @@ class TrainConfig:
     """Micro-batches per validation run on every data-parallel rank; 0 disables validation."""
     log_interval: int = 10
     """Log training metrics every this many steps."""
+    max_skipped_steps: int = 10
+    """Abort after this many optimizer steps in a row were skipped for a non-finite loss or gradient (each
+    skipped step is counted and logged; its update is not applied)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -349,6 +352,12 @@ class CheckpointConfig:
     """Load only the weights of checkpoint.load (Megatron's --finetune): iteration, data position, optimizer and
     LR schedule start afresh; drop it to resume the fine-tuning run itself. Weights-only checkpoints
     (tools/upcycle.py) always load this way."""
+    keep_last: int | None = None
+    """Keep only the newest this many checkpoints in checkpoint.save (older ones are deleted after a new one is
+    published). None keeps every checkpoint."""
+    verify: Literal["hashes", "sizes", "none"] = "hashes"
+    """Before resuming, check every file of the checkpoint against its manifest: sizes and SHA-256 ('hashes'),
+    sizes only (fast on huge checkpoints), or not at all."""
 
 
 @dataclass(kw_only=True, frozen=True)

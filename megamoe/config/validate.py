@@ -74,7 +74,20 @@ def validate(cfg: RunConfig, env: Environment) -> Layout:
     _check_moe(cfg.moe, cfg, env.world_size)
     _check_deepspeed(cfg)
     _check_pipeline(cfg)
+    _check_checkpoint(cfg)
     return layout
+
+
+def _check_checkpoint(cfg: RunConfig) -> None:
+    ckpt = cfg.checkpoint
+    if ckpt.save_interval < 1:
+        _fail(f"checkpoint.save_interval={ckpt.save_interval} must be >= 1")
+    if ckpt.keep_last is not None and ckpt.keep_last < 1:
+        _fail(f"checkpoint.keep_last={ckpt.keep_last} must be >= 1 (or null to keep every checkpoint)")
+    if ckpt.load is not None and Path(ckpt.load).exists() and not Path(ckpt.load).is_dir():
+        _fail(f"checkpoint.load={ckpt.load!r} is a file; give the checkpoint directory (the one holding 'latest')")
+    if ckpt.save is not None and Path(ckpt.save).exists() and not Path(ckpt.save).is_dir():
+        _fail(f"checkpoint.save={ckpt.save!r} is a file; give a directory to write checkpoints into")
 
 
 def _check_pipeline(cfg: RunConfig) -> None:
@@ -176,7 +189,7 @@ def _check_train(train: TrainConfig, cuda_available: bool) -> None:
               "use train.bf16=true or fp32 on CPU")
     if train.clip_grad < 0:
         _fail(f"train.clip_grad={train.clip_grad} must be >= 0 (0 disables clipping)")
-    for key in ("eval_interval", "log_interval"):
+    for key in ("eval_interval", "log_interval", "max_skipped_steps"):
         if getattr(train, key) < 1:
             _fail(f"train.{key}={getattr(train, key)} must be >= 1")
     if train.eval_iters < 0:

@@ -27,20 +27,41 @@ from megamoe.data.tokenizer import MASK_PIECE
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 
 
-def read_documents(path: str | Path, json_key: str = "text") -> Iterator[str]:
-    """Documents of a .jsonl, .jsonl.gz or .txt (one document per line) file; blank lines skipped."""
+@dataclass
+class ReadStats:
+    """What reading skipped: lines that are not valid UTF-8 (reported, never silently mangled)."""
+
+    skipped_lines: int = 0
+    first_skipped: str = ""
+    """path:line of the first one."""
+
+
+def read_documents(path: str | Path, json_key: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
+    """Documents of a .jsonl, .jsonl.gz or .txt (one document per line) file; blank lines skipped, lines that
+    are not UTF-8 skipped and counted in `stats`; a line that is not JSON (in .jsonl) is an error."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     is_json = ".jsonl" in path.name or ".json" in path.name
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
+    with opener(path, "rb") as lines:
+        for lineno, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if stats is not None:
+                    stats.skipped_lines += 1
+                    stats.first_skipped = stats.first_skipped or f"{path}:{lineno}"
+                continue
             if not line.strip():
                 continue
             if not is_json:
                 yield line.rstrip("\n")
                 continue
-            record = json.loads(line)
-            if json_key not in record:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno} is not JSON ({err.msg}); one JSON object per line, or use a "
+                                 ".txt file for plain text") from None
+            if not isinstance(record, dict) or json_key not in record:
                 raise ValueError(f"{path}:{lineno} has no '{json_key}' field; pass --json-keys <field>")
             yield record[json_key]
 
@@ -51,10 +72,15 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, model
 
     Ids 0-3 are pad, unk, bos, eos (EOD); `<mask>` and `special_tokens` are single pieces never split."""
     Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
+    documents = 0
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as corpus:
         for path in inputs:
-            for doc in read_documents(path, json_key):
+            for doc in read_documents(path, json_key, ReadStats()):
                 corpus.write(doc.replace("\n", " ") + "\n")
+                documents += 1
+    if documents == 0:
+        os.unlink(corpus.name)
+        raise ValueError(f"no documents to train the tokenizer on in {inputs} (empty, blank or undecodable)")
     try:
         spm.SentencePieceTrainer.train(input=corpus.name, model_prefix=model_prefix, vocab_size=vocab_size,
                                        model_type=model_type, character_coverage=1.0, byte_fallback=byte_fallback,
@@ -71,6 +97,8 @@ class EncodeReport:
     documents: int
     tokens: int
     seconds: float
+    skipped_lines: int = 0
+    """Input lines that were not UTF-8 (skipped)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -92,10 +120,10 @@ def _encode_batch(docs: list[str]) -> list[list[int]]:
     return [tokenizer.tokenize(doc) + [tokenizer.eod] for doc in docs]
 
 
-def _batches(inputs: list[str], json_key: str, size: int) -> Iterator[list[str]]:
+def _batches(inputs: list[str], json_key: str, size: int, stats: ReadStats) -> Iterator[list[str]]:
     batch: list[str] = []
     for path in inputs:
-        for doc in read_documents(path, json_key):
+        for doc in read_documents(path, json_key, stats):
             batch.append(doc)
             if len(batch) == size:
                 yield batch
@@ -118,7 +146,8 @@ def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str, j
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if spm.SentencePieceProcessor(model_file=tokenizer_model).vocab_size() < 65_536 else np.int32
     builder = IndexedDatasetBuilder(get_bin_path(prefix), dtype=dtype)
-    batches = _batches(inputs, json_key, batch_documents)
+    stats = ReadStats()
+    batches = _batches(inputs, json_key, batch_documents, stats)
     num_docs = num_tokens = 0
     with _tokenized(batches, tokenizer_model, workers) as encoded, _progress_bar(progress) as bar:
         for docs_ids in encoded:
@@ -128,8 +157,24 @@ def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str, j
             num_docs += len(docs_ids)
             bar.update(len(docs_ids))
             bar.set_postfix(tokens_per_s=f"{num_tokens / (time.perf_counter() - start):,.0f}", refresh=False)
+    if num_docs == 0:
+        Path(get_bin_path(prefix)).unlink(missing_ok=True)
+        raise ValueError(f"no documents in {inputs} (empty, or every line blank or not UTF-8): nothing to write")
     builder.finalize(get_idx_path(prefix))
-    return EncodeReport(prefix=prefix, documents=num_docs, tokens=num_tokens, seconds=time.perf_counter() - start)
+    _write_sidecar(prefix, tokenizer_model, num_docs, num_tokens, stats)
+    return EncodeReport(prefix=prefix, documents=num_docs, tokens=num_tokens, seconds=time.perf_counter() - start,
+                        skipped_lines=stats.skipped_lines)
+
+
+def _write_sidecar(prefix: str, tokenizer_model: str, documents: int, tokens: int, stats: ReadStats) -> None:
+    """`<prefix>.meta.json`: which tokenizer made the tokens (start-up refuses another, data/checks.py)."""
+    from megamoe.data.checks import file_sha256, sidecar_path
+
+    meta = {"tokenizer_model": str(tokenizer_model), "tokenizer_sha256": file_sha256(tokenizer_model),
+            "vocab_size": spm.SentencePieceProcessor(model_file=tokenizer_model).vocab_size(),
+            "documents": documents, "tokens": tokens, "skipped_lines": stats.skipped_lines,
+            "first_skipped": stats.first_skipped}
+    sidecar_path(prefix).write_text(json.dumps(meta, indent=1))
 
 
 @contextlib.contextmanager

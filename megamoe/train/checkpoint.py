@@ -31,6 +31,7 @@ from megamoe.models.sharding import merge_tp, shard_tp, shift_layer_index
 from megamoe.moe import MoELayer
 from megamoe.moe.experts import Experts
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.train import integrity
 from megamoe.utils import get_logger
 
 
@@ -134,25 +135,45 @@ def load_expert_shards(model: torch.nn.Module, tag_dir: Path) -> None:
 
 
 def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> Path:
-    """Write a checkpoint of this step under cfg.checkpoint.save; every rank calls this."""
+    """Write a checkpoint of this step under cfg.checkpoint.save and publish it atomically (train/integrity.py);
+    every rank calls this. Refused (CheckpointError) if any weight is not finite."""
     assert cfg.checkpoint.save is not None
+    require_finite_weights(engine.module, progress.iteration)
     tag = tag_for(progress.iteration)
-    tag_dir = Path(cfg.checkpoint.save) / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
     for module in engine.module.modules():
         if isinstance(module, MoELayer):
             module.sync_buffers()  # DeepSpeed writes rank 0's copy of the buffers
-    torch.save(rng_state(), tag_dir / f"rng_state_rank{dist.get_rank()}.pt")
-    save_expert_shard(engine.module, tag_dir, groups)
+    staging = integrity.begin(cfg.checkpoint.save, tag)
+    torch.save(rng_state(), staging / f"rng_state_rank{dist.get_rank()}.pt")
+    save_expert_shard(engine.module, staging, groups)
     if dist.get_rank() == 0:
-        (tag_dir / "config.yaml").write_text(dump(cfg))
-    # RNG, expert and config files exist before DeepSpeed's save publishes the tag in `latest`.
-    dist.barrier()
-    engine.save_checkpoint(cfg.checkpoint.save, tag=tag,
+        (staging / "config.yaml").write_text(dump(cfg))
+    engine.save_checkpoint(str(staging.parent), tag=tag, save_latest=False,
                            client_state={"iteration": progress.iteration,
                                          "consumed_samples": progress.consumed_samples})
+    tag_dir = integrity.publish(cfg.checkpoint.save, tag, cfg.checkpoint.keep_last)
     get_logger().info(f"saved checkpoint {tag_dir}")
     return tag_dir
+
+
+def require_finite_weights(model: torch.nn.Module, iteration: int) -> None:
+    """CheckpointError unless every weight on every rank is finite (a checkpoint must never carry a NaN)."""
+    bad = torch.tensor([float(sum(not torch.isfinite(p).all() for p in model.parameters()))])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad)
+    if bad.item():
+        raise integrity.CheckpointError(f"not saving step {iteration}: {int(bad.item())} weight tensors hold "
+                                        "NaN or Inf; the last checkpoint stays the newest")
+
+
+def verify_for_use(tag_dir: Path | None, cfg: RunConfig) -> None:
+    """Before any file of `tag_dir` is read: complete and intact (checkpoint.verify), and free of code."""
+    if tag_dir is None:
+        return
+    if not tag_dir.is_dir():
+        raise integrity.CheckpointError(f"'latest' in {tag_dir.parent} names {tag_dir.name}, which does not exist")
+    integrity.verify(tag_dir, cfg.checkpoint.verify)
+    integrity.check_loadable(tag_dir)
 
 
 @dataclass(frozen=True)
@@ -217,10 +238,10 @@ def loads_weights_only(tag_dir: Path | None, cfg: RunConfig) -> bool:
 
 
 def _load_model_file(path: Path) -> dict:
-    # DeepSpeed's own file (written by deepspeed.save_checkpoint): it holds plain containers besides tensors.
+    """DeepSpeed's model file (written by deepspeed.save_checkpoint), read without executing code."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
-    return torch.load(path, weights_only=False)
+    return integrity.load_trusted(path)
 
 
 def _resharded_module(tag_dir: Path, model: torch.nn.Module, groups: ParallelGroups) -> dict:
@@ -280,15 +301,13 @@ def save_weights_only(model: torch.nn.Module, cfg: RunConfig, save_dir: Path, gr
     if groups.tp_size != 1 or groups.ep_size != 1 or dist.get_world_size() != 1:
         raise ValueError("save_weights_only writes one-process checkpoints (tensor and expert parallel size 1)")
     tag = tag_for(0)
-    tag_dir = save_dir / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
+    staging = integrity.begin(save_dir, tag)
     torch.save({"module": model.state_dict(), "iteration": 0, "consumed_samples": 0},
-               tag_dir / "mp_rank_00_model_states.pt")
-    save_expert_shard(model, tag_dir, groups)
-    (tag_dir / "config.yaml").write_text(dump(cfg))
-    (tag_dir / WEIGHTS_ONLY_MARKER).write_text("written by megamoe without optimizer state: loads as fine-tuning\n")
-    (save_dir / "latest").write_text(tag)
-    return tag_dir
+               staging / "mp_rank_00_model_states.pt")
+    save_expert_shard(model, staging, groups)
+    (staging / "config.yaml").write_text(dump(cfg))
+    (staging / WEIGHTS_ONLY_MARKER).write_text("written by megamoe without optimizer state: loads as fine-tuning\n")
+    return integrity.publish(save_dir, tag, keep_last=None)
 
 
 def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: dict | None = None,

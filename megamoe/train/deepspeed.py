@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ def to_deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
         "gradient_clipping": train.clip_grad,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # megamoe passes torch/apex AdamW as a client optimizer
-        "bf16": {"enabled": train.bf16},
+        # A non-finite gradient norm skips the step in bf16 too (DeepSpeed does it by default in fp32 and fp16).
+        "bf16": {"enabled": train.bf16, "check_grad_overflow": True},
         "fp16": {"enabled": train.fp16, "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # megamoe logs itself
         "wall_clock_breakdown": False,
@@ -87,6 +89,18 @@ class MegatronMPU:
     def get_model_parallel_world_size() -> int:
         return (parallel_state.get_pipeline_model_parallel_world_size()
                 * parallel_state.get_tensor_model_parallel_world_size())
+
+
+def skip_if_not_finite(engine: deepspeed.DeepSpeedEngine, grad_norm: float | None) -> None:
+    """ZeRO-0 in fp32 steps the client optimizer directly, which has no overflow check: drop a non-finite step's
+    gradients (AdamW then leaves every weight alone) and raise the `overflow` flag DeepSpeed's engine reads to
+    count the step as skipped and hold the LR schedule, as its ZeRO and bf16 optimizers do themselves."""
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    finite = grad_norm is not None and math.isfinite(grad_norm)
+    if not finite:
+        engine.module.zero_grad(set_to_none=True)
+    engine.optimizer.overflow = not finite
 
 
 def grad_norm_before_step(engine: deepspeed.DeepSpeedEngine) -> float | None:
@@ -226,8 +240,10 @@ def build_deepspeed_moe_layer(hidden_size: int, expert: torch.nn.Module, *, num_
 def fp32_module_weights(tag_dir: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The model weights of checkpoint `tag_dir` in fp32: DeepSpeed's module file for fp32 runs, its ZeRO fp32
     master weights (deepspeed.utils.zero_to_fp32) for bf16/fp16 runs."""
+    from megamoe.train.integrity import load_trusted
+
     if not (cfg.train.bf16 or cfg.train.fp16):
-        return torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        return load_trusted(tag_dir / "mp_rank_00_model_states.pt")["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

@@ -74,6 +74,7 @@ def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
     if tag_dir is None:
         raise FileNotFoundError(f"{load_dir} holds no checkpoint ('latest' missing); pass a run's checkpoint.save")
     cfg = config.load(tag_dir / "config.yaml")
+    checkpoint.verify_for_use(tag_dir, cfg)
     kind = custom.export_format(cfg)
     tokenizer_model = Path(cfg.data.tokenizer_model)
     vocab_size = spm_vocab_size(tokenizer_model)

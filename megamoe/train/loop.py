@@ -19,7 +19,13 @@ from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.initialize import initialize
 from megamoe.train import checkpoint, pipeline
 from megamoe.train.checkpoint import Progress
-from megamoe.train.deepspeed import aux_loss_scale, build_engine, expert_parameters, grad_norm_before_step
+from megamoe.train.deepspeed import (
+    aux_loss_scale,
+    build_engine,
+    expert_parameters,
+    grad_norm_before_step,
+    skip_if_not_finite,
+)
 from megamoe.train.metrics import ExpertLoadLog, MetricsWriter, collect_moe_metrics, gather_over_pipeline, moe_layers
 from megamoe.train.preemption import REQUEUE_EXIT_CODE, Preempted, StopRequests
 from megamoe.utils import get_logger
@@ -48,6 +54,7 @@ def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
     model = build_model(cfg, tokenizer.vocab_size, groups)
     log_parameter_count(model)
     tag_dir = checkpoint.latest_tag_dir(cfg.checkpoint.load)
+    checkpoint.verify_for_use(tag_dir, cfg)
     weights = checkpoint.load_weights(model, tag_dir, groups) if checkpoint.loads_weights_only(tag_dir, cfg) else None
     engine = build_engine(model, cfg, layout, groups)
     datasets = build_datasets(cfg, layout, tokenizer)
@@ -104,6 +111,7 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
     """
     engine, gas, groups = trainer.engine, trainer.layout.grad_accum_steps, trainer.groups
     lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
+    skipped_before = engine.skipped_steps
     micro_batches = [next(batches) for _ in range(gas)]
     # The step's loss is the mean over all its loss tokens (Megatron's per-token loss): with a varying number
     # of loss tokens per micro-batch (masked LM, masked EOD) a mean of per-micro-batch means would weight
@@ -132,6 +140,7 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
     def step() -> None:
         if engine.is_gradient_accumulation_boundary():
             grad_norm.append(grad_norm_before_step(engine))
+            skip_if_not_finite(engine, grad_norm[-1])
             for layer in moe_layers(engine.module):
                 layer.finish_step()
             if before_step is not None:
@@ -147,7 +156,8 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
     norm = grad_norm[0] if grad_norm and grad_norm[0] is not None else engine.get_global_grad_norm()
     loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=engine.device)
     loss = (dp_sum(pipeline.from_last_stage(loss_sum.float(), groups), groups, engine.device) / total_tokens).item()
-    return {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(norm) if norm is not None else float("nan")}
+    return {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(norm) if norm is not None else float("nan"),
+            "train/skipped": float(engine.skipped_steps > skipped_before)}
 
 
 def stage_output(trainer: Trainer, batch: dict[str, torch.Tensor], x: torch.Tensor | None) -> torch.Tensor:
@@ -223,9 +233,11 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
     if do_eval and trainer.progress.iteration == 0:
         validate(0)
     batches = iter(build_loader(trainer.datasets.train, trainer.progress.consumed_samples, cfg, trainer.groups))
+    skips = SkippedSteps(cfg.train.max_skipped_steps)
     while trainer.progress.iteration < cfg.train.train_iters:
         start = time.perf_counter()
         values = train_step(trainer, batches)
+        values["train/skipped_steps"] = skips.count(values.pop("train/skipped"), trainer.progress.iteration + 1)
         step_s = time.perf_counter() - start
         trainer.progress = replace(trainer.progress, iteration=trainer.progress.iteration + 1,
                                    consumed_samples=trainer.progress.consumed_samples + layout.global_batch_size)
@@ -243,6 +255,31 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
         if signum and not last:
             raise Preempted(step, signum)
     return perplexity
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class SkippedSteps:
+    """Counts steps DeepSpeed skipped (non-finite loss or gradient: no update applied, LR schedule held)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.total, self.in_a_row = limit, 0, 0
+
+    def count(self, skipped: float, step: int) -> int:
+        """Record step `step`; the total so far. NonFiniteTraining after `limit` skips in a row."""
+        if not skipped:
+            self.in_a_row = 0
+            return self.total
+        self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
+        get_logger().warning(f"step {step} skipped: non-finite loss or gradient ({self.in_a_row} in a row, "
+                             f"{self.total} in all); its update was not applied")
+        if self.in_a_row >= self.limit:
+            raise NonFiniteTraining(f"{self.in_a_row} optimizer steps in a row (to step {step}) had a non-finite "
+                                    "loss or gradient: lower train.lr, keep train.clip_grad on, or check the data; "
+                                    "the last checkpoint holds finite weights")
+        return self.total
 
 
 def run(cfg: RunConfig, layout: Layout) -> None:

@@ -26,8 +26,21 @@ def check(cfg: RunConfig) -> Layout:
     discover_ranks()
     env = environment(cfg)
     layout = validate(cfg, env)
+    check_data_files(cfg, env)
     set_runtime_environment(env.cuda_available)
     return layout
+
+
+def check_data_files(cfg: RunConfig, env: Environment) -> None:
+    """ConfigError naming a dataset file that is truncated, foreign or tokenized with another tokenizer."""
+    from megamoe.config import ConfigError
+    from megamoe.config.validate import parse_data_path
+    from megamoe.data.checks import check_indexed_dataset
+
+    prefixes, _ = parse_data_path(cfg.data.data_path)
+    for prefix in prefixes:
+        if problem := check_indexed_dataset(prefix, cfg.data.tokenizer_model, env.tokenizer_vocab_size):
+            raise ConfigError(f"data.data_path: {problem}")
 
 
 def set_runtime_environment(cuda_available: bool) -> None:

@@ -97,6 +97,7 @@ def upcycle(load_dir: str, save_dir: str, overrides: Sequence[str]) -> Path:
     if tag is None:
         raise FileNotFoundError(f"{load_dir} holds no checkpoint ('latest' missing); pass the dense run's "
                                 "checkpoint.save directory")
+    checkpoint.verify_for_use(tag, config.load(tag / "config.yaml"))
     saved = checkpoint.saved_layout(tag)
     if (saved.tp, saved.pp) != (1, 1):
         raise ValueError(f"{tag} was written with tensor or pipeline parallelism; upcycle a run with "
