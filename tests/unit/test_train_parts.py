@@ -21,7 +21,7 @@ def test_deepspeed_config_generated_and_extra_merged(tiny_data):
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"] == {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True,
                                        "overlap_comm": True}
-    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True} and ds["fp16"]["enabled"] is False
 
 
 def test_norms_and_biases_get_no_weight_decay():
