@@ -41,6 +41,8 @@ class Progress:
 
     iteration: int = 0
     consumed_samples: int = 0
+    skipped_steps: int = 0
+    """Optimizer steps skipped for a non-finite loss or gradient, over the whole run (restarts included)."""
 
 
 def tag_for(iteration: int) -> str:
@@ -150,7 +152,8 @@ def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> 
         (staging / "config.yaml").write_text(dump(cfg))
     engine.save_checkpoint(str(staging.parent), tag=tag, save_latest=False,
                            client_state={"iteration": progress.iteration,
-                                         "consumed_samples": progress.consumed_samples})
+                                         "consumed_samples": progress.consumed_samples,
+                                         "skipped_steps": progress.skipped_steps})
     tag_dir = integrity.publish(cfg.checkpoint.save, tag, cfg.checkpoint.keep_last)
     get_logger().info(f"saved checkpoint {tag_dir}")
     return tag_dir
@@ -333,6 +336,7 @@ def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: d
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:
         get_logger().warning(f"{rng_file.name} not restored (another layout): random streams restart")
-    progress = Progress(iteration=client_state["iteration"], consumed_samples=client_state["consumed_samples"])
+    progress = Progress(iteration=client_state["iteration"], consumed_samples=client_state["consumed_samples"],
+                        skipped_steps=client_state.get("skipped_steps", 0))
     get_logger().info(f"resumed from {tag_dir} at iteration {progress.iteration}")
     return progress

@@ -92,15 +92,13 @@ class MegatronMPU:
 
 
 def skip_if_not_finite(engine: deepspeed.DeepSpeedEngine, grad_norm: float | None) -> None:
-    """ZeRO-0 in fp32 steps the client optimizer directly, which has no overflow check: drop a non-finite step's
-    gradients (AdamW then leaves every weight alone) and raise the `overflow` flag DeepSpeed's engine reads to
-    count the step as skipped and hold the LR schedule, as its ZeRO and bf16 optimizers do themselves."""
+    """ZeRO-0 in fp32 steps megamoe's own optimizer, which DeepSpeed does not check for overflow: set its
+    StepGuard flag for a non-finite gradient norm (no update; DeepSpeed counts the step as skipped and holds the
+    LR schedule), as DeepSpeed's ZeRO and bf16 optimizers do themselves."""
     if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return
-    finite = grad_norm is not None and math.isfinite(grad_norm)
-    if not finite:
-        engine.module.zero_grad(set_to_none=True)
-    engine.optimizer.overflow = not finite
+    # DeepSpeed's norm helpers report a NaN or Inf norm as -1.
+    engine.optimizer.overflow = not (grad_norm is not None and math.isfinite(grad_norm) and grad_norm >= 0)
 
 
 def grad_norm_before_step(engine: deepspeed.DeepSpeedEngine) -> float | None:

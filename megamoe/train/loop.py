@@ -233,14 +233,15 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
     if do_eval and trainer.progress.iteration == 0:
         validate(0)
     batches = iter(build_loader(trainer.datasets.train, trainer.progress.consumed_samples, cfg, trainer.groups))
-    skips = SkippedSteps(cfg.train.max_skipped_steps)
+    skips = SkippedSteps(cfg.train.max_skipped_steps, trainer.progress.skipped_steps)
     while trainer.progress.iteration < cfg.train.train_iters:
         start = time.perf_counter()
         values = train_step(trainer, batches)
         values["train/skipped_steps"] = skips.count(values.pop("train/skipped"), trainer.progress.iteration + 1)
         step_s = time.perf_counter() - start
         trainer.progress = replace(trainer.progress, iteration=trainer.progress.iteration + 1,
-                                   consumed_samples=trainer.progress.consumed_samples + layout.global_batch_size)
+                                   consumed_samples=trainer.progress.consumed_samples + layout.global_batch_size,
+                                   skipped_steps=skips.total)
         step, last = trainer.progress.iteration, trainer.progress.iteration == cfg.train.train_iters
         if step % cfg.train.log_interval == 0 or last:
             moe_values, loads = collect_moe_metrics(trainer.engine.module, trainer.groups)
@@ -264,8 +265,8 @@ class NonFiniteTraining(RuntimeError):
 class SkippedSteps:
     """Counts steps DeepSpeed skipped (non-finite loss or gradient: no update applied, LR schedule held)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.total, self.in_a_row = limit, 0, 0
+    def __init__(self, limit: int, total: int = 0) -> None:
+        self.limit, self.total, self.in_a_row = limit, total, 0
 
     def count(self, skipped: float, step: int) -> int:
         """Record step `step`; the total so far. NonFiniteTraining after `limit` skips in a row."""

@@ -28,8 +28,28 @@ def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
     return groups
 
 
+class StepGuard:
+    """Mixin: while `overflow` is set, step() applies nothing.
+
+    DeepSpeed runs ZeRO-0 in fp32 with megamoe's optimizer as it is, without the overflow check its ZeRO and bf16
+    optimizers have; the trainer raises this flag for a step whose gradient norm is not finite, and DeepSpeed's
+    engine reads the same attribute to count the step as skipped and hold the LR schedule."""
+
+    overflow = False
+
+    def step(self, closure=None):
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+class GuardedAdamW(StepGuard, torch.optim.AdamW):
+    pass
+
+
 def build_optimizer(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
-    """NVIDIA apex's FusedAdam on CUDA when apex is importable; torch's AdamW otherwise (fused on CUDA)."""
+    """NVIDIA apex's FusedAdam on CUDA when apex is importable; torch's AdamW otherwise (fused on CUDA). Both
+    with the StepGuard."""
     kwargs = dict(lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
                   weight_decay=train.weight_decay)
     if torch.cuda.is_available():
@@ -38,9 +58,9 @@ def build_optimizer(groups: list[dict], train: TrainConfig) -> torch.optim.Optim
         except ImportError:
             warn_once("NVIDIA apex is not installed: using torch.optim.AdamW(fused=True)")
         else:
-            return FusedAdam(groups, adam_w_mode=True, **kwargs)
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+            return type("GuardedFusedAdam", (StepGuard, FusedAdam), {})(groups, adam_w_mode=True, **kwargs)
+        return GuardedAdamW(groups, fused=True, **kwargs)
+    return GuardedAdamW(groups, **kwargs)
 
 
 def lr_scheduler_factory(train: TrainConfig):

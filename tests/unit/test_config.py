@@ -116,7 +116,15 @@ MISTAKES = [
     (["moe.num_experts=6", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
       "parallel.expert_model_parallel_size=3", "deepspeed.zero_stage=1", "train.global_batch_size=24"], 6,
      r"expert_model_parallel_size=3 with tensor_model_parallel_size=2: use EP=1 or a multiple of 2"),
+    (["checkpoint.keep_last=0"], 1, r"checkpoint.keep_last=0 must be >= 1 \(or null to keep every checkpoint\)"),
+    (["checkpoint.load=configs/tiny-dense.yaml"], 1, r"checkpoint.load='configs/tiny-dense.yaml' is a file"),
+    (["train.max_skipped_steps=0"], 1, r"train.max_skipped_steps=0 must be >= 1"),
+    (["checkpoint.verify=md5"], 1, r"'checkpoint.verify' must be one of 'hashes', 'sizes', 'none'"),
 ]
+
+
+def test_at_least_thirty_distinct_mistakes_are_covered():
+    assert len(MISTAKES) >= 30 and len({m[2] for m in MISTAKES}) == len(MISTAKES)
 
 
 @pytest.mark.parametrize("overrides, world_size, message", MISTAKES, ids=[m[2][:40] for m in MISTAKES])

@@ -11,6 +11,7 @@ import pytest
 from megamoe.data.loader import MicroBatchSampler
 from megamoe.data.preprocess import encode_corpus, read_documents
 from megamoe.data.tokenizer import load_tokenizer, spm_vocab_size
+from tests.helpers import ROOT
 
 
 def test_indexed_dataset_round_trip(tiny_data):
@@ -130,3 +131,69 @@ def test_describe_dataset_counts_and_decodes(tiny_data):
     assert info["sample_ids"][-1] == tokenizer.eod and info["sample_text"] == docs[short]
     with pytest.raises(ValueError, match="outside the 300 documents"):
         describe_dataset(tiny_data["prefix"], sample=300)
+
+
+def _copy_dataset(tiny_data, tmp_path) -> str:
+    import shutil
+
+    prefix = str(tmp_path / "copy_text_document")
+    for suffix in (".bin", ".idx", ".meta.json"):
+        shutil.copy(tiny_data["prefix"] + suffix, prefix + suffix)
+    return prefix
+
+
+def _start_with(tiny_data, prefix: str, capsys, tokenizer: str | None = None) -> str:
+    """Run the launcher's checks on a dataset; its one-line error."""
+    from launchers.pretrain import main
+
+    args = ["--config", str(ROOT / "configs" / "tiny-dense.yaml"), f"data.data_path=[{prefix}]",
+            f"data.tokenizer_model={tokenizer or tiny_data['tokenizer']}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_truncated_bin_is_refused_naming_the_file(tiny_data, tmp_path, capsys):
+    prefix = _copy_dataset(tiny_data, tmp_path)
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)
+    assert f"{prefix}.bin has" in _start_with(tiny_data, prefix, capsys)
+
+
+def test_a_corrupt_index_is_refused_naming_the_file(tiny_data, tmp_path, capsys):
+    prefix = _copy_dataset(tiny_data, tmp_path)
+    with open(prefix + ".idx", "r+b") as f:
+        f.write(b"GARBAGE!")
+    assert f"{prefix}.idx is not a Megatron index file" in _start_with(tiny_data, prefix, capsys)
+
+
+def test_data_tokenized_with_another_tokenizer_is_refused(tiny_data, tmp_path, capsys):
+    from megamoe.data.preprocess import train_tokenizer
+
+    other = train_tokenizer([tiny_data["corpus"]], str(tmp_path / "other"), vocab_size=600)
+    err = _start_with(tiny_data, _copy_dataset(tiny_data, tmp_path), capsys, tokenizer=other)
+    assert "was tokenized with" in err and "not data.tokenizer_model=" in err
+
+
+def test_an_empty_corpus_is_an_error_and_writes_nothing(tiny_data, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="no documents in"):
+        encode_corpus([str(tmp_path / "empty.jsonl")], tiny_data["tokenizer"], str(tmp_path / "empty"))
+    assert not list(tmp_path.glob("empty_text_document*"))
+
+
+def test_lines_that_are_not_utf8_are_skipped_and_counted(tiny_data, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"text": "good one"}\n{"text": "bad \xff\xfe"}\n{"text": "good two"}\n')
+    report = encode_corpus([str(path)], tiny_data["tokenizer"], str(tmp_path / "mixed"))
+    assert report.documents == 2 and report.skipped_lines == 1
+    meta = json.loads((tmp_path / "mixed_text_document.meta.json").read_text())
+    assert meta["skipped_lines"] == 1 and meta["first_skipped"].endswith("mixed.jsonl:2")
+
+
+def test_a_line_that_is_not_json_names_its_place(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:2 is not JSON"):
+        list(read_documents(path))

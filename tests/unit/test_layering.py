@@ -123,3 +123,29 @@ def test_hf_custom_code_is_self_contained(path):
             top = name.split(".")[0]
             assert top in sys.stdlib_module_names or top in {"torch", "transformers", "__future__"}, \
                 f"{path.name} imports {name}: HF custom code may import torch, transformers and its siblings only"
+
+
+def shell_string_calls(source: str) -> list[str]:
+    """Lines that run a shell on a string: os.system/os.popen, or subprocess with shell=True."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        if name in ("os.system", "os.popen") or any(
+                k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                for k in node.keywords):
+            found.append(f"line {node.lineno}: {name}")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted([*PACKAGE.rglob("*.py"), *(ROOT / "tools").glob("*.py"),
+                                         *(ROOT / "launchers").glob("*.py")]), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_shell_strings(path):
+    """Commands are argument lists: nothing a user types is ever parsed by a shell."""
+    assert not shell_string_calls(path.read_text())
+
+
+def test_the_shell_scan_catches_a_shell_string():
+    assert shell_string_calls("import os, subprocess\nos.system(x)\nsubprocess.run(x, shell=True)\n") == [
+        "line 2: os.system", "line 3: subprocess.run"]

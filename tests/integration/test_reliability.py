@@ -1,0 +1,279 @@
+"""A run dies, a rank dies, a checkpoint is damaged, a loss goes NaN: megamoe loses nothing and never hangs (issue 10).
+
+Launched runs (`deepspeed --num_gpus 2 launchers/pretrain.py`, fp32, CPU):
+- SIGKILL of the whole launch at a random step, then a new launch resuming from the last checkpoint: the losses
+  of every later step equal the uninterrupted run's bit for bit (EP=2, ZeRO-2, dropout on; a top-k model with
+  expert-bias buffers, and a PEER model whose query BatchNorm statistics must come back);
+- SIGKILL of one rank: the launcher ends every other rank within seconds, exits non-zero and names the rank.
+In-process runs (tests.helpers.spawn):
+- a save that dies half-way leaves `latest` on the previous checkpoint, which still loads; keep_last prunes;
+- a truncated or altered checkpoint file, or one whose pickle would run code, is refused naming the file;
+- non-finite losses skip their steps (weights and optimizer untouched, counted), too many in a row abort, and
+  non-finite weights are never checkpointed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, free_port, spawn, tiny_config, tiny_launch_overrides
+
+STEPS = 14
+LAUNCH_TIMEOUT_S = 300
+MODELS = {
+    "topk_ep2_expert_bias": ["moe.num_experts=4", "moe.ffn_hidden_size=64", "moe.router_enable_expert_bias=true",
+                             "parallel.expert_model_parallel_size=2"],
+    "peer_ep2_batchnorm": ["moe.variant=peer", "moe.num_experts=256", "moe.num_heads=2", "moe.topk_per_head=4",
+                           "moe.key_dim=16", "parallel.expert_model_parallel_size=2"],
+}
+
+
+def _command(data: dict, log_dir: Path, *overrides: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+            str(ROOT / "launchers" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny-dense.yaml"),
+            *tiny_launch_overrides(data, log_dir), f"train.train_iters={STEPS}", "train.eval_interval=7",
+            *overrides]
+
+
+def _losses(log_dir: Path) -> dict[int, float]:
+    path = log_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _launch_and_kill_at(cmd: list[str], log_dir: Path, step: int) -> None:
+    """Start the launch in its own process group and SIGKILL all of it once step `step` is logged."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while max(_losses(log_dir), default=0) < step:
+        assert proc.poll() is None, f"the run ended before step {step}: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "step {step} was never reached"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tiny_data, tmp_path, model):
+    full = tmp_path / "full"
+    _run(_command(tiny_data, full, *MODELS[model], "checkpoint.save=null"))
+    kill_step = random.Random().randint(3, STEPS - 3)  # printed below: a failure names the step
+    killed = tmp_path / "killed"
+    cmd = _command(tiny_data, killed, *MODELS[model], "checkpoint.save_interval=1")
+    _launch_and_kill_at(cmd, killed, kill_step)
+    ckpt = killed / "checkpoints"
+    resumed_from = int((ckpt / "latest").read_text().strip().split("_")[1])
+    _run([*cmd, f"checkpoint.load={ckpt}", f"logging.log_dir={tmp_path / 'resumed'}"])
+    want, got = _losses(full), _losses(tmp_path / "resumed")
+    print(f"{model}: killed after step {kill_step}, resumed from iter {resumed_from}")
+    assert sorted(got) == list(range(resumed_from + 1, STEPS + 1))
+    for step, loss in got.items():
+        assert loss == want[step], f"step {step}: resumed {loss!r} vs uninterrupted {want[step]!r}"
+
+
+def test_a_dead_rank_ends_the_run_within_seconds_and_is_named(tiny_data, tmp_path):
+    proc = subprocess.Popen(_command(tiny_data, tmp_path, "train.train_iters=400", "checkpoint.save=null"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        while max(_losses(tmp_path), default=0) < 3:
+            assert proc.poll() is None
+            time.sleep(0.1)
+        victim = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_rank_1(pid, tmp_path))
+        start = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    elapsed = time.monotonic() - start
+    print(f"rank 1 killed: the launch exited with {proc.returncode} after {elapsed:.1f} s")
+    assert proc.returncode != 0 and elapsed < 60
+    assert any("--local_rank=1" in line and "exits with return code" in line for line in out.splitlines())
+
+
+def _is_rank_1(pid: str, log_dir: Path) -> bool:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except OSError:
+        return False
+    return "--local_rank=1" in args and f"logging.log_dir={log_dir}" in args
+
+
+# ---- in-process ----
+
+def _trainer(data: dict, *overrides: str):
+    from megamoe.train import startup
+    from megamoe.train.loop import build_trainer
+
+    cfg = tiny_config(data, *overrides)
+    return build_trainer(cfg, startup.check(cfg))
+
+
+def _steps(trainer, steps: int) -> None:
+    """Train on to `steps` optimizer steps in all (megamoe's loop: logging, checkpoints, skipped-step counting)."""
+    from dataclasses import replace
+
+    from megamoe.train.loop import train
+    from megamoe.train.metrics import ExpertLoadLog, MetricsWriter
+
+    trainer.cfg = replace(trainer.cfg, train=replace(trainer.cfg.train, train_iters=steps))
+    metrics = MetricsWriter(trainer.cfg)
+    try:
+        train(trainer, metrics, ExpertLoadLog(trainer.cfg.logging.log_dir))
+    finally:
+        metrics.close()
+
+
+def _crash_during_save(data: dict, save: str) -> dict:
+    from megamoe.train import checkpoint
+
+    ckpt = [f"checkpoint.save={save}", "checkpoint.save_interval=1", "checkpoint.keep_last=2"]
+    trainer = _trainer(data, *ckpt)
+    _steps(trainer, 3)  # checkpoints 1, 2, 3; keep_last=2 leaves 2 and 3
+    kept = sorted(p.name for p in Path(save).glob("iter_*"))
+
+    def dies_half_way(save_dir, tag, **kwargs):
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+        raise SystemExit("killed during save")
+
+    trainer.engine.save_checkpoint = dies_half_way
+    trainer.progress = checkpoint.Progress(iteration=4, consumed_samples=trainer.progress.consumed_samples + 4)
+    with contextlib.suppress(SystemExit):  # the process "dies" inside DeepSpeed's save
+        checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+    latest = (Path(save) / "latest").read_text()
+    resumed = _trainer(data, *ckpt, f"checkpoint.load={save}")
+    return {"kept": kept, "latest": latest, "resumed_at": resumed.progress.iteration,
+            "partial_left": (Path(save) / ".partial" / "iter_0000004").is_dir()}
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tiny_data, tmp_path):
+    got = spawn(_crash_during_save, 1, tiny_data, str(tmp_path / "ckpt"))[0]
+    assert got["kept"] == ["iter_0000002", "iter_0000003"], "keep_last=2"
+    assert got["latest"] == "iter_0000003" and got["resumed_at"] == 3
+    assert got["partial_left"]  # the dead save's files stayed out of sight
+
+
+def _load_damaged(data: dict, save: str, damage: str) -> str:
+    from megamoe.train import checkpoint
+
+    trainer = _trainer(data, f"checkpoint.save={save}")
+    trainer.progress = checkpoint.Progress(iteration=1, consumed_samples=4)
+    tag_dir = checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+    target = tag_dir / "mp_rank_00_model_states.pt"
+    if damage == "truncated":
+        target.write_bytes(target.read_bytes()[:-100])
+    elif damage == "altered":
+        data_ = bytearray(target.read_bytes())
+        data_[len(data_) // 2] ^= 0xFF
+        target.write_bytes(bytes(data_))
+    else:  # a pickle that would run code, with a manifest that vouches for it
+        (tag_dir / "exploit.pt").write_bytes(_exploit_pickle(Path(save) / "pwned"))
+        from megamoe.train import integrity
+
+        (tag_dir / integrity.MANIFEST).unlink()
+        integrity.write_manifest(tag_dir)
+    try:
+        _trainer(data, f"checkpoint.load={save}")
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "loaded"
+
+
+class _Exploit:
+    """Unpickling this runs a shell command (the attack weights_only and the pickle scan stop)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _exploit_pickle(marker: Path) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"state": _Exploit(marker)}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered", "code"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tiny_data, tmp_path, damage):
+    got = spawn(_load_damaged, 1, tiny_data, str(tmp_path / "ckpt"), damage)[0]
+    expected = {"truncated": "mp_rank_00_model_states.pt has", "altered": "does not match its SHA-256",
+                "code": "exploit.pt refers to"}[damage]
+    assert got.startswith("CheckpointError") and expected in got, got
+    assert not (tmp_path / "ckpt" / "pwned").exists(), "the pickle ran"
+
+
+def _nonfinite(data: dict, save: str, nan_steps: list[int], limit: int, zero: int) -> dict:
+    from megamoe.train import checkpoint, loop
+
+    trainer = _trainer(data, f"checkpoint.save={save}", "checkpoint.save_interval=1", f"deepspeed.zero_stage={zero}",
+                       f"train.max_skipped_steps={limit}", "train.micro_batch_size=2", "train.global_batch_size=4")
+    real, calls = loop.stage_output, {"n": 0}
+
+    def poisoned(trainer_, batch, x):  # 2 micro-batches per step: step s is calls 2s-1, 2s
+        calls["n"] += 1
+        out = real(trainer_, batch, x)
+        return out * float("nan") if (calls["n"] + 1) // 2 in nan_steps else out
+
+    loop.stage_output = poisoned
+    weights = {}
+    error = None
+    try:  # one step at a time to see the weights after each; in one go, to count skips in a row
+        for step in range(1, 7) if limit > len(nan_steps) else [6]:
+            _steps(trainer, step)
+            weights[step] = torch.cat([p.detach().flatten().clone() for p in trainer.engine.module.parameters()])
+    except loop.NonFiniteTraining as err:
+        error = str(err)
+    records = [json.loads(line) for line in (Path(trainer.cfg.logging.log_dir) / "metrics.jsonl").read_text()
+               .splitlines()]
+    skipped = [r["train/skipped_steps"] for r in records if "train/skipped_steps" in r]
+    with torch.no_grad():
+        next(trainer.engine.module.parameters()).fill_(float("inf"))
+    try:
+        checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+        refused = None
+    except Exception as err:
+        refused = str(err)
+    return {"weights": weights, "error": error, "skipped": skipped, "refused": refused,
+            "latest": (Path(save) / "latest").read_text() if (Path(save) / "latest").exists() else None}
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_nonfinite_steps_are_skipped_counted_and_never_saved(tiny_data, tmp_path, zero):
+    got = spawn(_nonfinite, 1, tiny_data, str(tmp_path / "ckpt"), [3, 4], 5, zero)[0]
+    assert got["error"] is None
+    w = got["weights"]
+    assert torch.equal(w[2], w[3]) and torch.equal(w[3], w[4]), "a skipped step changed the weights"
+    assert not torch.equal(w[4], w[5]) and torch.isfinite(w[6]).all(), "training resumed after the NaNs"
+    assert got["skipped"][-1] == 2
+    assert got["refused"] is not None and "hold NaN or Inf" in got["refused"]
+    assert got["latest"] == "iter_0000006"
+
+
+def test_too_many_nonfinite_steps_in_a_row_abort(tiny_data, tmp_path):
+    got = spawn(_nonfinite, 1, tiny_data, str(tmp_path / "ckpt"), [2, 3, 4, 5, 6], 3, 2)[0]
+    assert got["error"] is not None and "3 optimizer steps in a row (to step 4)" in got["error"], got["error"]
+    shutil.rmtree(tmp_path, ignore_errors=True)
