@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -190,7 +191,9 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     for layer in layers:
         layer.sync_buffers()  # e.g. PEER's BatchNorm statistics: the same model on every rank
     engine.eval()
-    batches = list(build_loader(trainer.datasets.valid, 0, trainer.cfg, groups))
+    # The first eval_iters micro-batches: megatron's dataset may hold more than the samples asked for (an epoch).
+    batches = list(itertools.islice(build_loader(trainer.datasets.valid, 0, trainer.cfg, groups),
+                                    trainer.cfg.train.eval_iters))
     sums = []
 
     def forward(index: int, x: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,261 @@
+"""The papers' comparison at tiny scale: every MoE variant against the dense model and each other at equal active
+FFN compute, on one corpus, for one token budget, over several seeds (tools/compare_variants.py).
+
+GPT models (4 layers, d = 128, dense FFN width F = 352; every variant spends ~3 d F multiply-adds per token in its
+FFN/MoE, routers aside): dense; top-2 over 8 experts of F/2; fine-grained top-4 over 16 experts of 64 plus a
+shared expert of 96; DA-MoE (predicted importance, causal-safe, K in [1, 4] with a running mean-K budget of 2,
+experts of F/2); PEER in the middle block (16,384 experts, 8 heads x 8, d_k = 56: 131k multiply-adds) with query
+BatchNorm and without it; CartesianMoE (two sub-layers, each top-2 over 8 experts of 64 plus a shared 48);
+Switch (top-1 over 8 experts of F, router bias, value-1 gate) and MPOE (the same router and experts as MPOs).
+Encoders (masked LM): top-2 and DA-MoE with the paper's attention-received importance (batch budget, mean K 2).
+The papers' own evaluations: PEER's expert usage and unevenness with BatchNorm on and off; each token's top-1
+expert disabled (moe.drop_top_ranks=1) for top-2, fine-grained and CartesianMoE; DA-MoE's K histogram and the
+importance and K of each token of sample sentences; MPOE's MoE-layer parameters against Switch's.
+
+Everything runs in this process (world size 1) through megamoe's own trainer; each run logs to
+`<out>/runs/<variant>-seed<s>/metrics.jsonl`, and the report goes to `<out>/report.md`, `results.json`,
+`loss_curves.png` and `final_ppl.png`, with the seeds, every run's overrides and the git commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megamoe import config
+
+TOP2 = ["moe.num_experts=8", "moe.router_topk=2", "moe.ffn_hidden_size=176"]
+DYNAMIC = ["moe.variant=dynamic", "moe.num_experts=8", "moe.ffn_hidden_size=176", "moe.k_min=1", "moe.k_max=4",
+           "moe.budget_k_mean=2"]
+PEER = ["moe.variant=peer", "moe.num_experts=16384", "moe.num_heads=8", "moe.topk_per_head=8", "moe.key_dim=56"]
+SWITCH_ROUTER = ["moe.num_experts=8", "moe.router_topk=1", "moe.router_pre_softmax=true", "moe.router_bias=true",
+                 "moe.router_gate=unit_st"]
+VARIANTS: dict[str, list[str]] = {
+    "dense": [],
+    "top2": TOP2,
+    "fine_grained_shared": ["moe.num_experts=16", "moe.router_topk=4", "moe.ffn_hidden_size=64",
+                            "moe.shared_expert_intermediate_size=96"],
+    "dynamic": [*DYNAMIC, "moe.importance_mode=predicted", "moe.budget=running"],
+    "peer": PEER,
+    "peer_no_batchnorm": [*PEER, "moe.query_norm=none"],
+    "cartesian": ["moe.variant=cartesian", "moe.num_experts=8", "moe.router_topk=2", "moe.ffn_hidden_size=64",
+                  "moe.shared_expert_intermediate_size=48"],
+    "switch": SWITCH_ROUTER,
+    "mpo": ["moe.variant=mpo", "moe.num_experts=8"],
+    "top2_encoder": [*TOP2, "model.objective=masked_lm"],
+    "dynamic_encoder": [*DYNAMIC, "moe.importance_mode=attention_received", "moe.budget=batch",
+                        "model.objective=masked_lm"],
+}
+ROBUSTNESS = ("top2", "fine_grained_shared", "cartesian")
+SAMPLE_SENTENCES = ("To be, or not to be, that is the question.",
+                    "Now is the winter of our discontent made glorious summer by this sun of York.",
+                    "The quality of mercy is not strained; it droppeth as the gentle rain from heaven.")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Model size and the token budget of every run."""
+
+    steps: int
+    micro_batch: int
+    global_batch: int
+    seq_length: int
+    hidden_size: int
+    num_layers: int
+    eval_interval: int
+    eval_iters: int
+
+    def overrides(self) -> list[str]:
+        return [f"train.train_iters={self.steps}", f"train.micro_batch_size={self.micro_batch}",
+                f"train.global_batch_size={self.global_batch}", f"data.seq_length={self.seq_length}",
+                f"model.hidden_size={self.hidden_size}", f"model.num_layers={self.num_layers}",
+                f"train.eval_interval={self.eval_interval}", f"train.eval_iters={self.eval_iters}",
+                f"train.lr_warmup_iters={max(1, self.steps // 10)}", f"train.log_interval={max(1, self.steps // 30)}"]
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.global_batch * self.seq_length
+
+
+DEFAULT = Budget(steps=300, micro_batch=8, global_batch=16, seq_length=128, hidden_size=128, num_layers=4,
+                 eval_interval=50, eval_iters=32)
+QUICK = Budget(steps=6, micro_batch=2, global_batch=2, seq_length=32, hidden_size=64, num_layers=2,
+               eval_interval=3, eval_iters=1)
+QUICK_PEER = ["moe.num_experts=1024", "moe.num_heads=2", "moe.topk_per_head=4", "moe.key_dim=16"]
+
+
+@dataclass
+class RunResult:
+    variant: str
+    seed: int
+    overrides: list[str]
+    valid_ppl: float
+    valid_loss: float
+    params_total: int
+    moe_layer_params: int
+    active_ffn_madds: int
+    seconds: float
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """(step, validation loss)."""
+    extra: dict = field(default_factory=dict)
+
+
+def run_comparison(data_prefix: str, tokenizer: str, out_dir: Path, seeds: list[int], budget: Budget,
+                   variants: list[str], quick: bool = False) -> list[RunResult]:
+    """Train and evaluate every (seed, variant); one process, sequentially."""
+    results = []
+    for seed in seeds:
+        for name in variants:
+            overrides = [*VARIANTS[name], *(QUICK_PEER if quick and name.startswith("peer") else [])]
+            results.append(_run_one(name, seed, overrides, data_prefix, tokenizer, out_dir, budget))
+    return results
+
+
+def base_overrides(data_prefix: str, tokenizer: str, budget: Budget, log_dir: Path, seed: int) -> list[str]:
+    return [f"data.data_path=[{data_prefix}]", f"data.tokenizer_model={tokenizer}", "data.split=95,5,0",
+            "data.num_workers=0", "model.num_attention_heads=4", "model.num_query_groups=2",
+            "model.ffn_hidden_size=352", "train.lr=3e-3", "train.min_lr=3e-4", f"train.seed={seed}",
+            "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={log_dir}", *budget.overrides()]
+
+
+def _run_one(name: str, seed: int, overrides: list[str], data_prefix: str, tokenizer: str, out_dir: Path,
+             budget: Budget) -> RunResult:
+    from megamoe.train import startup
+    from megamoe.train.loop import build_trainer, evaluate, train
+    from megamoe.train.metrics import ExpertLoadLog, MetricsWriter
+    from megamoe.utils import get_logger
+
+    log_dir = out_dir / "runs" / f"{name}-seed{seed}"
+    shutil.rmtree(log_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
+    cfg = config.load(None, [*base_overrides(data_prefix, tokenizer, budget, log_dir, seed), *overrides])
+    start = time.perf_counter()
+    trainer = build_trainer(cfg, startup.check(cfg))
+    metrics = MetricsWriter(cfg)
+    try:
+        train(trainer, metrics, ExpertLoadLog(str(log_dir)))
+    finally:
+        metrics.close()
+    final = evaluate(trainer)
+    result = RunResult(variant=name, seed=seed, overrides=overrides, valid_ppl=final["valid/ppl"],
+                       valid_loss=final["valid/loss"], params_total=_count(trainer.engine.module),
+                       moe_layer_params=_moe_params(trainer.engine.module), active_ffn_madds=active_ffn_madds(cfg),
+                       seconds=time.perf_counter() - start, curve=_curve(log_dir / "metrics.jsonl"))
+    result.extra = _paper_evaluations(name, trainer, final, log_dir)
+    get_logger().info(f"compare: {name} seed {seed}: valid ppl {result.valid_ppl:.1f} ({result.seconds:.0f} s)")
+    return result
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _moe_params(model: torch.nn.Module) -> int:
+    from megamoe.models.moe_mlp import MoEMLP
+
+    return sum(_count(m) for m in model.modules() if isinstance(m, MoEMLP))
+
+
+def _curve(path: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(r["step"], r["valid/loss"]) for r in records if "valid/loss" in r]
+
+
+def active_ffn_madds(cfg: config.RunConfig) -> int:
+    """Multiply-adds per token of one block's FFN or MoE layer (a MoE block's, where there is one)."""
+    model, moe = cfg.model, cfg.moe
+    h, dense = model.hidden_size, 3 * model.hidden_size * (model.ffn_hidden_size or 4 * model.hidden_size)
+    if moe.num_experts is None:
+        return dense
+    width = moe.ffn_hidden_size or model.ffn_hidden_size
+    shared = 3 * h * moe.shared_expert_intermediate_size if moe.shared_expert_intermediate_size else 0
+    if isinstance(moe, config.PEERMoEConfig):
+        heads, key = moe.num_heads, moe.key_dim
+        return h * heads * key + heads * 2 * math.isqrt(moe.num_experts) * key // 2 + heads * moe.topk_per_head * 2 * h
+    k = moe.budget_k_mean if isinstance(moe, config.DynamicMoEConfig) else moe.router_topk
+    one = int(h * moe.num_experts + k * 3 * h * width + shared)
+    return 2 * one if isinstance(moe, config.CartesianMoEConfig) else one
+
+
+def _paper_evaluations(name: str, trainer, final: dict, log_dir: Path) -> dict:
+    extra = {}
+    if name.startswith("peer"):
+        extra.update({k.split("_")[-1]: v for k, v in final.items() if k.endswith(("_usage", "_unevenness"))})
+    if name in ROBUSTNESS:
+        extra["valid_ppl_top1_disabled"] = _evaluate_without_top1(trainer)
+    if name.startswith("dynamic"):
+        extra["k_histogram"] = _k_histogram(log_dir / "metrics.jsonl")
+        extra["importance"] = token_importance(trainer, list(SAMPLE_SENTENCES))
+    return extra
+
+
+def _evaluate_without_top1(trainer) -> float:
+    """Validation perplexity with each token's best expert skipped (every top-k sub-layer), then restored."""
+    from megamoe.moe.variants.topk import TopKMoE
+    from megamoe.train.loop import evaluate
+
+    layers = [m for m in trainer.engine.module.modules() if isinstance(m, TopKMoE)]
+    saved = [layer.cfg for layer in layers]
+    for layer in layers:
+        layer.cfg = dataclasses.replace(layer.cfg, drop_top_ranks=1)
+    try:
+        return evaluate(trainer)["valid/ppl"]
+    finally:
+        for layer, cfg in zip(layers, saved, strict=True):
+            layer.cfg = cfg
+
+
+def _k_histogram(path: Path) -> list[float]:
+    """Share of tokens with K = 0, 1, ... experts, averaged over the MoE layers, at the last logged step."""
+    last = [json.loads(line) for line in path.read_text().splitlines() if '"train/loss"' in line][-1]
+    by_layer: dict[str, dict[int, float]] = {}
+    for key, value in last.items():
+        if key.startswith("moe/layer") and "/k" in key and key.endswith("_frac") and key.split("/k")[-1][0].isdigit():
+            layer, k = key.split("/")[1], int(key.split("/k")[-1].removesuffix("_frac"))
+            by_layer.setdefault(layer, {})[k] = value
+    if not by_layer:
+        return []
+    width = max(max(h) for h in by_layer.values()) + 1
+    return [statistics.mean(h.get(k, 0.0) for h in by_layer.values()) for k in range(width)]
+
+
+@torch.no_grad()
+def token_importance(trainer, sentences: list[str]) -> list[list[tuple[str, float, int]]]:
+    """(piece, importance, experts) of every token of each sentence, at the first DA-MoE layer (evaluation)."""
+    import sentencepiece
+
+    from megamoe.moe.variants.dynamic import DynamicMoE
+    from megamoe.train.loop import causal_mask, is_causal
+
+    engine = trainer.engine
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=trainer.cfg.data.tokenizer_model)
+    layer = next(m for m in engine.module.modules() if isinstance(m, DynamicMoE))
+    seen = {}
+
+    def record(module, args, kwargs) -> None:
+        x_TD, tokens = args[0], args[1] if len(args) > 1 else kwargs.get("tokens")
+        s_T, _ = module._importance(x_TD, tokens)
+        seen["s"], seen["k"] = s_T.float(), module._experts_per_token(s_T, tokens)
+
+    handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+    engine.eval()
+    out = []
+    try:
+        for sentence in sentences:
+            ids = tokenizer.encode(sentence)
+            tokens = torch.tensor([ids], device=engine.device)
+            mask = causal_mask(len(ids), engine.device) if is_causal(trainer.cfg) else None
+            engine(tokens, torch.arange(len(ids), device=engine.device)[None], mask)
+            pieces = [tokenizer.id_to_piece(i) for i in ids]
+            out.append([(p, round(float(s), 3), int(k)) for p, s, k in zip(pieces, seen["s"], seen["k"], strict=True)])
+    finally:
+        handle.remove()
+        engine.train()
+    return out
