@@ -180,7 +180,9 @@ class MegamoeModel(MegamoePreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD), **{_CACHE_FIELD: cache})
 
 
-class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
+class MegamoeWithLMHead(MegamoePreTrainedModel):
+    """The model and its output projection (tied to the embedding when the config says so)."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MegamoeConfig) -> None:
@@ -192,6 +194,8 @@ class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+
+class MegamoeForCausalLM(MegamoeWithLMHead, GenerationMixin):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache=None, inputs_embeds: Tensor | None = None,
                 labels: Tensor | None = None, use_cache: bool | None = None, past_key_values=None,
@@ -206,19 +210,8 @@ class MegamoeForCausalLM(MegamoePreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
 
-class MegamoeForMaskedLM(MegamoePreTrainedModel):
+class MegamoeForMaskedLM(MegamoeWithLMHead):
     """The bidirectional encoder: logits for every position (a masked LM predicts the <mask> ones)."""
-
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: MegamoeConfig) -> None:
-        super().__init__(config)
-        self.model = MegamoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
