@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megamoe.train import loop  # heavy imports (megatron, deepspeed) only after the config is good
     from megamoe.train.integrity import CheckpointError
-    from megamoe.train.preemption import REQUEUE_EXIT_CODE, Preempted
+    from megamoe.train.preemption import Preempted
 
     try:
         loop.run(cfg, layout)
-    except Preempted:  # a scheduler's signal: the checkpoint is written, the job script requeues
-        return REQUEUE_EXIT_CODE
+    except Preempted as stopped:  # a scheduler's signal: with a checkpoint written, the job script requeues
+        return stopped.exit_code
     except (CheckpointError, loop.NonFiniteTraining) as err:
         print(f"megamoe: rank {global_rank()}: {err}", file=sys.stderr)
         return 1

@@ -68,22 +68,23 @@ def validate(cfg: RunConfig, env: Environment) -> Layout:
     _check_model(cfg.model, cfg.data, cfg.parallel)
     layout = _check_parallel(cfg.parallel, cfg.train, cfg.model, env.world_size)
     _check_train(cfg.train, env.cuda_available)
-    if env.check_files:
-        _check_data(cfg.data, cfg.model, cfg.train.eval_iters, env.tokenizer_vocab_size)
+    _check_data(cfg.data, cfg.model, cfg.train.eval_iters, env.tokenizer_vocab_size, env.check_files)
     _check_objective(cfg, env)
     _check_moe(cfg.moe, cfg, env.world_size)
     _check_deepspeed(cfg)
     _check_pipeline(cfg)
-    _check_checkpoint(cfg)
+    _check_checkpoint(cfg, env.check_files)
     return layout
 
 
-def _check_checkpoint(cfg: RunConfig) -> None:
+def _check_checkpoint(cfg: RunConfig, check_files: bool) -> None:
     ckpt = cfg.checkpoint
     if ckpt.save_interval < 1:
         _fail(f"checkpoint.save_interval={ckpt.save_interval} must be >= 1")
     if ckpt.keep_last is not None and ckpt.keep_last < 1:
         _fail(f"checkpoint.keep_last={ckpt.keep_last} must be >= 1 (or null to keep every checkpoint)")
+    if not check_files:
+        return
     if ckpt.load is not None and Path(ckpt.load).exists() and not Path(ckpt.load).is_dir():
         _fail(f"checkpoint.load={ckpt.load!r} is a file; give the checkpoint directory (the one holding 'latest')")
     if ckpt.save is not None and Path(ckpt.save).exists() and not Path(ckpt.save).is_dir():
@@ -212,13 +213,17 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     return list(data_path[1::2]), weights
 
 
-def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer_vocab_size: int | None) -> None:
+def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer_vocab_size: int | None,
+                check_files: bool) -> None:
+    """The data section; with `check_files`, also that its files exist and the tokenizer's size agrees."""
     if data.seq_length < 2:
         _fail(f"data.seq_length={data.seq_length} must be >= 2")
     if not data.data_path:
         _fail("data.data_path is empty; give the prefix written by tools/preprocess_data.py")
+    if data.num_workers < 0:
+        _fail(f"data.num_workers={data.num_workers} must be >= 0")
     prefixes, _ = parse_data_path(data.data_path)
-    for prefix in prefixes:
+    for prefix in prefixes if check_files else ():
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 _fail(f"data.data_path: '{prefix}{suffix}' does not exist; run tools/preprocess_data.py "
@@ -234,6 +239,8 @@ def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer
     if shares[1] == 0 and eval_iters > 0:
         _fail(f"data.split='{data.split}' leaves no validation data but train.eval_iters={eval_iters}; "
               "give the validation split a share or set train.eval_iters=0")
+    if not check_files:
+        return
     if not Path(data.tokenizer_model).is_file() or tokenizer_vocab_size is None:
         _fail(f"data.tokenizer_model: '{data.tokenizer_model}' does not exist; point it at the .model file "
               "written by tools/preprocess_data.py")
@@ -241,8 +248,6 @@ def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer
         _fail(f"model.vocab_size={model.vocab_size} disagrees with the tokenizer "
               f"'{data.tokenizer_model}' ({tokenizer_vocab_size} tokens); remove model.vocab_size or use the "
               "tokenizer the data was made with")
-    if data.num_workers < 0:
-        _fail(f"data.num_workers={data.num_workers} must be >= 0")
 
 
 def moe_layer_numbers(moe: MoEConfig, num_layers: int) -> list[int]:

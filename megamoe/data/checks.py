@@ -43,12 +43,14 @@ def check_indexed_dataset(prefix: str, tokenizer_model: str, vocab_size: int) ->
             version, code, sequences, documents = struct.unpack("<QBQQ", header[len(IDX_MAGIC):])
             if version != 1 or code not in DTYPES:
                 return f"{idx} has index version {version} / dtype code {code}, which megatron-core cannot read"
+            # Sizes before reading: a damaged count must not make us allocate terabytes.
+            index_bytes = len(header) + sequences * (4 + 8) + documents * 8
+            if idx.stat().st_size < index_bytes:
+                return (f"{idx} is truncated ({idx.stat().st_size} bytes, its header needs {index_bytes}); "
+                        "rerun preprocessing")
             lengths = np.fromfile(f, dtype=np.int32, count=sequences)
     except OSError as err:
         return f"{idx} cannot be read: {err}"
-    index_bytes = len(header) + sequences * (4 + 8) + documents * 8
-    if lengths.size != sequences or idx.stat().st_size < index_bytes:
-        return f"{idx} is truncated ({idx.stat().st_size} bytes, its header needs {index_bytes}); rerun preprocessing"
     dtype = np.dtype(DTYPES[code])
     expected = int(lengths.astype(np.int64).sum()) * dtype.itemsize
     if (size := bin_.stat().st_size) != expected:

@@ -54,7 +54,7 @@ def read_documents(path: str | Path, json_key: str = "text", stats: ReadStats | 
             if not line.strip():
                 continue
             if not is_json:
-                yield line.rstrip("\n")
+                yield line.rstrip("\r\n")  # bytes are read raw: Windows line ends too
                 continue
             try:
                 record = json.loads(line)
@@ -70,12 +70,13 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, model
                     json_key: str = "text", special_tokens: tuple[str, ...] = (), byte_fallback: bool = True) -> str:
     """Train a sentencepiece model on the documents of `inputs`; returns the .model path.
 
-    Ids 0-3 are pad, unk, bos, eos (EOD); `<mask>` and `special_tokens` are single pieces never split."""
+    Ids 0-3 are pad, unk, bos, eos (EOD); `<mask>` and `special_tokens` are single pieces never split. Lines
+    that are not UTF-8 are left out here; encode_corpus counts and reports them."""
     Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
     documents = 0
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as corpus:
         for path in inputs:
-            for doc in read_documents(path, json_key, ReadStats()):
+            for doc in read_documents(path, json_key):
                 corpus.write(doc.replace("\n", " ") + "\n")
                 documents += 1
     if documents == 0:

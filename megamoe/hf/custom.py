@@ -52,7 +52,7 @@ def arch(cfg: RunConfig, vocab_size: int) -> Arch:
 def moe_options(cfg: RunConfig, a: Arch, megatron: dict[str, Tensor]) -> dict:
     """The run's moe section for the remote code, with the sizes it needs resolved (expert width; MPOE's tensor
     shapes, read off the weights)."""
-    moe = dataclasses.asdict(cfg.moe) | {"variant": cfg.moe.variant, "ffn_hidden_size": a.moe_ffn_hidden_size}
+    moe = dataclasses.asdict(cfg.moe) | {"ffn_hidden_size": a.moe_ffn_hidden_size}
     if cfg.moe.variant == "mpo":
         prefix = f"decoder.layers.{a.moe_layers[0]}.mlp.moe."
         shapes: dict[str, dict[int, list[int]]] = {}
@@ -78,7 +78,7 @@ def hf_config(cfg: RunConfig, vocab_size: int, megatron: dict[str, Tensor]):
         initializer_range=model.init_method_std, is_causal=model.objective == "causal_lm",
         moe=moe_options(cfg, a, megatron) if cfg.moe.num_experts is not None else {},
         moe_layers=list(a.moe_layers), tie_word_embeddings=not model.untie_embeddings_and_output_weights,
-        torch_dtype="bfloat16" if cfg.train.bf16 else "float32", **native.SPECIAL_TOKENS)
+        dtype="bfloat16" if cfg.train.bf16 else "float32", **native.SPECIAL_TOKENS)
 
 
 def model_class(cfg: RunConfig):
@@ -135,7 +135,8 @@ def run_overrides(hf_cfg) -> list[str]:
 
 
 def _yaml(value) -> str:
-    """A value as a one-line YAML flow scalar/collection (what config overrides parse)."""
+    """A value as a one-line YAML flow scalar/collection (what config overrides parse). JSON is YAML, and a
+    quoted string stays a string (a bare `on` or `off` would parse as a boolean)."""
     import json
 
-    return "null" if value is None else json.dumps(value) if not isinstance(value, str) else value
+    return json.dumps(value)

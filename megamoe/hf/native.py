@@ -106,7 +106,7 @@ def hf_config(cfg: RunConfig, vocab_size: int):
                   rms_norm_eps=model.norm_epsilon, initializer_range=model.init_method_std,
                   tie_word_embeddings=not model.untie_embeddings_and_output_weights,
                   rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
-                  torch_dtype="bfloat16" if cfg.train.bf16 else "float32", **SPECIAL_TOKENS)
+                  dtype="bfloat16" if cfg.train.bf16 else "float32", **SPECIAL_TOKENS)
     kind = check_exportable(cfg)
     if kind == "llama":
         return LlamaConfig(intermediate_size=a.ffn_hidden_size, attention_bias=False, mlp_bias=False, **common)

@@ -111,6 +111,8 @@ class ExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD: Tensor, fc1_eXD: Tensor, fc2_eDF: Tensor, counts_e: Tensor, swiglu: bool) -> Tensor:
         bounds = _row_bounds(counts_e)  # host sync: the split sizes (the dispatcher already synced once)
+        # Outputs are preallocated uninitialised: rows no expert covers would come back as garbage.
+        assert bounds[-1][1] == x_RD.shape[0], f"expert counts cover {bounds[-1][1]} of {x_RD.shape[0]} rows"
         h_RX = x_RD.new_empty(x_RD.shape[0], fc1_eXD.shape[1])
         y_RD = x_RD.new_empty(x_RD.shape[0], fc2_eDF.shape[1])
         for j, (lo, hi) in enumerate(bounds):
@@ -150,8 +152,7 @@ def _activation_and_grad(h_nX: Tensor, dact_nF: Tensor, swiglu: bool) -> tuple[T
     if not swiglu:
         return F.gelu(h_nX), torch.ops.aten.gelu_backward(dact_nF, h_nX)
     gate, up = h_nX.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
+    sig, silu = torch.sigmoid(gate), F.silu(gate)  # F.silu: the very values the forward used
     # d silu(g) / dg = sig(g) (1 + g (1 - sig(g)))
     dgate = dact_nF * up * (sig * (1.0 + gate * (1.0 - sig)))
     return silu * up, torch.cat([dgate, dact_nF * silu], dim=-1)

@@ -153,7 +153,8 @@ def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> 
     engine.save_checkpoint(str(staging.parent), tag=tag, save_latest=False,
                            client_state={"iteration": progress.iteration,
                                          "consumed_samples": progress.consumed_samples,
-                                         "skipped_steps": progress.skipped_steps})
+                                         # DeepSpeed keeps a `skipped_steps` of its own under that name
+                                         "megamoe_skipped_steps": progress.skipped_steps})
     tag_dir = integrity.publish(cfg.checkpoint.save, tag, cfg.checkpoint.keep_last)
     get_logger().info(f"saved checkpoint {tag_dir}")
     return tag_dir
@@ -161,11 +162,12 @@ def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> 
 
 def require_finite_weights(model: torch.nn.Module, iteration: int) -> None:
     """CheckpointError unless every weight on every rank is finite (a checkpoint must never carry a NaN)."""
-    bad = torch.tensor([float(sum(not torch.isfinite(p).all() for p in model.parameters()))])
+    # On the parameters' device (NCCL reduces CUDA tensors only), one host sync for the whole model.
+    bad = torch.stack([~torch.isfinite(p).all() for p in model.parameters()]).sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad)
-    if bad.item():
-        raise integrity.CheckpointError(f"not saving step {iteration}: {int(bad.item())} weight tensors hold "
+    if bad_tensors := int(bad.item()):
+        raise integrity.CheckpointError(f"not saving step {iteration}: {bad_tensors} weight tensors hold "
                                         "NaN or Inf; the last checkpoint stays the newest")
 
 
@@ -207,7 +209,7 @@ def saved_layout(tag_dir: Path) -> SavedLayout:
                        num_layers=saved.get("model", {}).get("num_layers", 1))
 
 
-def global_module_states(tag_dir: Path) -> list[dict[str, list]]:
+def global_module_states(tag_dir: Path) -> dict[str, list]:
     """Every entry of DeepSpeed's model files by global name: a list over the tensor-parallel ranks."""
     layout = saved_layout(tag_dir)
     out: dict[str, list] = {}
@@ -232,7 +234,7 @@ def restarts(tag_dir: Path | None, cfg: RunConfig) -> bool:
 
 def loads_weights_only(tag_dir: Path | None, cfg: RunConfig) -> bool:
     """True when only the weights of `tag_dir` load, before the engine exists (then load_weights): fine-tuning,
-    a weights-only checkpoint, or another tensor- or expert-parallel size than the checkpoint's."""
+    a weights-only checkpoint, or another tensor-, pipeline- or expert-parallel size than the checkpoint's."""
     if tag_dir is None:
         return False
     saved, par = saved_layout(tag_dir), cfg.parallel
@@ -280,11 +282,13 @@ def load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) 
     """The model weights of a checkpoint, resharded to this run's layout, before the engine exists (so
     DeepSpeed's fp32 master weights start from them). Returns the saved state for `load`."""
     saved = saved_layout(tag_dir)
-    states = _load_model_file(saved.stage_files(tag_dir)[0][0])
     if (saved.tp, saved.pp) == (groups.tp_size, groups.pp_size):
-        module = _load_model_file(saved.stage_files(tag_dir)[groups.pp_rank][groups.tp_rank])["module"]
+        states = _load_model_file(saved.stage_files(tag_dir)[groups.pp_rank][groups.tp_rank])
+        module = states.pop("module")
     else:
         module = _resharded_module(tag_dir, model, groups)
+        states = _load_model_file(saved.stage_files(tag_dir)[0][0])  # the run's scalars (iteration, scheduler)
+        states.pop("module")
     expert_keys = {n for n, m in model.named_modules() if isinstance(m, Experts)}
     expert_keys = {f"{n}.{p}" for n in expert_keys for p, _ in model.get_submodule(n).named_parameters(recurse=False)}
     dense = {k: v for k, v in module.items() if k not in expert_keys}
@@ -337,6 +341,6 @@ def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: d
     else:
         get_logger().warning(f"{rng_file.name} not restored (another layout): random streams restart")
     progress = Progress(iteration=client_state["iteration"], consumed_samples=client_state["consumed_samples"],
-                        skipped_steps=client_state.get("skipped_steps", 0))
+                        skipped_steps=client_state.get("megamoe_skipped_steps", 0))
     get_logger().info(f"resumed from {tag_dir} at iteration {progress.iteration}")
     return progress

@@ -24,6 +24,7 @@ import json
 import math
 import shutil
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,39 @@ class RunResult:
     curve: list[tuple[int, float]] = field(default_factory=list)
     """(step, validation loss)."""
     extra: dict = field(default_factory=dict)
+
+
+def prepare_data(corpus: str, data_dir: Path, vocab_size: int) -> tuple[str, str]:
+    """A sentencepiece model trained on the corpus and its indexed dataset: (data prefix, tokenizer model).
+    Reused when `data_dir` holds them for this same corpus file and vocabulary size."""
+    from megamoe.data import preprocess
+
+    corpus_path = Path(corpus).resolve()
+    stamp = {"corpus": str(corpus_path), "bytes": corpus_path.stat().st_size, "vocab_size": vocab_size}
+    stamp_file, tokenizer = data_dir / "stamp.json", data_dir / "corpus.model"
+    prefix = f"{data_dir / 'corpus'}_text_document"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and Path(prefix + ".idx").is_file():
+        return prefix, str(tokenizer)
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    tokenizer = Path(preprocess.train_tokenizer([corpus], str(data_dir / "corpus"), vocab_size=vocab_size))
+    prefix = preprocess.encode_corpus([corpus], str(tokenizer), str(data_dir / "corpus")).prefix
+    stamp_file.write_text(json.dumps(stamp))
+    return prefix, str(tokenizer)
+
+
+def git_commit(checkout: Path) -> str:
+    """HEAD of the checkout ('+uncommitted' if its tree differs), or 'unknown' outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True,
+                                timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True, text=True,
+                               timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
 
 
 def run_comparison(data_prefix: str, tokenizer: str, out_dir: Path, seeds: list[int], budget: Budget,

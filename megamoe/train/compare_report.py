@@ -1,6 +1,7 @@
 """The comparison's outputs: a markdown table with the papers' claims marked, a JSON file, two PNG plots.
 
-Claims (each judged on the mean over seeds; 'spread' is max - min over seeds):
+Claims (judged on the mean over seeds and on each seed alone: 'yes', 'no' or 'mixed'; 'spread' is max - min
+over seeds):
 - PEER (arXiv:2407.04153): below the dense model's perplexity at equal active compute.
 - CartesianMoE (arXiv:2410.16077): Cartesian <= fine-grained + shared <= top-2, and the smallest relative
   perplexity increase with each token's top-1 expert disabled.
@@ -36,9 +37,27 @@ def spread(runs: list[RunResult], key: str | None = None) -> float:
     return max(values) - min(values)
 
 
-def claims(results: list[RunResult]) -> list[tuple[str, bool | None, str]]:
-    """(claim, holds (None: not run), the numbers) for each paper's claim."""
-    v = by_variant(results)
+def claims(results: list[RunResult]) -> list[tuple[str, str, str]]:
+    """(claim, verdict, the numbers) for each paper's claim whose runs are present. The numbers are means over
+    seeds; the verdict is 'yes' when the claim holds on the means and on every seed alone, 'no' when on none of
+    them, otherwise 'mixed' naming the seeds where it holds (a difference within the seeds' spread)."""
+    seeds = sorted({r.seed for r in results})
+    on_mean = _claims(by_variant(results))
+    per_seed = {seed: dict((c, ok) for c, ok, _ in _claims(by_variant([r for r in results if r.seed == seed])))
+                for seed in seeds}
+    out = []
+    for claim, ok, numbers in on_mean:
+        holds_on = [seed for seed in seeds if per_seed[seed].get(claim)]
+        if len(seeds) == 1 or (ok and len(holds_on) == len(seeds)) or (not ok and not holds_on):
+            verdict = "yes" if ok else "no"
+        else:
+            verdict = f"mixed: {'yes' if ok else 'no'} on the means, holds for seed(s) {holds_on} of {seeds}"
+        out.append((claim, verdict, numbers))
+    return out
+
+
+def _claims(v: dict[str, list[RunResult]]) -> list[tuple[str, bool, str]]:
+    """(claim, holds on the means of `v`'s runs, the numbers)."""
     out = []
 
     def have(*names: str) -> bool:
@@ -84,7 +103,7 @@ def markdown(results: list[RunResult], meta: dict) -> str:
                      f"{runs[0].moe_layer_params:,} | {runs[0].active_ffn_madds:,} | {robust} | "
                      f"{statistics.mean(r.seconds for r in runs) / 60:.1f} |")
     lines += ["", "| claim | holds | numbers |", "|---|---|---|"]
-    lines += [f"| {c} | {'yes' if ok else 'no'} | {numbers} |" for c, ok, numbers in claims(results)]
+    lines += [f"| {c} | {verdict} | {numbers} |" for c, verdict, numbers in claims(results)]
     lines += _paper_sections(v)
     return "\n".join(lines) + "\n"
 
@@ -107,11 +126,18 @@ def _paper_sections(v: dict[str, list[RunResult]]) -> list[str]:
     return lines
 
 
+def read_results(path: Path) -> tuple[list[RunResult], dict]:
+    """The runs and meta of a results.json that write_outputs wrote (to render them again)."""
+    saved = json.loads(path.read_text())
+    runs = [RunResult(**{**run, "curve": [tuple(point) for point in run["curve"]]}) for run in saved["runs"]]
+    return runs, saved["meta"]
+
+
 def write_outputs(results: list[RunResult], meta: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(markdown(results, meta))
     (out_dir / "results.json").write_text(json.dumps(
-        {"meta": meta, "claims": [{"claim": c, "holds": ok, "numbers": n} for c, ok, n in claims(results)],
+        {"meta": meta, "claims": [{"claim": c, "holds": verdict, "numbers": n} for c, verdict, n in claims(results)],
          "runs": [asdict(r) for r in results]}, indent=1))
     _plots(results, out_dir)
 

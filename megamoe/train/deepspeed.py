@@ -185,8 +185,9 @@ def prepare_expert_parallelism(model: torch.nn.Module, groups: ParallelGroups, n
 
 
 def _tp_peers_hold_different_experts(groups: ParallelGroups) -> bool:
-    ep_ranks = [torch.zeros((), dtype=torch.int64) for _ in range(groups.tp_size)]
-    dist.all_gather(ep_ranks, torch.tensor(groups.ep_rank), group=groups.tp_group)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None  # NCCL
+    ep_ranks = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(groups.tp_size)]
+    dist.all_gather(ep_ranks, torch.tensor(groups.ep_rank, device=device), group=groups.tp_group)
     return len({int(r) for r in ep_ranks}) == groups.tp_size
 
 

@@ -4,7 +4,8 @@ Publishing: every rank writes into `<save>/.partial/<tag>/`; once all have finis
 SHA-256 of every file, hashed by all ranks in parallel) is written, the directory is renamed to `<save>/<tag>`
 (one atomic rename on the same file system) and `latest` is replaced atomically (write, fsync, rename). A run
 killed at any point leaves `latest` naming the previous complete checkpoint; `.partial` leftovers are removed by
-the next save. Keep-last-N pruning follows the publication.
+the next save. Keep-last-N pruning follows the publication. (Saving a step that is already published, e.g. a
+rerun, swaps the directories by two renames: only a kill between those two leaves that tag absent.)
 
 Verification before resuming (checkpoint.verify): the manifest's sizes (and hashes) against the files, with an
 error naming the first bad file. Safety: DeepSpeed's own loader unpickles with weights_only=False, so before it
@@ -50,9 +51,11 @@ def publish(save_dir: str | Path, tag: str, keep_last: int | None) -> Path:
     write_manifest(staging)
     final = Path(save_dir) / tag
     if _rank() == 0:
+        replaced = staging.with_name(f"{tag}.replaced")
         if final.exists():  # the same step saved again (a rerun): the new one replaces it
-            shutil.rmtree(final)
+            os.replace(final, replaced)
         os.replace(staging, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         write_atomically(Path(save_dir) / "latest", tag)
         if keep_last is not None:
             prune(Path(save_dir), keep_last, keep=tag)
@@ -61,10 +64,11 @@ def publish(save_dir: str | Path, tag: str, keep_last: int | None) -> Path:
 
 
 def begin(save_dir: str | Path, tag: str) -> Path:
-    """A clean staging directory for `tag` (a killed save may have left one). Collective."""
+    """A clean staging directory for `tag`; whatever killed saves left in .partial goes (one save at a time).
+    Collective."""
     staging = staging_dir(save_dir, tag)
     if _rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.parent, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
     return staging
@@ -72,9 +76,12 @@ def begin(save_dir: str | Path, tag: str) -> Path:
 
 def write_manifest(directory: Path) -> None:
     """Size and SHA-256 of every file, each rank hashing a share; rank 0 writes the manifest. Collective."""
-    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                   if p.is_file() and p.name != MANIFEST)
-    mine = {name: _describe(directory / name) for name in files[_rank()::_world()]}
+    # One listing, rank 0's: on a shared file system with client caching, ranks' listings may differ.
+    files = [sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                    if p.is_file() and p.name != MANIFEST) if _rank() == 0 else None]
+    if _world() > 1:
+        dist.broadcast_object_list(files, src=0)
+    mine = {name: _describe(directory / name) for name in files[0][_rank()::_world()]}
     parts = [mine]
     if _world() > 1:
         parts = [None] * _world()
@@ -106,12 +113,7 @@ def verify(directory: Path, mode: str) -> None:
         raise CheckpointError(f"{directory} has no {MANIFEST}: it was not published completely (or predates "
                               "megamoe's manifests); resume from another checkpoint or set checkpoint.verify=none")
     entries = json.loads(manifest.read_text())["files"]
-    problems = [problem for name in sorted(entries)[_rank()::_world()]
-                if (problem := _check_file(directory / name, entries[name], mode))]
-    if _world() > 1:
-        gathered = [None] * _world()
-        dist.all_gather_object(gathered, problems)
-        problems = sorted(p for part in gathered for p in part)
+    problems = _shared_checks(sorted(entries), lambda name: _check_file(directory / name, entries[name], mode))
     if problems:
         raise CheckpointError(f"{problems[0]}; this checkpoint is damaged: resume from an earlier one (point "
                               f"'latest' in {directory.parent} at it)")
@@ -127,14 +129,32 @@ def _check_file(path: Path, entry: dict, mode: str) -> str | None:
     return None
 
 
+def _shared_checks(names: list[str], check) -> list[str]:
+    """check(name) -> a problem or None, over `names` shared among the ranks; every rank gets all problems,
+    sorted. Collective when distributed."""
+    problems = [problem for name in names[_rank()::_world()] if (problem := check(name))]
+    if _world() > 1:
+        gathered = [None] * _world()
+        dist.all_gather_object(gathered, problems)
+        problems = sorted(p for part in gathered for p in part)
+    return problems
+
+
 def check_loadable(directory: Path) -> None:
     """CheckpointError if a .pt file of `directory` would run code when unpickled (globals beyond tensors,
-    containers and DeepSpeed's state classes). Reads the pickles without executing them."""
-    for path in sorted(directory.glob("*.pt")):
-        if unsafe := sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-                            - set(DEEPSPEED_STATE_CLASSES)):
-            raise CheckpointError(f"{path} refers to {unsafe[:3]}: loading it could run code; megamoe loads only "
-                                  "checkpoints holding tensors and DeepSpeed's state")
+    containers and DeepSpeed's state classes). Reads the pickles without executing them; the ranks share
+    the files. Collective when distributed."""
+    if problems := _shared_checks(sorted(p.name for p in directory.glob("*.pt")),
+                                  lambda name: _unsafe_globals(directory / name)):
+        raise CheckpointError(problems[0])
+
+
+def _unsafe_globals(path: Path) -> str | None:
+    if unsafe := sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+                        - set(DEEPSPEED_STATE_CLASSES)):
+        return (f"{path} refers to {unsafe[:3]}: loading it could run code; megamoe loads only checkpoints "
+                "holding tensors and DeepSpeed's state")
+    return None
 
 
 def load_trusted(path: Path) -> dict:

@@ -28,7 +28,7 @@ from megamoe.train.deepspeed import (
     skip_if_not_finite,
 )
 from megamoe.train.metrics import ExpertLoadLog, MetricsWriter, collect_moe_metrics, gather_over_pipeline, moe_layers
-from megamoe.train.preemption import REQUEUE_EXIT_CODE, Preempted, StopRequests
+from megamoe.train.preemption import Preempted, StopRequests, announce_requeue
 from megamoe.utils import get_logger
 
 
@@ -257,7 +257,9 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
         if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0 or last or signum):
             checkpoint.save(trainer.engine, cfg, trainer.progress, trainer.groups)
         if signum and not last:
-            raise Preempted(step, signum)
+            if cfg.checkpoint.save:
+                announce_requeue()
+            raise Preempted(step, signum, saved=bool(cfg.checkpoint.save))
     return perplexity
 
 
@@ -294,7 +296,8 @@ def run(cfg: RunConfig, layout: Layout) -> None:
         with StopRequests() as stop:
             perplexity = train(trainer, metrics, expert_load, stop)
     except Preempted as stopped:
-        get_logger().warning(f"{stopped}: checkpoint written, exiting with {REQUEUE_EXIT_CODE} for a requeue")
+        get_logger().warning(f"{stopped}; exiting with {stopped.exit_code}"
+                             + (" for a requeue" if stopped.saved else ""))
         raise
     finally:
         metrics.close()

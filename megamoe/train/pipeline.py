@@ -18,7 +18,8 @@ boundary, partitioned gradients) would then be bypassed.
 
 Schedule: non-interleaved 1F1B (PipeDream-Flush, arXiv:2006.09503): stage s runs P - s - 1 warm-up forwards,
 then alternates one forward and one backward, then drains; at most P - s micro-batches' activations are alive.
-Point-to-point transfers are isend/irecv pairs waited together (no ordering deadlock on gloo or NCCL).
+A step's point-to-point transfers go out as one batch_isend_irecv (NCCL runs them as one group, so two
+neighbours sending to each other at once cannot wait on each other's receive).
 
 Shapes: S positions on this rank (S/TP under sequence parallelism), B micro-batch, D hidden.
 """
@@ -46,18 +47,18 @@ Step = Callable[[], None]
 def exchange(groups: ParallelGroups, send_next: Tensor | None = None, send_prev: Tensor | None = None,
              recv_prev: torch.Size | None = None, recv_next: torch.Size | None = None,
              dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> tuple[Tensor | None, ...]:
-    """Post every send and receive this step needs, then wait for all: (from previous stage, from next stage)."""
-    requests, received = [], {}
-    if send_next is not None:
-        requests.append(dist.isend(send_next.detach().contiguous(), groups.pp_next))
-    if send_prev is not None:
-        requests.append(dist.isend(send_prev.detach().contiguous(), groups.pp_prev))
+    """Every send and receive this step needs, in one batch: (from previous stage, from next stage)."""
+    ops, received = [], {}
+    for tensor, peer in ((send_next, groups.pp_next), (send_prev, groups.pp_prev)):
+        if tensor is not None:
+            ops.append(dist.P2POp(dist.isend, tensor.detach().contiguous(), peer))
     for key, shape, peer in (("prev", recv_prev, groups.pp_prev), ("next", recv_next, groups.pp_next)):
         if shape is not None:
             received[key] = torch.empty(shape, dtype=dtype, device=device)
-            requests.append(dist.irecv(received[key], peer))
-    for request in requests:
-        request.wait()
+            ops.append(dist.P2POp(dist.irecv, received[key], peer))
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
     return received.get("prev"), received.get("next")
 
 

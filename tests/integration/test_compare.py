@@ -24,3 +24,9 @@ def test_quick_comparison_writes_the_report(tmp_path):
     assert "| claim | holds | numbers |" in report and "K histogram" in report and "usage" in report
     for png in ("loss_curves.png", "final_ppl.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_variants.py"), "--from-results",
+                           str(tmp_path / "results.json"), "--out", str(again)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (again / "report.md").read_text() == report, "the report rendered from results.json differs"

@@ -134,6 +134,10 @@ def test_custom_code_export_equals_the_trained_model_and_round_trips(tiny_data, 
     assert sorted(first) == sorted(again)
     for key, tensor in first.items():
         assert torch.equal(again[key], tensor), key
+    if name == "mpo":  # one variant suffices: the check does not depend on the layer
+        error = spawn(_import_with_a_stray_tensor, 1, str(tmp_path / "hf"), str(tmp_path / "stray_import"),
+                      tiny_data["prefix"])[0]
+        assert "tensors the model its config.json describes does not use" in error and "undeclared" in error, error
 
 
 def _round_trip(hf_dir: str, save: str, hf_again: str, data_prefix: str) -> tuple[dict, dict]:
@@ -145,6 +149,28 @@ def _round_trip(hf_dir: str, save: str, hf_again: str, data_prefix: str) -> tupl
     export.import_hf(hf_dir, save, str(ROOT / "configs" / "tiny-dense.yaml"), [f"data.data_path=[{data_prefix}]"])
     export.export_hf(save, hf_again)
     return load_file(f"{hf_dir}/model.safetensors"), load_file(f"{hf_again}/model.safetensors")
+
+
+def _import_with_a_stray_tensor(hf_dir: str, save: str, data_prefix: str) -> str:
+    """import_hf of a copy of `hf_dir` whose weights hold one tensor more than its config describes: the error."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from megamoe.train import export
+    from tests.helpers import ROOT
+
+    stray = Path(save).parent / "hf_stray"
+    shutil.copytree(hf_dir, stray)
+    weights = load_file(f"{stray}/model.safetensors")
+    weights["model.layers.1.mlp.undeclared.weight"] = torch.zeros(2, 2)
+    save_file(weights, f"{stray}/model.safetensors", metadata={"format": "pt"})
+    try:
+        export.import_hf(stray, save, str(ROOT / "configs" / "tiny-dense.yaml"), [f"data.data_path=[{data_prefix}]"])
+    except ValueError as err:
+        return str(err)
+    return "imported"
 
 
 def test_what_no_export_expresses_is_refused_in_one_line(tiny_data, tmp_path):

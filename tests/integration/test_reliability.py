@@ -59,17 +59,25 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def _launch_and_kill_at(cmd: list[str], log_dir: Path, step: int) -> None:
-    """Start the launch in its own process group and SIGKILL all of it once step `step` is logged."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def _wait_for_step(proc: subprocess.Popen, log_dir: Path, step: int, output: Path) -> None:
+    """Until the launch logs step `step`; fails if it ends first or takes longer than LAUNCH_TIMEOUT_S."""
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while max(_losses(log_dir), default=0) < step:
-        assert proc.poll() is None, f"the run ended before step {step}: {proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, "step {step} was never reached"
+        assert proc.poll() is None, f"the run ended before step {step}: {output.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"step {step} was never reached"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+
+
+def _launch_and_kill_at(cmd: list[str], log_dir: Path, step: int) -> None:
+    """Start the launch in its own process group and SIGKILL all of it once step `step` is logged."""
+    output = log_dir.parent / f"{log_dir.name}.out"  # a file, not a pipe nobody reads while it fills
+    with output.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_step(proc, log_dir, step, output)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -91,21 +99,21 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tiny_data, tm
 
 
 def test_a_dead_rank_ends_the_run_within_seconds_and_is_named(tiny_data, tmp_path):
-    proc = subprocess.Popen(_command(tiny_data, tmp_path, "train.train_iters=400", "checkpoint.save=null"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log_dir, output = tmp_path / "run", tmp_path / "run.out"
+    with output.open("w") as out:
+        proc = subprocess.Popen(_command(tiny_data, log_dir, "train.train_iters=400", "checkpoint.save=null"),
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        while max(_losses(tmp_path), default=0) < 3:
-            assert proc.poll() is None
-            time.sleep(0.1)
-        victim = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_rank_1(pid, tmp_path))
+        _wait_for_step(proc, log_dir, 3, output)
+        victim = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_rank_1(pid, log_dir))
         start = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     elapsed = time.monotonic() - start
+    out = output.read_text()
     print(f"rank 1 killed: the launch exited with {proc.returncode} after {elapsed:.1f} s")
     assert proc.returncode != 0 and elapsed < 60
     assert any("--local_rank=1" in line and "exits with return code" in line for line in out.splitlines())
@@ -250,6 +258,8 @@ def _nonfinite(data: dict, save: str, nan_steps: list[int], limit: int, zero: in
     records = [json.loads(line) for line in (Path(trainer.cfg.logging.log_dir) / "metrics.jsonl").read_text()
                .splitlines()]
     skipped = [r["train/skipped_steps"] for r in records if "train/skipped_steps" in r]
+    resumed = _trainer(data, f"checkpoint.load={save}", f"deepspeed.zero_stage={zero}", "train.micro_batch_size=2",
+                       "train.global_batch_size=4") if error is None else None
     with torch.no_grad():
         next(trainer.engine.module.parameters()).fill_(float("inf"))
     try:
@@ -258,6 +268,7 @@ def _nonfinite(data: dict, save: str, nan_steps: list[int], limit: int, zero: in
     except Exception as err:
         refused = str(err)
     return {"weights": weights, "error": error, "skipped": skipped, "refused": refused,
+            "resumed_skipped": resumed.progress.skipped_steps if resumed else None,
             "latest": (Path(save) / "latest").read_text() if (Path(save) / "latest").exists() else None}
 
 
@@ -268,7 +279,7 @@ def test_nonfinite_steps_are_skipped_counted_and_never_saved(tiny_data, tmp_path
     w = got["weights"]
     assert torch.equal(w[2], w[3]) and torch.equal(w[3], w[4]), "a skipped step changed the weights"
     assert not torch.equal(w[4], w[5]) and torch.isfinite(w[6]).all(), "training resumed after the NaNs"
-    assert got["skipped"][-1] == 2
+    assert got["skipped"][-1] == 2 and got["resumed_skipped"] == 2, "the count is kept across a resume"
     assert got["refused"] is not None and "hold NaN or Inf" in got["refused"]
     assert got["latest"] == "iter_0000006"
 

@@ -168,6 +168,16 @@ def test_a_corrupt_index_is_refused_naming_the_file(tiny_data, tmp_path, capsys)
     assert f"{prefix}.idx is not a Megatron index file" in _start_with(tiny_data, prefix, capsys)
 
 
+def test_an_index_claiming_too_many_sequences_is_refused_without_reading_them(tiny_data, tmp_path, capsys):
+    from megamoe.data.checks import IDX_MAGIC
+
+    prefix = _copy_dataset(tiny_data, tmp_path)
+    with open(prefix + ".idx", "r+b") as f:  # the sequence count after magic, version and dtype code
+        f.seek(len(IDX_MAGIC) + 8 + 1)
+        f.write((1 << 40).to_bytes(8, "little"))
+    assert f"{prefix}.idx is truncated" in _start_with(tiny_data, prefix, capsys)
+
+
 def test_data_tokenized_with_another_tokenizer_is_refused(tiny_data, tmp_path, capsys):
     from megamoe.data.preprocess import train_tokenizer
 

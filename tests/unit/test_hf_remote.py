@@ -89,3 +89,27 @@ def test_mpo_rebuild_equals_megamoes():
         tensors = [layer.mpo[name].central if k == 2 else getattr(layer.experts, f"{name}_aux{k + 1}")
                    for k in range(5)]
         torch.testing.assert_close(layer.experts.matrix(name), reconstruct(tensors, shape))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_a_bf16_model_runs_in_bf16_close_to_fp32(name):
+    """bf16 exports load in bf16 by default (config dtype): every activation must stay in that dtype."""
+    torch.manual_seed(0)
+    model = MegamoeForCausalLM(_config(VARIANTS[name])).eval()
+    tokens = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        want = model(tokens).logits
+        got = model.to(torch.bfloat16)(tokens).logits
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_string_options_survive_the_import_overrides():
+    """`on` / `off` are YAML booleans unless quoted: an exported moe.grouped_gemm=off must import as 'off'."""
+    from megamoe import config
+    from megamoe.hf.custom import run_overrides
+    from tests.helpers import ROOT
+
+    hf_cfg = _config(TOPK | {"grouped_gemm": "off"})
+    cfg = config.load(str(ROOT / "configs" / "tiny-dense.yaml"), run_overrides(hf_cfg))
+    assert cfg.moe.grouped_gemm == "off" and cfg.moe.variant == "topk"

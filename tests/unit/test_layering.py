@@ -114,8 +114,10 @@ def test_hf_custom_code_is_self_contained(path):
     """Exports ship these files: a user loading them has torch and transformers, not megamoe."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level > 0:
-            assert (REMOTE / f"{node.module}.py").is_file(), f"{path.name}: .{node.module} is not shipped with it"
+        if isinstance(node, ast.ImportFrom) and node.level > 0:  # `from .x import y`, or `from . import x`
+            siblings = [node.module] if node.module else [a.name for a in node.names]
+            for sibling in siblings:
+                assert (REMOTE / f"{sibling}.py").is_file(), f"{path.name}: .{sibling} is not shipped with it"
             continue
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
             [node.module] if isinstance(node, ast.ImportFrom) else []

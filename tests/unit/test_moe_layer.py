@@ -194,16 +194,24 @@ def test_router_runs_in_fp32_under_bf16():
     assert layer(torch.randn(8, D).to(torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_expert_loop_equals_per_row_autograd():
-    """Weight gradients of the expert loop (weights split once per forward) equal a row-by-row computation."""
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_expert_loop_equals_per_row_autograd(swiglu):
+    """The expert loop's hand-written backward (input and weight gradients, an expert with no rows) equals
+    autograd through a row-by-row computation."""
+    from megamoe.moe.experts import expert_ffn as grouped_ffn
+    from megamoe.moe.experts import ffn_activation
+
     torch.manual_seed(6)
-    layer = make_layer(grouped_gemm="off")
+    fc1 = (torch.randn(4, 2 * F_EXPERT if swiglu else F_EXPERT, D) * 0.3).requires_grad_()
+    fc2 = (torch.randn(4, D, F_EXPERT) * 0.3).requires_grad_()
     x_RD, counts_e = torch.randn(30, D, requires_grad=True), torch.tensor([10, 0, 12, 8])
     g_RD = torch.randn(30, D)
-    (layer.experts(x_RD, counts_e) * g_RD).sum().backward()
-    got = (x_RD.grad.clone(), layer.experts.linear_fc1.grad.clone(), layer.experts.linear_fc2.grad.clone())
-    x_RD.grad, layer.experts.linear_fc1.grad, layer.experts.linear_fc2.grad = None, None, None
-    rows = [expert_ffn(layer, e, x) for e, n in enumerate(counts_e.tolist()) for x in x_RD[sum(counts_e[:e]):][:n]]
+    (grouped_ffn(x_RD, counts_e, fc1, fc2, swiglu, grouped_gemm="off") * g_RD).sum().backward()
+    got = (x_RD.grad, fc1.grad, fc2.grad)
+    x_RD.grad, fc1.grad, fc2.grad = None, None, None
+    expert_R = torch.repeat_interleave(torch.arange(4), counts_e)
+    rows = [ffn_activation(x @ fc1[e].t(), swiglu) @ fc2[e].t() for x, e in zip(x_RD, expert_R.tolist(), strict=True)]
     (torch.stack(rows) * g_RD).sum().backward()
-    for a, b in zip(got, (x_RD.grad, layer.experts.linear_fc1.grad, layer.experts.linear_fc2.grad), strict=True):
+    assert torch.equal(got[1][1], torch.zeros_like(fc1[1])) and torch.equal(got[2][1], torch.zeros_like(fc2[1]))
+    for a, b in zip(got, (x_RD.grad, fc1.grad, fc2.grad), strict=True):
         torch.testing.assert_close(a, b)

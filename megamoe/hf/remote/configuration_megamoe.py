@@ -26,8 +26,8 @@ class MegamoeConfig(PretrainedConfig):
         self.intermediate_size, self.rms_norm_eps = intermediate_size, rms_norm_eps
         self.rope_theta, self.max_position_embeddings = rope_theta, max_position_embeddings
         self.initializer_range = initializer_range
+        # is_causal False: a bidirectional encoder trained as a masked LM (load with AutoModelForMaskedLM).
         self.is_causal, self.use_cache = is_causal, use_cache
-        """False: a bidirectional encoder trained as a masked LM (load with AutoModelForMaskedLM)."""
         self.moe = dict(moe or {})
         self.moe_layers = list(moe_layers or [])
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -174,7 +174,8 @@ class MegamoeModel(MegamoePreTrainedModel):
         else:  # an encoder: padding queries see nothing (as megatron's padding mask)
             allowed_BSP = allowed_BSP & key_valid_BP[:, -s:, None]
         valid_T = key_valid_BP[:, -s:].reshape(-1)
-        rope = self.rotary_emb(position_ids)
+        # Computed in fp32, applied in the activations' dtype (as megatron's apply_rotary_pos_emb does).
+        rope = tuple(t.to(x_BSD.dtype) for t in self.rotary_emb(position_ids))
         for layer in self.layers:
             x_BSD = layer(x_BSD, rope, allowed_BSP, valid_T, cache)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x_BSD), **{_CACHE_FIELD: cache})
