@@ -41,6 +41,7 @@ def slurm_conf(root: Path, node: str, hardware: str) -> str:
     return "\n".join([
         "ClusterName=megamoe-test", f"SlurmctldHost={node}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
         "AuthType=auth/munge", "CryptoType=crypto/munge", "MpiDefault=none", "MailProg=/bin/true",
+        "AuthInfo=cred_expire=20",  # a requeued job waits this long to start again (default 120 s)
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none", "SchedulerType=sched/backfill",
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",

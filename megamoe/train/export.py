@@ -152,11 +152,13 @@ def import_hf(hf_dir: str, save_dir: str, base_config: str | None, overrides: li
     model = one_process_model(cfg, vocab_size)
     hf_weights, arch = _read_hf_weights(source, hf_cfg), mapping.arch(cfg, vocab_size)
     state = mapping.from_hf(hf_weights, arch)
-    # transformers reports unexpected tensors of native models; megamoe's files are read here, so check here.
-    if mapping is custom and (unused := sorted(hf_weights.keys() - mapping.to_hf(state, arch).keys())):
+    own = model.state_dict()
+    # transformers reports unexpected tensors of native models; megamoe's files are read here, so check here:
+    # names no mapping consumed, and names mapped (MoE blocks are copied by prefix) that the model lacks.
+    if mapping is custom and (unused := sorted((hf_weights.keys() - mapping.to_hf(state, arch).keys())
+                                               | (state.keys() - own.keys()))):
         raise ValueError(f"{source} holds {len(unused)} tensors the model its config.json describes does not use, "
                          f"e.g. {unused[:3]}: the config and the weights disagree")
-    own = model.state_dict()
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if name in state:  # megatron's padded vocabulary: zero rows beyond the tokenizer's
             state[name] = torch.cat([state[name], own[name].new_zeros(own[name].shape[0] - vocab_size,
