@@ -4,6 +4,7 @@ DeepSpeed's MoE, against the expert-GEMM floor, and count all-to-all bytes.
   python tools/bench_moe.py [--configs coarse fine] [--iters 5] [--warmup 2] [--json out.json]
   torchrun --nproc_per_node 2 tools/bench_moe.py --ep 2 --configs coarse
 Prints a markdown table on rank 0; --json writes a JSON list, one record per (configuration, implementation).
+Each process first re-runs itself with glibc's allocator set to keep freed memory (megamoe/train/bench.py says why).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from megamoe.train import bench, startup  # noqa: E402
-from megamoe.utils import global_rank  # noqa: E402
+from megamoe.utils import environment_with_glibc_reuse, global_rank  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,4 +60,6 @@ def free_port() -> int:
 
 
 if __name__ == "__main__":
+    if (env := environment_with_glibc_reuse()) is not None:  # glibc reads it at start-up only
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     sys.exit(main())

@@ -5,6 +5,12 @@ Every implementation gets the same input, the same output gradient and the megam
 and experts copied), hence the same routing: time differences come from the code, not from the load.
 `rel_diff` checks that claim: max |out - out_megamoe| / max |out_megamoe| on the last timed iteration.
 
+Allocator: on a GPU the caching allocator hands freed blocks back; glibc returns large blocks (above its mmap
+threshold, e.g. a 64 MB [T*k, D] activation) to the OS on free, and the next iteration page-faults them in again:
+at the fine-grained shape that was up to half of the measured time and made medians vary 2x between runs.
+tools/bench_moe.py and tools/bench_peer.py therefore run with megamoe.utils.GLIBC_REUSE (unless the caller set
+those variables), the same for every implementation and for the floor.
+
 Shapes: T tokens on this rank, D hidden, F expert width, E experts, e local experts, k experts per token,
 N routed copies made on this rank, P expert-parallel ranks, I timed iterations, n rows of one expert.
 """

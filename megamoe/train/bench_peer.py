@@ -38,10 +38,9 @@ from torch import Tensor
 from megamoe.config import PEERMoEConfig
 from megamoe.moe import LayerShape, build_moe
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.utils import GLIBC_REUSE
 
 IMPLS = ("megamoe", "peer-pytorch")
-GLIBC_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-"""glibc reads these at process start: allocations below 4 GB come from the heap and freed memory is kept."""
 SCALING_TARGET = 2.0
 """Acceptance: megamoe's per-token time at the largest N (1024^2) at most this multiple of the smallest (128^2)."""
 PEER_PYTORCH_DIFFERENCES = (
