@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,28 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout,
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler_factory(cfg.train),
         mpu=MegatronMPU(), config=to_deepspeed_config(cfg, layout), dist_init_required=False)
+    release_shared_memory_names()
     return engine
+
+
+def shared_memory_file(rank: int) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce (csrc/cpu/comm/shm.cpp) creates for `rank` of this run."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shared_memory_names() -> None:
+    """Unlink this rank's DeepSpeed all-reduce buffer from /dev/shm once every rank has mapped it. Collective.
+
+    When all ranks of a CPU run share one machine, DeepSpeed maps a ~69 MB /dev/shm file per rank and never
+    unlinks it: every run left its files behind (RAM, on tmpfs) until the machine ran short. A file stays
+    usable by the processes that mapped it; unlinked, the memory is freed when they exit. DeepSpeed's set-up
+    returns on a rank only once it has mapped every rank's file, so after a barrier no rank needs the names.
+    """
+    if torch.cuda.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    dist.barrier()
+    shared_memory_file(dist.get_rank()).unlink(missing_ok=True)
 
 
 def build_deepspeed_moe_layer(hidden_size: int, expert: torch.nn.Module, *, num_experts: int, topk: int,
@@ -233,6 +255,7 @@ def build_deepspeed_moe_layer(hidden_size: int, expert: torch.nn.Module, *, num_
         layer = DeepSpeedMoE(hidden_size=hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size,
                              k=topk, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
         layer.set_deepspeed_parallelism()  # deepspeed.initialize would: create and attach the expert group
+    release_shared_memory_names()
     return layer
 
 

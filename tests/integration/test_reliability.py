@@ -56,6 +56,9 @@ def _losses(log_dir: Path) -> dict[int, float]:
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    port = cmd[cmd.index("--master_port") + 1]  # DeepSpeed's CPU all-reduce names its /dev/shm files by it
+    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    assert not left, f"the run left {left} in /dev/shm (RAM)"
     return proc
 
 
