@@ -37,6 +37,11 @@ def test_read_documents_formats(tmp_path):
         next(docs)
 
 
+def test_windows_line_ends_are_not_part_of_a_document(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes(b"first doc\r\nsecond doc\r\n")
+    assert list(read_documents(tmp_path / "crlf.txt")) == ["first doc", "second doc"]
+
+
 def test_encode_names_files_like_megatron(tiny_data, tmp_path):
     report = encode_corpus([tiny_data["corpus"]], tiny_data["tokenizer"], str(tmp_path / "c"))
     prefix, docs, tokens = report.prefix, report.documents, report.tokens
