@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import sys
@@ -37,6 +38,15 @@ def print_rank0(message: str) -> None:
 def warn_once(message: str) -> None:
     """A setting was ignored or a fallback taken: say it once per process."""
     get_logger().warning(message)
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MB blocks (checkpoints and tokenizers alike)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 GLIBC_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}

@@ -42,19 +42,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--input file '{path}' does not exist")
     start = time.perf_counter()
     model = args.tokenizer_model
-    if args.train_tokenizer:
-        try:
+    try:
+        if args.train_tokenizer:
             model = preprocess.train_tokenizer(args.input, args.output_prefix, args.vocab_size, args.tokenizer_type,
                                                args.json_keys, tuple(args.special_tokens), not args.no_byte_fallback)
-        except ValueError as err:
-            print(f"preprocess_data: {err}", file=sys.stderr)
-            return 2
-        print(f"tokenizer: {model} ({args.vocab_size} {args.tokenizer_type} pieces, "
-              f"{time.perf_counter() - start:.1f} s)")
-    try:
+            print(f"tokenizer: {model} ({args.vocab_size} {args.tokenizer_type} pieces, "
+                  f"{time.perf_counter() - start:.1f} s)")
         report = preprocess.encode_corpus(args.input, model, args.output_prefix, args.json_keys,
                                           workers=args.workers, progress=sys.stderr.isatty())
-    except ValueError as err:
+    except ValueError as err:  # an empty corpus, a line that is not JSON: one line, nothing half-written
         print(f"preprocess_data: {err}", file=sys.stderr)
         return 2
     print(f"dataset: {report.prefix}.bin/.idx  {report.documents:,} documents, {report.tokens:,} tokens in "

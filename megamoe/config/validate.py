@@ -159,10 +159,11 @@ def _check_parallel(par: ParallelConfig, train: TrainConfig, model: ModelConfig,
         warnings.warn("parallel.sequence_parallel=true is ignored with tensor_model_parallel_size=1",
                       stacklevel=2)
     dp = world_size // (tp * pp)
-    return _batch_layout(train, dp)
+    return batch_layout(train, dp)
 
 
-def _batch_layout(train: TrainConfig, dp: int) -> Layout:
+def batch_layout(train: TrainConfig, dp: int) -> Layout:
+    """Batch sizes for `dp` data-parallel ranks (ConfigError if the global batch does not divide)."""
     if train.micro_batch_size < 1:
         _fail(f"train.micro_batch_size={train.micro_batch_size} must be >= 1")
     per_step = train.micro_batch_size * dp

@@ -9,12 +9,13 @@ its size is the sum of the lengths times the dtype's width. megamoe's preprocess
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from megamoe.utils import file_sha256
 
 IDX_MAGIC = b"MMIDIDX\x00\x00"
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
@@ -22,14 +23,6 @@ DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.
 
 def sidecar_path(prefix: str) -> Path:
     return Path(prefix + ".meta.json")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_indexed_dataset(prefix: str, tokenizer_model: str, vocab_size: int) -> str | None:

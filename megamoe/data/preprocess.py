@@ -169,7 +169,8 @@ def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str, j
 
 def _write_sidecar(prefix: str, tokenizer_model: str, documents: int, tokens: int, stats: ReadStats) -> None:
     """`<prefix>.meta.json`: which tokenizer made the tokens (start-up refuses another, data/checks.py)."""
-    from megamoe.data.checks import file_sha256, sidecar_path
+    from megamoe.data.checks import sidecar_path
+    from megamoe.utils import file_sha256
 
     meta = {"tokenizer_model": str(tokenizer_model), "tokenizer_sha256": file_sha256(tokenizer_model),
             "vocab_size": spm.SentencePieceProcessor(model_file=tokenizer_model).vocab_size(),

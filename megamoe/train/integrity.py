@@ -16,7 +16,6 @@ reads use weights_only=True.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from megamoe.utils import file_sha256
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
@@ -92,15 +93,7 @@ def write_manifest(directory: Path) -> None:
 
 
 def _describe(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def verify(directory: Path, mode: str) -> None:
@@ -124,7 +117,7 @@ def _check_file(path: Path, entry: dict, mode: str) -> str | None:
         return f"{path} is missing"
     if (size := path.stat().st_size) != entry["bytes"]:
         return f"{path} has {size} bytes, the manifest {entry['bytes']} (truncated or rewritten)"
-    if mode == "hashes" and _sha256(path) != entry["sha256"]:
+    if mode == "hashes" and file_sha256(path) != entry["sha256"]:
         return f"{path} does not match its SHA-256 in the manifest (corrupted)"
     return None
 

@@ -40,7 +40,7 @@ from megamoe.config import (
     PEERMoEConfig,
     RunConfig,
 )
-from megamoe.config.validate import moe_layer_numbers, mpo_matrices
+from megamoe.config.validate import batch_layout, moe_layer_numbers, mpo_matrices
 from megamoe.moe.mpo import MPOShape, auto_shape
 from megamoe.parallel.layout import padded_vocab_size, stage_layer_numbers
 
@@ -97,17 +97,12 @@ def plan(cfg: RunConfig, world_size: int, vocab_size: int) -> list[StagePlan]:
 def stage_plan(cfg: RunConfig, layout: ClusterLayout, stage: int) -> StagePlan:
     dense, experts = stage_params(cfg, layout, stage)
     params, grads, optimizer = model_state_bytes(cfg, layout, dense, experts)
-    gas = grad_accum_steps(cfg, layout)
+    gas = batch_layout(cfg.train, layout.dp).grad_accum_steps
     alive = min(layout.pp - stage, gas)
     return StagePlan(stage=stage, dense_params=dense, expert_params=experts, params_bytes=params,
                      grads_bytes=grads, optimizer_bytes=optimizer,
                      activations_bytes=alive * stage_activation_bytes(cfg, layout, stage), micro_batches_alive=alive,
                      a2a_bytes_per_step=gas * stage_a2a_bytes(cfg, layout, stage))
-
-
-def grad_accum_steps(cfg: RunConfig, layout: ClusterLayout) -> int:
-    micro = cfg.train.micro_batch_size
-    return max(1, (cfg.train.global_batch_size or micro * layout.dp) // (micro * layout.dp))
 
 
 # ---- parameters ----
