@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -90,7 +93,8 @@ def tiny_config(data: dict[str, str], *overrides: str) -> config.RunConfig:
 
 def tiny_launch_overrides(data: dict[str, str], log_dir) -> list[str]:
     """Overrides of configs/tiny-dense.yaml for a launched tiny run (2 ranks, dropout on, DP=2 with 2 micro-batches
-    per step, ZeRO-2; metrics and checkpoints under `log_dir`)."""
+    per step, ZeRO-2; metrics and checkpoints under `log_dir`; a rank stalled for 2 minutes prints its stacks and
+    fails the run)."""
     return [
         "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
         "model.hidden_dropout=0.1", "model.attention_dropout=0.1", "model.make_vocab_size_divisible_by=64",
@@ -98,8 +102,30 @@ def tiny_launch_overrides(data: dict[str, str], log_dir) -> list[str]:
         "data.split=90,10,0", "data.num_workers=1", "train.micro_batch_size=2", "train.global_batch_size=8",
         "train.lr_warmup_iters=2", "train.log_interval=1", "train.eval_iters=2", "deepspeed.zero_stage=2",
         "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={log_dir}",
-        f"checkpoint.save={log_dir}/checkpoints",
+        f"checkpoint.save={log_dir}/checkpoints", "parallel.step_timeout_minutes=2",
     ]
+
+
+def launch_command(data: dict[str, str], log_dir, *overrides: str) -> list[str]:
+    """`deepspeed --num_gpus 2 launchers/pretrain.py` of the tiny model (tiny_launch_overrides, then `overrides`)."""
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+            str(ROOT / "launchers" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny-dense.yaml"),
+            *tiny_launch_overrides(data, log_dir), *overrides]
+
+
+def run_launch(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a launch to its end, failing the test (with the output's tail) unless it exits 0 within `timeout_s`.
+    It runs in its own process group, all of which a timeout kills: no rank outlives the test."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the launch ran past {timeout_s} s and was killed:\n{err[-4000:]}") from None
+    assert proc.returncode == 0, f"the launch exited {proc.returncode}:\n{err[-4000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def full_params(trainer) -> dict:

@@ -253,6 +253,11 @@ class ParallelConfig:
     """Shard norms and dropout along the sequence across the tensor-parallel group (needs TP > 1)."""
     distributed_timeout_minutes: float = 10.0
     """A collective that waits longer than this fails instead of hanging (a rank died)."""
+    step_timeout_minutes: float | None = 30.0
+    """A rank on which no training step (nor the set-up before the first, nor the exit after the last) finishes
+    within this time prints every thread's stack and exits 1, and the launcher ends the job: a stall anywhere (a
+    collective without a timeout, a data worker, the file system) does not hold the nodes until the time limit.
+    Allow for a step's validation and checkpoint save. None: no limit."""
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -155,6 +155,10 @@ def _check_parallel(par: ParallelConfig, train: TrainConfig, model: ModelConfig,
     if model.num_layers % pp:
         _fail(f"model.num_layers={model.num_layers} is not divisible by "
               f"parallel.pipeline_model_parallel_size={pp}")
+    if par.distributed_timeout_minutes <= 0:
+        _fail(f"parallel.distributed_timeout_minutes={par.distributed_timeout_minutes} must be > 0")
+    if par.step_timeout_minutes is not None and par.step_timeout_minutes <= 0:
+        _fail(f"parallel.step_timeout_minutes={par.step_timeout_minutes} must be > 0 (null: no limit)")
     if par.sequence_parallel and tp == 1:
         warnings.warn("parallel.sequence_parallel=true is ignored with tensor_model_parallel_size=1",
                       stacklevel=2)

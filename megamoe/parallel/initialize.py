@@ -64,7 +64,7 @@ def initialize(par: ParallelConfig, seed: int) -> ParallelGroups:
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         expert_model_parallel_size=par.expert_model_parallel_size,
         expert_tensor_parallel_size=1,
-        distributed_timeout_minutes=int(par.distributed_timeout_minutes),
+        distributed_timeout_minutes=par.distributed_timeout_minutes,  # annotated int; int() made 0.5 zero
     )
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -116,7 +116,7 @@ def seed_everything(seed: int) -> None:
 
 
 def destroy() -> None:
-    """Tear down megatron's groups and the world group (tests run several layouts in one process)."""
+    """Tear down megatron's groups and the world group (at the end of a run; every rank calls it)."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()

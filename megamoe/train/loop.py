@@ -17,7 +17,7 @@ from megamoe.data.tokenizer import load_tokenizer
 from megamoe.models.gpt import build_model
 from megamoe.moe.losses import set_aux_loss_scale
 from megamoe.parallel.groups import ParallelGroups
-from megamoe.parallel.initialize import initialize
+from megamoe.parallel.initialize import destroy, initialize
 from megamoe.train import checkpoint, pipeline
 from megamoe.train.checkpoint import Progress
 from megamoe.train.deepspeed import (
@@ -29,6 +29,7 @@ from megamoe.train.deepspeed import (
 )
 from megamoe.train.metrics import ExpertLoadLog, MetricsWriter, collect_moe_metrics, gather_over_pipeline, moe_layers
 from megamoe.train.preemption import Preempted, StopRequests, announce_requeue
+from megamoe.train.watchdog import StallWatchdog
 from megamoe.utils import get_logger
 
 
@@ -220,9 +221,10 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
 
 
 def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
-          stop: StopRequests | None = None) -> dict[int, float]:
+          stop: StopRequests | None = None, watchdog: StallWatchdog | None = None) -> dict[int, float]:
     """Steps from trainer.progress to train_iters: log, validate, checkpoint. Returns {step: valid ppl}.
-    Raises Preempted (after a checkpoint) when a rank got a stop signal (`stop`, see train/preemption.py)."""
+    Raises Preempted (after a checkpoint) when a rank got a stop signal (`stop`, see train/preemption.py);
+    tells `watchdog` (train/watchdog.py) after every step that the rank is not stalled."""
     cfg, layout = trainer.cfg, trainer.layout
     tokens_per_step = layout.global_batch_size * cfg.data.seq_length
     do_eval = trainer.datasets.valid is not None
@@ -260,6 +262,8 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
             if cfg.checkpoint.save:
                 announce_requeue()
             raise Preempted(step, signum, saved=bool(cfg.checkpoint.save))
+        if watchdog is not None:
+            watchdog.progress()
     return perplexity
 
 
@@ -290,23 +294,25 @@ class SkippedSteps:
 
 def run(cfg: RunConfig, layout: Layout) -> None:
     """Train `cfg` on the processes of this launch (the config is already validated for it)."""
-    trainer = build_trainer(cfg, layout)
-    metrics, expert_load = MetricsWriter(cfg), ExpertLoadLog(cfg.logging.log_dir)
-    try:
-        with StopRequests() as stop:
-            perplexity = train(trainer, metrics, expert_load, stop)
-    except Preempted as stopped:
-        get_logger().warning(f"{stopped}; exiting with {stopped.exit_code}"
-                             + (" for a requeue" if stopped.saved else ""))
-        raise
-    finally:
-        metrics.close()
-        expert_load.write_heatmap()
+    with StallWatchdog(cfg.parallel.step_timeout_minutes) as watchdog:  # the set-up counts as the first step
+        trainer = build_trainer(cfg, layout)
+        metrics, expert_load = MetricsWriter(cfg), ExpertLoadLog(cfg.logging.log_dir)
+        try:
+            with StopRequests() as stop:
+                perplexity = train(trainer, metrics, expert_load, stop, watchdog)
+        except Preempted as stopped:
+            get_logger().warning(f"{stopped}; exiting with {stopped.exit_code}"
+                                 + (" for a requeue" if stopped.saved else ""))
+            raise
+        finally:
+            metrics.close()
+            expert_load.write_heatmap()
     summary = f"done: {trainer.progress.iteration} steps"
     if perplexity:
         (first, ppl_first), (last, ppl_last) = min(perplexity.items()), max(perplexity.items())
         summary += f"; validation perplexity {ppl_first:.1f} at step {first} -> {ppl_last:.1f} at step {last}"
     get_logger().info(summary)
+    destroy()  # before exit, as torch asks: NCCL's teardown at interpreter shutdown can hang
 
 
 def evaluate_checkpoint(cfg: RunConfig, layout: Layout) -> dict[str, float]:

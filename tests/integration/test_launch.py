@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import SlurmCluster, install_debian_packages
-from tests.helpers import ROOT, tiny_launch_overrides
+from tests.helpers import ROOT, run_launch, tiny_launch_overrides
 
 JOB_TIMEOUT_S = 420
 
@@ -93,7 +93,6 @@ def test_mpirun_trains_with_ranks_from_mpi4py(tiny_data, tmp_path):
            "train.train_iters=4", "train.eval_interval=4"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_launch(cmd, JOB_TIMEOUT_S, env=env)
     assert "world 2 (gloo)" in proc.stderr + proc.stdout
     assert _steps(tmp_path) == [1, 2, 3, 4]

@@ -21,14 +21,13 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, free_port, spawn, tiny_config, tiny_launch_overrides
+from tests.helpers import ROOT, launch_command, run_launch, spawn, tiny_config
 
 STEPS = 14
 LAUNCH_TIMEOUT_S = 300
@@ -41,10 +40,7 @@ MODELS = {
 
 
 def _command(data: dict, log_dir: Path, *overrides: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            str(ROOT / "launchers" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny-dense.yaml"),
-            *tiny_launch_overrides(data, log_dir), f"train.train_iters={STEPS}", "train.eval_interval=7",
-            *overrides]
+    return launch_command(data, log_dir, f"train.train_iters={STEPS}", "train.eval_interval=7", *overrides)
 
 
 def _losses(log_dir: Path) -> dict[int, float]:
@@ -54,8 +50,7 @@ def _losses(log_dir: Path) -> dict[int, float]:
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_launch(cmd, LAUNCH_TIMEOUT_S)
     port = cmd[cmd.index("--master_port") + 1]  # DeepSpeed's CPU all-reduce names its /dev/shm files by it
     left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
     assert not left, f"the run left {left} in /dev/shm (RAM)"

@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, tiny_launch_overrides
+from tests.helpers import launch_command, run_launch
 
 LAUNCH_TIMEOUT_S = 300
 
 
 def launch(data: dict, log_dir: Path, *overrides: str) -> list[dict]:
     """Run the tiny model through the deepspeed launcher on 2 CPU ranks; return metrics.jsonl records."""
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launchers" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny-dense.yaml"),
-           *tiny_launch_overrides(data, log_dir), "train.train_iters=20", "train.eval_interval=10", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    run_launch(launch_command(data, log_dir, "train.train_iters=20", "train.eval_interval=10", *overrides),
+               LAUNCH_TIMEOUT_S)
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
 
 

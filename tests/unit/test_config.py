@@ -120,6 +120,8 @@ MISTAKES = [
     (["checkpoint.load=configs/tiny-dense.yaml"], 1, r"checkpoint.load='configs/tiny-dense.yaml' is a file"),
     (["train.max_skipped_steps=0"], 1, r"train.max_skipped_steps=0 must be >= 1"),
     (["checkpoint.verify=md5"], 1, r"'checkpoint.verify' must be one of 'hashes', 'sizes', 'none'"),
+    (["parallel.step_timeout_minutes=0"], 1, r"parallel.step_timeout_minutes=0.0 must be > 0 \(null: no limit\)"),
+    (["parallel.distributed_timeout_minutes=-1"], 1, r"parallel.distributed_timeout_minutes=-1.0 must be > 0"),
 ]
 
 

@@ -67,3 +67,43 @@ def test_lr_schedule_warmup_then_decay(style, tiny_data):
                 "constant": 1.0}[style]
     assert lrs[55] == pytest.approx(want_mid)
     assert lrs[100] == pytest.approx(1.0 if style == "constant" else 0.1)
+
+
+
+STALLED_RANK = """
+import sys, time
+from megamoe.train.watchdog import StallWatchdog
+
+def stuck_in_a_collective():
+    time.sleep(60)
+
+def stuck_in_teardown():
+    time.sleep(60)
+
+with StallWatchdog(minutes=2 / 60) as watchdog:
+    for _ in range(4):  # steps that finish in time keep it quiet
+        time.sleep(0.5)
+        watchdog.progress()
+    print("steps done", flush=True)
+    if sys.argv[1] == "step":
+        stuck_in_a_collective()
+stuck_in_teardown()
+"""
+
+
+@pytest.mark.parametrize("where", ["step", "teardown"])
+def test_a_stalled_rank_prints_where_it_is_stuck_and_exits(where):
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", STALLED_RANK, where], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1 and proc.stdout == "steps done\n", proc.stderr
+    stuck = "stuck_in_a_collective" if where == "step" else "stuck_in_teardown"
+    assert "Timeout (0:00:02)!" in proc.stderr and f"in {stuck}" in proc.stderr, proc.stderr
+    assert elapsed < 30, f"exited after {elapsed:.0f} s, not 2 s after the last step"
