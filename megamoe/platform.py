@@ -14,6 +14,7 @@ own norms, `megamoe.models.norms`).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -30,7 +31,9 @@ def _rng_tracker_on_cpu() -> None:
     seeds one per TP rank with `torch.cuda.manual_seed` and swaps it in with `_set_cuda_rng_state`.
 
     On CPU the tracker's states become CPU generator states: `add()` seeds a real stream (seed + 2718 +
-    tp_rank, as on GPU) and `fork()` really switches the CPU generator to it and back.
+    tp_rank, as on GPU) and `fork()` really switches the CPU generator to it and back. fork()'s warning that
+    the CPU generator changed inside it is then a given (dropout draws from it), not a bug: it is dropped,
+    as it would otherwise be most of a CPU run's log (one line per dropout per micro-batch).
     """
     import megatron.core.tensor_parallel.random as mp_random
     import torch.cuda.random as cuda_random
@@ -48,6 +51,8 @@ def _rng_tracker_on_cpu() -> None:
     torch.cuda.manual_seed = cuda_random.manual_seed = manual_seed
     mp_random._get_cuda_rng_state = get_state
     mp_random._set_cuda_rng_state = set_state
+    logging.getLogger(mp_random.__name__).addFilter(
+        lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context")
 
 
 class _NoStream:

@@ -6,6 +6,8 @@ patches are process-wide). Multi-rank setups run under the test's spawn helper i
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 
@@ -54,10 +56,25 @@ def rng_tracker() -> None:
     model_parallel_cuda_manual_seed(123)
     expected = torch.rand(4, generator=torch.Generator().manual_seed(123 + 2718))  # seed + 2718 + tp_rank
     outside_before = torch.get_rng_state()
-    with get_cuda_rng_tracker().fork():
+    with capture_logs("megatron.core.tensor_parallel.random") as logged, get_cuda_rng_tracker().fork():
         drawn = torch.rand(4)
     assert torch.equal(drawn, expected), "fork() did not switch to the model-parallel stream"
     assert torch.equal(torch.get_rng_state(), outside_before), "fork() did not restore the default stream"
+    assert not logged, f"fork() logged {logged} for the draws it exists for"
+
+
+@contextlib.contextmanager
+def capture_logs(name: str):
+    """The messages logger `name` lets through (its filters applied) while active."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def moe_layer(ep: int = 1) -> None:
