@@ -69,7 +69,6 @@ def test_lr_schedule_warmup_then_decay(style, tiny_data):
     assert lrs[100] == pytest.approx(1.0 if style == "constant" else 0.1)
 
 
-
 STALLED_RANK = """
 import sys, time
 from megamoe.train.watchdog import StallWatchdog
