@@ -324,7 +324,7 @@ class DataConfig:
     data_cache_path: str | None = None
     """Where sample indices are cached. None: a 'cache' folder next to the first dataset."""
     num_workers: int = 1
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank for training data (validation reads its few batches in the rank)."""
     eod_mask_loss: bool = False
     """Exclude end-of-document tokens from the loss."""
     mlm_probability: float = 0.15

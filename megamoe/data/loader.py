@@ -97,12 +97,13 @@ class MicroBatchSampler:
         return max(0, (self.num_samples - self.consumed) // (self.micro * self.dp_size))
 
 
-def build_loader(dataset: Dataset, consumed_samples: int, cfg: RunConfig,
-                 groups: ParallelGroups) -> DataLoader:
-    """Micro-batches of `dataset` for this data-parallel rank (TP peers read the same rows)."""
+def build_loader(dataset: Dataset, consumed_samples: int, cfg: RunConfig, groups: ParallelGroups,
+                 in_process: bool = False) -> DataLoader:
+    """Micro-batches of `dataset` for this data-parallel rank (TP peers read the same rows), read by
+    cfg.data.num_workers worker processes or, `in_process`, by the caller."""
     sampler = MicroBatchSampler(len(dataset), consumed_samples, cfg.train.micro_batch_size,
                                 groups.dp_rank, groups.dp_size)
-    workers = cfg.data.num_workers
+    workers = 0 if in_process else cfg.data.num_workers
     # Its own generator: a DataLoader iterator otherwise draws its worker seed from the global torch RNG,
     # and a resumed run (which restores that RNG before creating its loaders) would drift from the
     # uninterrupted one. The samples themselves are fixed by the sampler.

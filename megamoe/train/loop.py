@@ -193,8 +193,10 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
         layer.sync_buffers()  # e.g. PEER's BatchNorm statistics: the same model on every rank
     engine.eval()
     # The first eval_iters micro-batches: megatron's dataset may hold more than the samples asked for (an epoch).
-    batches = list(itertools.islice(build_loader(trainer.datasets.valid, 0, trainer.cfg, groups),
-                                    trainer.cfg.train.eval_iters))
+    # Read here, not by a worker forked for each evaluation: a few reads of a memory map, and every fork() of a
+    # rank with dozens of communication threads risks a child that deadlocks.
+    loader = build_loader(trainer.datasets.valid, 0, trainer.cfg, groups, in_process=True)
+    batches = list(itertools.islice(loader, trainer.cfg.train.eval_iters))
     sums = []
 
     def forward(index: int, x: torch.Tensor | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -286,3 +287,30 @@ def test_too_many_nonfinite_steps_in_a_row_abort(tiny_data, tmp_path):
     got = spawn(_nonfinite, 1, tiny_data, str(tmp_path / "ckpt"), [2, 3, 4, 5, 6], 3, 2)[0]
     assert got["error"] is not None and "3 optimizer steps in a row (to step 4)" in got["error"], got["error"]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _evaluate_with_data_workers(data: dict) -> dict:
+    from torch.utils.data import dataloader
+
+    from megamoe.data.loader import build_loader
+    from megamoe.train.loop import evaluate
+
+    trainer = _trainer(data, "data.num_workers=1", "train.eval_iters=2")
+    forks = []
+
+    def would_fork(self, loader):  # (this rank is a daemon process: it may not have children)
+        forks.append(loader.num_workers)
+        raise ChildProcessError
+
+    dataloader._MultiProcessingDataLoaderIter.__init__ = would_fork
+    loss = evaluate(trainer)["valid/loss"]
+    with contextlib.suppress(ChildProcessError):
+        next(iter(build_loader(trainer.datasets.train, 0, trainer.cfg, trainer.groups)))
+    return {"loss": loss, "forks": forks}
+
+
+def test_evaluation_forks_no_data_worker(tiny_data):
+    """Validation reads its few batches in the rank: a fork() per evaluation of a rank running dozens of
+    communication threads risks a worker that deadlocks (training data still has its workers)."""
+    got = spawn(_evaluate_with_data_workers, 1, tiny_data)[0]
+    assert math.isfinite(got["loss"]) and got["forks"] == [1], got

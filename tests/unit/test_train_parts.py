@@ -106,3 +106,46 @@ def test_a_stalled_rank_prints_where_it_is_stuck_and_exits(where):
     stuck = "stuck_in_a_collective" if where == "step" else "stuck_in_teardown"
     assert "Timeout (0:00:02)!" in proc.stderr and f"in {stuck}" in proc.stderr, proc.stderr
     assert elapsed < 30, f"exited after {elapsed:.0f} s, not 2 s after the last step"
+
+
+STUCK_DATA_WORKER = """
+import os, sys, time
+import torch
+from megamoe.train.watchdog import StallWatchdog
+
+class StuckDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        with open(sys.argv[1], "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(600)  # e.g. deadlocked after fork()
+
+with StallWatchdog(minutes=3 / 60):
+    next(iter(torch.utils.data.DataLoader(StuckDataset(), num_workers=1)))
+"""
+
+
+def test_a_stalled_rank_takes_its_stuck_data_worker_with_it(tmp_path):
+    """Else the orphaned worker keeps the rank's output pipes open: whoever waits on the launch waits on it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import ROOT
+
+    pid_file = tmp_path / "worker.pid"
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_DATA_WORKER, str(pid_file)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        raise AssertionError("the stalled process exited but its data worker lived on, holding its pipes") from None
+    assert proc.returncode == 1 and "Timeout (0:00:03)!" in err, err
+    stat = Path(f"/proc/{pid_file.read_text()}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z", "the data worker is still running"
