@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -215,31 +215,25 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout,
     ds_logger.setLevel(logging.WARNING)
     prepare_expert_parallelism(model, groups, cfg.moe.num_experts)
     optimizer = build_optimizer(optimizer_param_groups(model, groups, cfg.train), cfg.train)
+    no_cpu_shared_memory_all_reduce()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler_factory(cfg.train),
         mpu=MegatronMPU(), config=to_deepspeed_config(cfg, layout), dist_init_required=False)
-    release_shared_memory_names()
     return engine
 
 
-def shared_memory_file(rank: int) -> Path:
-    """The /dev/shm file DeepSpeed's CPU all-reduce (csrc/cpu/comm/shm.cpp) creates for `rank` of this run."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-
-
-def release_shared_memory_names() -> None:
-    """Unlink this rank's DeepSpeed all-reduce buffer from /dev/shm once every rank has mapped it. Collective.
-
-    When all ranks of a CPU run share one machine, DeepSpeed maps a ~69 MB /dev/shm file per rank and never
-    unlinks it: every run left its files behind (RAM, on tmpfs) until the machine ran short. A file stays
-    usable by the processes that mapped it; unlinked, the memory is freed when they exit. DeepSpeed's set-up
-    returns on a rank only once it has mapped every rank's file, so after a barrier no rank needs the names.
-    """
-    if torch.cuda.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+def no_cpu_shared_memory_all_reduce() -> None:
+    """DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce (csrc/cpu/comm/shm.cpp)
+    in every rank's set-up, for inference_all_reduce (AutoTP inference) alone, which megamoe never calls: it is
+    not built (on GPUs there is nothing to build). Building it took each launch ~1.5 s (a first build ~20 s, 60+
+    s on a busy machine), mapped an undeleted ~69 MB /dev/shm file per rank, and rebuilt whenever a run found a
+    different `ninja` on PATH (an activated venv or not); a rank killed during a build (the stall watchdog,
+    SIGKILL, scancel) left torch's build lock behind, on which every later launch waited forever."""
+    if torch.cuda.is_available():
         return
-    dist.barrier()
-    shared_memory_file(dist.get_rank()).unlink(missing_ok=True)
+    # By module name: `import deepspeed.comm.torch` binds deepspeed.comm's attribute `torch`, which is PyTorch.
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None  # TorchBackend's inference_all_reduce then uses torch.distributed
 
 
 def build_deepspeed_moe_layer(hidden_size: int, expert: torch.nn.Module, *, num_experts: int, topk: int,
@@ -250,12 +244,12 @@ def build_deepspeed_moe_layer(hidden_size: int, expert: torch.nn.Module, *, num_
     it. Deterministic: top-2's second expert is the second-highest logit (DeepSpeed samples it by default),
     and no random token selection.
     """
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints op builds and group creation to stdout
+    no_cpu_shared_memory_all_reduce()
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints group creation to stdout
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing torch group
         layer = DeepSpeedMoE(hidden_size=hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size,
                              k=topk, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
         layer.set_deepspeed_parallelism()  # deepspeed.initialize would: create and attach the expert group
-    release_shared_memory_names()
     return layer
 
 

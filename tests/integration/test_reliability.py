@@ -314,3 +314,15 @@ def test_evaluation_forks_no_data_worker(tiny_data):
     communication threads risks a worker that deadlocks (training data still has its workers)."""
     got = spawn(_evaluate_with_data_workers, 1, tiny_data)[0]
     assert math.isfinite(got["loss"]) and got["forks"] == [1], got
+
+
+def _set_up_with_extensions_dir(data: dict, extensions: str) -> list[str]:
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions
+    _trainer(data)
+    return sorted(p.name for p in Path(extensions).iterdir()) if Path(extensions).is_dir() else []
+
+
+def test_set_up_compiles_nothing(tiny_data, tmp_path):
+    """DeepSpeed's CPU shared-memory all-reduce (for inference only) is not JIT-built: a rank killed during
+    that build left torch's lock file behind, and every later launch waited on it forever."""
+    assert spawn(_set_up_with_extensions_dir, 1, tiny_data, str(tmp_path / "extensions"))[0] == []
