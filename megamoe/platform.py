@@ -1,4 +1,6 @@
-"""The only place megamoe patches third-party code: what megatron-core 0.16.1 needs to run on CPU + gloo.
+"""Where megamoe patches megatron-core: what megatron-core 0.16.1 needs to run on CPU + gloo. (The one other patch
+of third-party code, DeepSpeed's unused CPU shared-memory all-reduce switched off, is beside the engine set-up:
+`megamoe.train.deepspeed.no_cpu_shared_memory_all_reduce`.)
 
 megatron-core assumes a CUDA device in a few places. Each patch below is a named function that says what
 upstream assumes and where; `apply()` runs them once, and only when CUDA is unavailable (on a GPU machine
