@@ -133,6 +133,7 @@ def test_a_stalled_rank_takes_its_stuck_data_worker_with_it(tmp_path):
     import signal
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     from tests.helpers import ROOT
@@ -147,5 +148,17 @@ def test_a_stalled_rank_takes_its_stuck_data_worker_with_it(tmp_path):
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
         raise AssertionError("the stalled process exited but its data worker lived on, holding its pipes") from None
     assert proc.returncode == 1 and "Timeout (0:00:03)!" in err, err
+    # A killed process closes its files before it turns zombie: for a moment after the pipes close it still runs.
     stat = Path(f"/proc/{pid_file.read_text()}/stat")
-    assert not stat.exists() or stat.read_text().split()[2] == "Z", "the data worker is still running"
+    deadline = time.monotonic() + 10
+    while stat.exists() and _state(stat) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not stat.exists() or _state(stat) == "Z", "the data worker is still running"
+
+
+def _state(stat):
+    """A process's state letter from /proc/<pid>/stat; "Z" (zombie) if it ended while being read."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "Z"
