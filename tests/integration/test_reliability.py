@@ -300,6 +300,7 @@ def _evaluate_with_data_workers(data: dict) -> dict:
 
     def would_fork(self, loader):  # (this rank is a daemon process: it may not have children)
         forks.append(loader.num_workers)
+        self._shutdown = True  # nothing started: its __del__ has nothing to shut down
         raise ChildProcessError
 
     dataloader._MultiProcessingDataLoaderIter.__init__ = would_fork
