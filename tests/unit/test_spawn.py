@@ -8,7 +8,7 @@ import pytest
 from tests.helpers import spawn
 
 
-def _rank_view() -> tuple[str | None, str, bool]:
+def _rank_view() -> tuple[str | None, str, float]:
     import os
     import sys
 
