@@ -13,7 +13,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from megamoe import config  # noqa: E402
+from megamoe.data.checks import DataFileError  # noqa: E402
 from megamoe.train import startup  # noqa: E402
+from megamoe.train.integrity import CheckpointError  # noqa: E402
 from megamoe.utils import global_rank  # noqa: E402
 
 
@@ -26,21 +28,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config, args.overrides)
         layout = startup.check(cfg)
-    except config.ConfigError as err:
+    except (config.ConfigError, CheckpointError) as err:
         if global_rank() == 0:  # every rank finds the same mistake: say it once
-            print(f"megamoe: config error: {err}", file=sys.stderr)
+            kind = "config" if isinstance(err, config.ConfigError) else "checkpoint"
+            print(f"megamoe: {kind} error: {err}", file=sys.stderr)
         return 2
     from megamoe.train import loop  # heavy imports (megatron, deepspeed) only after the config is good
-    from megamoe.train.integrity import CheckpointError
     from megamoe.train.preemption import Preempted
 
     try:
         loop.run(cfg, layout)
     except Preempted as stopped:  # a scheduler's signal: with a checkpoint written, the job script requeues
         return stopped.exit_code
-    except (CheckpointError, loop.NonFiniteTraining) as err:
+    except (CheckpointError, DataFileError, loop.NonFiniteTraining) as err:
         print(f"megamoe: rank {global_rank()}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C during the set-up, or a second one while training
+        print(f"megamoe: rank {global_rank()}: interrupted; no checkpoint written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 _FORMAT = "[%(asctime)s] [megamoe] %(message)s"
 
@@ -38,6 +39,19 @@ def print_rank0(message: str) -> None:
 def warn_once(message: str) -> None:
     """A setting was ignored or a fallback taken: say it once per process."""
     get_logger().warning(message)
+
+
+def make_directory(path: str | Path) -> Path:
+    """`mkdir -p`, failing with an OSError that says why in words: mkdir reports a file in the way only as "File
+    exists" or "Not a directory"."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in [directory, *directory.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker is not None else err.strerror or str(err)
+        raise OSError(err.errno, f"{directory} cannot be created ({why})") from None
+    return directory
 
 
 def file_sha256(path) -> str:

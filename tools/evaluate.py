@@ -16,7 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from megamoe import config  # noqa: E402
+from megamoe.data.checks import DataFileError  # noqa: E402
 from megamoe.train import startup  # noqa: E402
+from megamoe.train.integrity import CheckpointError  # noqa: E402
 from megamoe.utils import global_rank  # noqa: E402
 
 
@@ -27,18 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     try:
-        cfg = config.load(args.config, [*args.overrides, "logging.wandb=false", "logging.tensorboard=false"])
+        # Evaluation writes nothing: no checkpoints (the training config's directory is not this run's to check).
+        cfg = config.load(args.config, [*args.overrides, "logging.wandb=false", "logging.tensorboard=false",
+                                        "checkpoint.save=null"])
+        if cfg.checkpoint.load is None:
+            raise config.ConfigError("checkpoint.load is not set; pass checkpoint.load=<a run's checkpoint directory>")
         layout = startup.check(cfg)
-    except config.ConfigError as err:
+    except (config.ConfigError, CheckpointError) as err:
         if global_rank() == 0:
-            print(f"megamoe: config error: {err}", file=sys.stderr)
+            print(f"megamoe: evaluate: {err}", file=sys.stderr)
         return 2
-    from megamoe.train.integrity import CheckpointError
     from megamoe.train.loop import evaluate_checkpoint
 
     try:
         metrics = evaluate_checkpoint(cfg, layout)
-    except (CheckpointError, ValueError) as err:
+    except (CheckpointError, DataFileError, ValueError) as err:
         if global_rank() == 0:
             print(f"megamoe: evaluate: {err}", file=sys.stderr)
         return 2

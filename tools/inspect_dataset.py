@@ -25,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.prefix + ".bin", args.prefix + ".idx", args.tokenizer_model):
         if path is not None and not Path(path).is_file():
             parser.error(f"'{path}' does not exist")
+    from megamoe.data.checks import read_index
     from megamoe.data.preprocess import describe_dataset
 
     try:
+        read_index(args.prefix)  # a damaged index or .bin: say which, not numpy's "buffer is smaller than requested"
         info = describe_dataset(args.prefix, args.tokenizer_model, args.sample, args.sample_tokens)
     except ValueError as err:
         parser.error(str(err))

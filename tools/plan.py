@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                         "config's data.tokenizer_model)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            parser.error(f"{flag} {value} must be >= 1")
     from megamoe.data.tokenizer import spm_vocab_size
     from megamoe.train import plan
 
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             raise config.ConfigError(f"the tokenizer {cfg.data.tokenizer_model} is missing: pass --vocab-size")
         config.validate(cfg, config.Environment(world_size=world, cuda_available=True, tokenizer_vocab_size=vocab,
                                                 check_files=False))
-    except config.ConfigError as err:
+    except (config.ConfigError, ValueError) as err:  # ValueError: a tokenizer file that is not a model
         print(f"megamoe: plan: {err}", file=sys.stderr)
         return 2
     print(plan.format_plan(plan.plan(cfg, world, vocab), cfg, world))

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from megamoe.data import preprocess  # noqa: E402
+
+MIN_VOCAB = 8  # pad, unk, bos, eos, <mask> and a few pieces (sentencepiece refuses fewer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,27 +38,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers {args.workers} must be >= 1")
-    for path in args.input:
+    for path in [*args.input, *([args.tokenizer_model] if args.tokenizer_model else [])]:
         if not Path(path).is_file():
-            parser.error(f"--input file '{path}' does not exist")
-    start = time.perf_counter()
-    model = args.tokenizer_model
+            parser.error(f"'{path}' {'is a directory' if Path(path).is_dir() else 'does not exist'}; give a file")
+    if args.train_tokenizer and args.vocab_size < MIN_VOCAB:
+        parser.error(f"--vocab-size {args.vocab_size} must be at least {MIN_VOCAB} (the special pieces and bytes)")
     try:
-        if args.train_tokenizer:
-            model = preprocess.train_tokenizer(args.input, args.output_prefix, args.vocab_size, args.tokenizer_type,
-                                               args.json_keys, tuple(args.special_tokens), not args.no_byte_fallback)
-            print(f"tokenizer: {model} ({args.vocab_size} {args.tokenizer_type} pieces, "
-                  f"{time.perf_counter() - start:.1f} s)")
-        report = preprocess.encode_corpus(args.input, model, args.output_prefix, args.json_keys,
-                                          workers=args.workers, progress=sys.stderr.isatty())
-    except ValueError as err:  # an empty corpus, a line that is not JSON: one line, nothing half-written
-        print(f"preprocess_data: {err}", file=sys.stderr)
+        model, report = run(args)
+    except (ValueError, OSError) as err:  # an empty corpus, a line that is not JSON, a file system refusing
+        if isinstance(err, OSError) and err.strerror:  # not "[Errno 28] ..."
+            err = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+        print(f"preprocess_data: {err}; nothing was written", file=sys.stderr)
         return 2
+    if args.train_tokenizer:
+        print(f"tokenizer: {model} ({args.vocab_size} {args.tokenizer_type} pieces)")
     print(f"dataset: {report.prefix}.bin/.idx  {report.documents:,} documents, {report.tokens:,} tokens in "
           f"{report.seconds:.1f} s = {report.tokens_per_s:,.0f} tokens/s with {args.workers} worker(s)")
     if report.skipped_lines:
         print(f"skipped {report.skipped_lines:,} input line(s) that are not UTF-8", file=sys.stderr)
     return 0
+
+
+def run(args: argparse.Namespace) -> tuple[str, preprocess.EncodeReport]:
+    """The tokenizer (trained if asked) and the dataset, published together only when both are complete."""
+    with preprocess.Staging() as staging:
+        model = args.tokenizer_model
+        if args.train_tokenizer:
+            model = preprocess.train_tokenizer(args.input, args.output_prefix, args.vocab_size, args.tokenizer_type,
+                                               args.json_keys, tuple(args.special_tokens), not args.no_byte_fallback,
+                                               staging=staging)
+        final_model = args.output_prefix + ".model" if args.train_tokenizer else model
+        report = preprocess.encode_corpus(args.input, model, args.output_prefix, args.json_keys, workers=args.workers,
+                                          progress=sys.stderr.isatty(), staging=staging, tokenizer_name=final_model)
+    return final_model, report
 
 
 if __name__ == "__main__":

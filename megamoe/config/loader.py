@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -46,10 +47,15 @@ def dump(cfg: RunConfig) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file, e.g. configs/<name>.yaml")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass --config configs/<name>.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); pass a YAML file, e.g. "
+                          "configs/<name>.yaml") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -155,13 +161,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise _type_error(key, value, tp)
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:  # a str: YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)
         except ValueError:
-            pass
+            raise _type_error(key, value, tp) from None
+        if not math.isfinite(number):  # NaN passes every `x < 0` check and then poisons training
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is int and isinstance(value, bool):
         raise _type_error(key, value, tp)
     if isinstance(value, tp):

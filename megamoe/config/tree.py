@@ -252,7 +252,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard norms and dropout along the sequence across the tensor-parallel group (needs TP > 1)."""
     distributed_timeout_minutes: float = 10.0
-    """A collective that waits longer than this fails instead of hanging (a rank died)."""
+    """A collective that waits longer than this fails instead of hanging (a rank died). At least 1."""
     step_timeout_minutes: float | None = 30.0
     """A rank on which no training step (nor the set-up before the first, nor the exit after the last) finishes
     within this time prints every thread's stack and exits 1, and the launcher ends the job: a stall anywhere (a
@@ -296,7 +296,7 @@ class TrainConfig:
     fp16: bool = False
     """float16 training with dynamic loss scaling (CUDA only)."""
     seed: int = 1234
-    """Seed of every random number generator (weights, data order, dropout)."""
+    """Seed of every random number generator (weights, data order, dropout); in [0, 2**32)."""
     eval_interval: int = 100
     """Run validation every this many steps (and at step 0 and at the end)."""
     eval_iters: int = 10
@@ -348,9 +348,12 @@ class CheckpointConfig:
     """DeepSpeed checkpoints plus megamoe's own state (data position, RNG, resolved config)."""
 
     save: str | None = None
-    """Directory to save checkpoints to. None: no checkpoints."""
+    """Directory to save checkpoints to. None: no checkpoints. One that holds another run's checkpoints is refused
+    (resume that run with checkpoint.load set to it); while a run lives, its rank 0 locks the directory."""
     load: str | None = None
-    """Directory to resume from (its 'latest' tag). A directory without a checkpoint starts a new run."""
+    """Directory to resume from (its 'latest' tag). One that holds no checkpoint is an error, except when it is
+    checkpoint.save as well (the first start of a job that resumes where it saves). A resumed run keeps the
+    checkpoint's step count and takes this config's learning-rate schedule and Adam settings."""
     save_interval: int = 1000
     """Save every this many steps (and at the end of training)."""
     finetune: bool = False

@@ -26,6 +26,8 @@ from megamoe.config.tree import (
     TrainConfig,
 )
 
+MIN_DISTRIBUTED_TIMEOUT_MINUTES = 1.0
+
 # Keys of the generated DeepSpeed config: set through the megamoe key instead.
 GENERATED_DEEPSPEED_KEYS = {
     "train_batch_size": "train.global_batch_size",
@@ -65,8 +67,9 @@ class Layout:
 
 def validate(cfg: RunConfig, env: Environment) -> Layout:
     """Raise ConfigError on the first inconsistency; return the derived sizes."""
+    _check_paths(cfg)
     _check_model(cfg.model, cfg.data, cfg.parallel)
-    layout = _check_parallel(cfg.parallel, cfg.train, cfg.model, env.world_size)
+    layout = _check_parallel(cfg.parallel, cfg.train, cfg.model, env.world_size, cfg.data.seq_length)
     _check_train(cfg.train, env.cuda_available)
     _check_data(cfg.data, cfg.model, cfg.train.eval_iters, env.tokenizer_vocab_size, env.check_files)
     _check_objective(cfg, env)
@@ -75,6 +78,19 @@ def validate(cfg: RunConfig, env: Environment) -> Layout:
     _check_pipeline(cfg)
     _check_checkpoint(cfg, env.check_files)
     return layout
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    """An empty path means the current directory to the file system: never what was meant."""
+    paths = {"checkpoint.save": cfg.checkpoint.save, "checkpoint.load": cfg.checkpoint.load,
+             "logging.log_dir": cfg.logging.log_dir, "data.tokenizer_model": cfg.data.tokenizer_model,
+             "data.data_cache_path": cfg.data.data_cache_path}
+    for key, value in paths.items():
+        if value is not None and not value.strip():
+            _fail(f"{key}={value!r} is empty; give a path" + ("" if key in REQUIRED_PATHS else " (or null)"))
+
+
+REQUIRED_PATHS = ("logging.log_dir", "data.tokenizer_model")
 
 
 def _check_checkpoint(cfg: RunConfig, check_files: bool) -> None:
@@ -113,10 +129,20 @@ def _fail(message: str) -> None:
     raise ConfigError(message)
 
 
+# Optional sizes of the model: None means "derived" (the docstring says from what); 0 is not a way to say it.
+OPTIONAL_MODEL_SIZES = ("ffn_hidden_size", "num_query_groups", "kv_channels", "max_position_embeddings", "vocab_size")
+
+
 def _check_model(model: ModelConfig, data: DataConfig, par: ParallelConfig) -> None:
-    for key in ("num_layers", "hidden_size", "num_attention_heads"):
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "make_vocab_size_divisible_by"):
         if getattr(model, key) <= 0:
             _fail(f"model.{key}={getattr(model, key)} must be positive")
+    for key in OPTIONAL_MODEL_SIZES:
+        if (value := getattr(model, key)) is not None and value < 1:
+            _fail(f"model.{key}={value} must be >= 1, or null for the default")
+    for key in ("init_method_std", "norm_epsilon", "rotary_base"):
+        if getattr(model, key) <= 0:
+            _fail(f"model.{key}={getattr(model, key)} must be > 0")
     heads, groups = model.num_attention_heads, model.num_query_groups or model.num_attention_heads
     if model.kv_channels is None and model.hidden_size % heads:
         _fail(f"model.hidden_size={model.hidden_size} is not divisible by model.num_attention_heads={heads}; "
@@ -137,8 +163,8 @@ def _check_model(model: ModelConfig, data: DataConfig, par: ParallelConfig) -> N
             _fail(f"model.{key}={getattr(model, key)} must be in [0, 1)")
 
 
-def _check_parallel(par: ParallelConfig, train: TrainConfig, model: ModelConfig,
-                    world_size: int) -> Layout:
+def _check_parallel(par: ParallelConfig, train: TrainConfig, model: ModelConfig, world_size: int,
+                    seq_length: int) -> Layout:
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
         _fail(f"parallel sizes must be >= 1, got tensor_model_parallel_size={tp}, "
@@ -157,11 +183,18 @@ def _check_parallel(par: ParallelConfig, train: TrainConfig, model: ModelConfig,
               f"parallel.pipeline_model_parallel_size={pp}")
     if par.distributed_timeout_minutes <= 0:
         _fail(f"parallel.distributed_timeout_minutes={par.distributed_timeout_minutes} must be > 0")
+    if par.distributed_timeout_minutes < MIN_DISTRIBUTED_TIMEOUT_MINUTES:
+        _fail(f"parallel.distributed_timeout_minutes={par.distributed_timeout_minutes} is too short for the ranks "
+              f"to start and meet (and for a checkpoint save's barrier); use at least "
+              f"{MIN_DISTRIBUTED_TIMEOUT_MINUTES:g} (megatron's default is 10)")
     if par.step_timeout_minutes is not None and par.step_timeout_minutes <= 0:
         _fail(f"parallel.step_timeout_minutes={par.step_timeout_minutes} must be > 0 (null: no limit)")
     if par.sequence_parallel and tp == 1:
         warnings.warn("parallel.sequence_parallel=true is ignored with tensor_model_parallel_size=1",
                       stacklevel=2)
+    if par.sequence_parallel and tp > 1 and seq_length % tp:
+        _fail(f"data.seq_length={seq_length} is not divisible by parallel.tensor_model_parallel_size={tp}: sequence "
+              f"parallelism gives each tensor-parallel rank seq_length / {tp} positions; use a multiple of {tp}")
     dp = world_size // (tp * pp)
     return batch_layout(train, dp)
 
@@ -200,6 +233,13 @@ def _check_train(train: TrainConfig, cuda_available: bool) -> None:
             _fail(f"train.{key}={getattr(train, key)} must be >= 1")
     if train.eval_iters < 0:
         _fail(f"train.eval_iters={train.eval_iters} must be >= 0 (0 disables validation)")
+    if not 0 <= train.seed < 2**32:
+        _fail(f"train.seed={train.seed} must be in [0, 2**32) (numpy's seed range)")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(train, key) < 1.0:
+            _fail(f"train.{key}={getattr(train, key)} must be in [0, 1)")
+    if train.adam_eps <= 0 or train.weight_decay < 0:
+        _fail(f"train.adam_eps={train.adam_eps} must be > 0 and train.weight_decay={train.weight_decay} >= 0")
 
 
 def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
@@ -213,8 +253,8 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     except ValueError:
         _fail(f"data.data_path={data_path}: every other entry must be a weight, as in "
               "[0.7, data/a_text_document, 0.3, data/b_text_document]")
-    if any(w <= 0 for w in weights):
-        _fail(f"data.data_path weights {weights} must be positive")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        _fail(f"data.data_path weights {weights} must be positive numbers")
     return list(data_path[1::2]), weights
 
 
@@ -247,7 +287,8 @@ def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer
     if not check_files:
         return
     if not Path(data.tokenizer_model).is_file() or tokenizer_vocab_size is None:
-        _fail(f"data.tokenizer_model: '{data.tokenizer_model}' does not exist; point it at the .model file "
+        what = "is a directory" if Path(data.tokenizer_model).is_dir() else "does not exist"
+        _fail(f"data.tokenizer_model: '{data.tokenizer_model}' {what}; point it at the .model file "
               "written by tools/preprocess_data.py")
     if model.vocab_size is not None and model.vocab_size != tokenizer_vocab_size:
         _fail(f"model.vocab_size={model.vocab_size} disagrees with the tokenizer "
@@ -337,6 +378,9 @@ def _check_topk(moe: TopKMoEConfig) -> None:
               f"moe.num_experts={moe.num_experts}")
     if not 0 <= moe.input_jitter_eps < 1:
         _fail(f"moe.input_jitter_eps={moe.input_jitter_eps} must be in [0, 1)")
+    if moe.router_bias_update_rate < 0:
+        _fail(f"moe.router_bias_update_rate={moe.router_bias_update_rate} must be >= 0 (a negative rate pushes tokens "
+              "toward the experts that already have the most)")
     if moe.router_gate == "unit_st" and (moe.router_topk != 1 or not moe.router_pre_softmax):
         _fail(f"moe.router_gate=unit_st is a top-1 gate on the full softmax's probability: it needs "
               f"moe.router_topk=1 and moe.router_pre_softmax=true (got {moe.router_topk}, {moe.router_pre_softmax}); "

@@ -8,6 +8,8 @@ sees with a doubled micro-batch.
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from megamoe.config import Layout, RunConfig, parse_data_path
+from megamoe.data.checks import DataFileError, IndexedDataset, dataset_fingerprint, read_index, require_bin_intact
 from megamoe.data.tokenizer import spm_mask_id
 from megamoe.parallel.groups import ParallelGroups
 
@@ -24,6 +27,8 @@ from megamoe.parallel.groups import ParallelGroups
 class Datasets:
     train: Dataset
     valid: Dataset | None
+    files: tuple[IndexedDataset, ...] = ()
+    """The indexed datasets read (their .bin files are checked while training reads them: IntactBatches)."""
 
 
 class MaskedLMDataset(Dataset):
@@ -60,7 +65,9 @@ def build_datasets(cfg: RunConfig, layout: Layout, tokenizer) -> Datasets:
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     prefixes, weights = parse_data_path(cfg.data.data_path)
-    cache = cfg.data.data_cache_path or str(Path(prefixes[0]).parent / "cache")
+    # megatron keys its cache by the prefix, not the files: a fingerprint of them keeps a replaced dataset from
+    # reading the sample index of the one it replaced.
+    cache = str(Path(cache_dir(cfg)) / dataset_fingerprint(prefixes))
     dataset_cfg = GPTDatasetConfig(
         random_seed=cfg.train.seed, sequence_length=cfg.data.seq_length, blend=(prefixes, weights),
         split=cfg.data.split, path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=False,
@@ -76,7 +83,43 @@ def build_datasets(cfg: RunConfig, layout: Layout, tokenizer) -> Datasets:
         train, valid = (None if d is None else MaskedLMDataset(d, mask_id, tokenizer.vocab_size,
                                                                cfg.data.mlm_probability, cfg.train.seed + i)
                         for i, d in enumerate((train, valid)))
-    return Datasets(train=train, valid=valid)
+    return Datasets(train=train, valid=valid, files=tuple(read_index(prefix) for prefix in prefixes))
+
+
+def cache_dir(cfg: RunConfig) -> str:
+    """Where megatron's sample indices are cached: data.data_cache_path, or 'cache' beside the first dataset."""
+    return cfg.data.data_cache_path or str(Path(parse_data_path(cfg.data.data_path)[0][0]).parent / "cache")
+
+
+class IntactBatches:
+    """A loader's micro-batches, its datasets' .bin files checked (by size, at most once a second) as they are read:
+    a file truncated or replaced under a running job ends it naming the file (DataFileError), where reading it
+    would give a bus error in a data worker (or in the rank) or garbage tokens."""
+
+    def __init__(self, loader: DataLoader, files: tuple[IndexedDataset, ...], interval_s: float = 1.0) -> None:
+        self.loader, self.files, self.interval_s = loader, files, interval_s
+
+    def __iter__(self) -> Iterator[dict]:
+        batches, checked = iter(self.loader), 0.0
+        while True:
+            if time.monotonic() - checked >= self.interval_s:
+                self._check()
+                checked = time.monotonic()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception:  # a worker killed by SIGBUS: name the file if that is why
+                self._check()
+                raise
+            yield batch
+
+    def _check(self) -> None:
+        for dataset in self.files:
+            try:
+                require_bin_intact(dataset)
+            except DataFileError as err:
+                raise DataFileError(f"while training: {err}") from None
 
 
 class MicroBatchSampler:
@@ -109,4 +152,12 @@ def build_loader(dataset: Dataset, consumed_samples: int, cfg: RunConfig, groups
     # uninterrupted one. The samples themselves are fixed by the sampler.
     generator = torch.Generator().manual_seed(cfg.train.seed)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=2 if workers else None, generator=generator)
+                      prefetch_factor=2 if workers else None, generator=generator,
+                      worker_init_fn=_ignore_stop_signals if workers else None)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A data worker leaves Ctrl-C and SIGTERM to its rank, which stops at the next step boundary with a checkpoint
+    (train/preemption.py) and needs the worker until then; the worker dies with the rank (train/watchdog.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -11,8 +11,10 @@ import gzip
 import json
 import multiprocessing
 import os
+import re
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from megamoe.data.tokenizer import MASK_PIECE
+from megamoe.data.tokenizer import MASK_PIECE, spm_vocab_size, tokenizer_identity
+from megamoe.utils import make_directory
 
 # Fixed special ids: pad 0, unk 1, bos 2, eos 3 (the end-of-document token).
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
@@ -29,17 +32,34 @@ SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 
 @dataclass
 class ReadStats:
-    """What reading skipped: lines that are not valid UTF-8 (reported, never silently mangled)."""
+    """What reading kept and skipped: lines that are not text (not UTF-8, or holding NUL bytes) are reported,
+    never silently mangled, and a file made mostly of them is refused (require_text)."""
 
+    documents: int = 0
     skipped_lines: int = 0
     first_skipped: str = ""
     """path:line of the first one."""
 
+    def require_text(self, inputs: list[str]) -> None:
+        """ValueError when at least as many lines were skipped as kept: a binary file, not a corpus."""
+        if self.skipped_lines and self.skipped_lines >= self.documents:
+            raise ValueError(f"{self.skipped_lines} lines of {', '.join(map(str, inputs))} are not text (not UTF-8 or "
+                             f"holding NUL bytes, the first at {self.first_skipped}) against {self.documents} that "
+                             "are: this is not a text corpus (a binary file?)")
+
 
 def read_documents(path: str | Path, json_key: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
     """Documents of a .jsonl, .jsonl.gz or .txt (one document per line) file; blank lines skipped, lines that
-    are not UTF-8 skipped and counted in `stats`; a line that is not JSON (in .jsonl) is an error."""
+    are not text skipped and counted in `stats`; a line that is not JSON (in .jsonl) is an error."""
     path = Path(path)
+    try:
+        yield from _documents(path, json_key, stats if stats is not None else ReadStats())
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path} cannot be read to the end ({type(err).__name__}: {err}): a damaged or "
+                         "truncated file") from None
+
+
+def _documents(path: Path, json_key: str, stats: ReadStats) -> Iterator[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     is_json = ".jsonl" in path.name or ".json" in path.name
     with opener(path, "rb") as lines:
@@ -47,49 +67,103 @@ def read_documents(path: str | Path, json_key: str = "text", stats: ReadStats | 
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                if stats is not None:
-                    stats.skipped_lines += 1
-                    stats.first_skipped = stats.first_skipped or f"{path}:{lineno}"
+                line = "\0"
+            if "\0" in line:
+                stats.skipped_lines += 1
+                stats.first_skipped = stats.first_skipped or f"{path}:{lineno}"
                 continue
             if not line.strip():
                 continue
-            if not is_json:
-                yield line.rstrip("\r\n")  # bytes are read raw: Windows line ends too
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno} is not JSON ({err.msg}); one JSON object per line, or use a "
-                                 ".txt file for plain text") from None
-            if not isinstance(record, dict) or json_key not in record:
-                raise ValueError(f"{path}:{lineno} has no '{json_key}' field; pass --json-keys <field>")
-            yield record[json_key]
+            text = _document(line, path, lineno, json_key) if is_json else line.rstrip("\r\n")  # Windows ends too
+            stats.documents += 1
+            yield text
+
+
+def _document(line: str, path: Path, lineno: int, json_key: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{lineno} is not JSON ({err.msg}); one JSON object per line, or use a .txt file "
+                         "for plain text") from None
+    if not isinstance(record, dict) or json_key not in record:
+        raise ValueError(f"{path}:{lineno} has no '{json_key}' field; pass --json-keys <field>")
+    if not isinstance(record[json_key], str):
+        raise ValueError(f"{path}:{lineno}: '{json_key}' is {type(record[json_key]).__name__}, not text")
+    return record[json_key]
+
+
+class Staging:
+    """Outputs written under hidden temporary names beside their final ones and renamed into place (each rename
+    atomic) when the `with` block succeeds, or deleted when it fails: a failed or interrupted run leaves the files
+    that were there before (an existing dataset, its tokenizer) as they were."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Path, Path]] = []
+
+    def path(self, final: str | Path) -> str:
+        """The temporary name to write `final` under."""
+        final = Path(final)
+        make_directory(final.parent)
+        temporary = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
+        self.pairs.append((temporary, final))
+        return str(temporary)
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            for temporary, final in self.pairs:
+                os.replace(temporary, final)
+        else:
+            for temporary, _ in self.pairs:
+                temporary.unlink(missing_ok=True)
 
 
 def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, model_type: str = "bpe",
-                    json_key: str = "text", special_tokens: tuple[str, ...] = (), byte_fallback: bool = True) -> str:
-    """Train a sentencepiece model on the documents of `inputs`; returns the .model path.
+                    json_key: str = "text", special_tokens: tuple[str, ...] = (), byte_fallback: bool = True,
+                    staging: Staging | None = None) -> str:
+    """Train a sentencepiece model on the documents of `inputs`; returns the .model path to use now: the final one,
+    or under `staging` (published with the rest of its block) the temporary one.
 
     Ids 0-3 are pad, unk, bos, eos (EOD); `<mask>` and `special_tokens` are single pieces never split. Lines
-    that are not UTF-8 are left out here; encode_corpus counts and reports them."""
-    Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
-    documents = 0
+    that are not text are left out here; encode_corpus counts and reports them."""
+    if staging is None:
+        with Staging() as own:
+            train_tokenizer(inputs, model_prefix, vocab_size, model_type, json_key, special_tokens, byte_fallback, own)
+        return model_prefix + ".model"
+    stats = ReadStats()
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as corpus:
         for path in inputs:
-            for doc in read_documents(path, json_key):
+            for doc in read_documents(path, json_key, stats):
                 corpus.write(doc.replace("\n", " ") + "\n")
-                documents += 1
-    if documents == 0:
-        os.unlink(corpus.name)
-        raise ValueError(f"no documents to train the tokenizer on in {inputs} (empty, blank or undecodable)")
     try:
-        spm.SentencePieceTrainer.train(input=corpus.name, model_prefix=model_prefix, vocab_size=vocab_size,
+        stats.require_text(inputs)
+        if stats.documents == 0:
+            raise ValueError(f"no documents to train the tokenizer on in {inputs} (empty or blank)")
+        model = staging.path(model_prefix + ".model")
+        staging.path(model_prefix + ".vocab")  # sentencepiece writes it beside the model, under the same stem
+        _train_sentencepiece(corpus.name, model.removesuffix(".model"), vocab_size, model_type, byte_fallback,
+                             special_tokens)
+    finally:
+        os.unlink(corpus.name)
+    return model
+
+
+def _train_sentencepiece(corpus: str, model_prefix: str, vocab_size: int, model_type: str, byte_fallback: bool,
+                         special_tokens: tuple[str, ...]) -> None:
+    try:
+        spm.SentencePieceTrainer.train(input=corpus, model_prefix=model_prefix, vocab_size=vocab_size,
                                        model_type=model_type, character_coverage=1.0, byte_fallback=byte_fallback,
                                        user_defined_symbols=[MASK_PIECE, *special_tokens], minloglevel=2,
                                        **SPECIAL_IDS)
-    finally:
-        os.unlink(corpus.name)
-    return model_prefix + ".model"
+    except RuntimeError as err:  # sentencepiece reports a bad size as "Internal: ... <= N."
+        if limit := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(err)):
+            raise ValueError(f"--vocab-size {vocab_size} is too large for this corpus: sentencepiece can make at "
+                             f"most {limit[1]} pieces of it; use --vocab-size {limit[1]} or less, or more "
+                             "text") from None
+        raise ValueError(f"sentencepiece could not train a {vocab_size}-piece {model_type} tokenizer: "
+                         f"{str(err).splitlines()[0]}") from None
 
 
 @dataclass
@@ -134,49 +208,66 @@ def _batches(inputs: list[str], json_key: str, size: int, stats: ReadStats) -> I
 
 
 def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str, json_key: str = "text",
-                  workers: int = 1, batch_documents: int = 256, progress: bool = False) -> EncodeReport:
+                  workers: int = 1, batch_documents: int = 256, progress: bool = False,
+                  staging: Staging | None = None, tokenizer_name: str | None = None) -> EncodeReport:
     """Tokenize every document (EOD appended) into `<output_prefix>_<json_key>_document`, in input order.
 
     `workers` processes tokenize batches of `batch_documents` documents while this one writes them (Megatron's
-    IndexedDatasetBuilder); `progress` shows a bar (documents done, tokens/s) on stderr.
+    IndexedDatasetBuilder); `progress` shows a bar (documents done, tokens/s) on stderr. The files appear only
+    when complete (Staging; under the caller's `staging`, with the rest of its block); `tokenizer_name` is the
+    path recorded for the tokenizer (default: `tokenizer_model`).
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+    prefix = f"{output_prefix}_{json_key}_document"
+    if staging is None:
+        with Staging() as own:
+            return encode_corpus(inputs, tokenizer_model, output_prefix, json_key, workers, batch_documents, progress,
+                                 own, tokenizer_name)
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megamoe.data.checks import bin_stamp, sidecar_path
 
     start = time.perf_counter()
-    prefix = f"{output_prefix}_{json_key}_document"
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if spm.SentencePieceProcessor(model_file=tokenizer_model).vocab_size() < 65_536 else np.int32
-    builder = IndexedDatasetBuilder(get_bin_path(prefix), dtype=dtype)
-    stats = ReadStats()
-    batches = _batches(inputs, json_key, batch_documents, stats)
-    num_docs = num_tokens = 0
-    with _tokenized(batches, tokenizer_model, workers) as encoded, _progress_bar(progress) as bar:
+    bin_path, idx_path = staging.path(prefix + ".bin"), staging.path(prefix + ".idx")
+    sidecar = staging.path(sidecar_path(prefix))
+    dtype = np.uint16 if spm_vocab_size(tokenizer_model) < 65_536 else np.int32
+    builder = IndexedDatasetBuilder(bin_path, dtype=dtype)
+    stats, written = ReadStats(), Written()
+    with _tokenized(_batches(inputs, json_key, batch_documents, stats), tokenizer_model, workers) as encoded, \
+            _progress_bar(progress) as bar:
         for docs_ids in encoded:
             for ids in docs_ids:
                 builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-                num_tokens += len(ids)
-            num_docs += len(docs_ids)
+                written.add(ids)
             bar.update(len(docs_ids))
-            bar.set_postfix(tokens_per_s=f"{num_tokens / (time.perf_counter() - start):,.0f}", refresh=False)
-    if num_docs == 0:
-        Path(get_bin_path(prefix)).unlink(missing_ok=True)
-        raise ValueError(f"no documents in {inputs} (empty, or every line blank or not UTF-8): nothing to write")
-    builder.finalize(get_idx_path(prefix))
-    _write_sidecar(prefix, tokenizer_model, num_docs, num_tokens, stats)
-    return EncodeReport(prefix=prefix, documents=num_docs, tokens=num_tokens, seconds=time.perf_counter() - start,
-                        skipped_lines=stats.skipped_lines)
-
-
-def _write_sidecar(prefix: str, tokenizer_model: str, documents: int, tokens: int, stats: ReadStats) -> None:
-    """`<prefix>.meta.json`: which tokenizer made the tokens (start-up refuses another, data/checks.py)."""
-    from megamoe.data.checks import sidecar_path
-    from megamoe.utils import file_sha256
-
-    meta = {"tokenizer_model": str(tokenizer_model), "tokenizer_sha256": file_sha256(tokenizer_model),
-            "vocab_size": spm.SentencePieceProcessor(model_file=tokenizer_model).vocab_size(),
-            "documents": documents, "tokens": tokens, "skipped_lines": stats.skipped_lines,
+            bar.set_postfix(tokens_per_s=f"{written.tokens / (time.perf_counter() - start):,.0f}", refresh=False)
+    stats.require_text(inputs)
+    if written.documents == 0:
+        raise ValueError(f"no documents in {inputs} (empty, or every line blank): nothing to write")
+    builder.finalize(idx_path)
+    meta = {**tokenizer_identity(tokenizer_model), "tokenizer_model": str(tokenizer_name or tokenizer_model),
+            "documents": written.documents, "tokens": written.tokens, "min_id": written.min_id,
+            "max_id": written.max_id, **bin_stamp(Path(bin_path)), "skipped_lines": stats.skipped_lines,
             "first_skipped": stats.first_skipped}
-    sidecar_path(prefix).write_text(json.dumps(meta, indent=1))
+    Path(sidecar).write_text(json.dumps(meta, indent=1))  # start-up refuses another tokenizer (data/checks.py)
+    return EncodeReport(prefix=prefix, documents=written.documents, tokens=written.tokens,
+                        seconds=time.perf_counter() - start, skipped_lines=stats.skipped_lines)
+
+
+@dataclass
+class Written:
+    """Counts and id range of the documents written (recorded in the sidecar: start-up trusts them for this .bin
+    instead of scanning it)."""
+
+    documents: int = 0
+    tokens: int = 0
+    min_id: int = 0
+    max_id: int = 0
+
+    def add(self, ids: list[int]) -> None:
+        low, high = min(ids), max(ids)
+        self.min_id, self.max_id = (low, high) if not self.documents else (min(self.min_id, low),
+                                                                           max(self.max_id, high))
+        self.documents, self.tokens = self.documents + 1, self.tokens + len(ids)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ def spm_mask_id(model_path: str | Path) -> int | None:
     """Id of the <mask> piece (added by megamoe's tokenizer training), or None."""
     if not Path(model_path).is_file():
         return None
-    processor = spm.SentencePieceProcessor(model_file=str(model_path))
+    processor = _processor(model_path)
     piece_id = processor.piece_to_id(MASK_PIECE)
     return None if piece_id == processor.unk_id() else piece_id
 
@@ -31,4 +31,21 @@ def spm_vocab_size(model_path: str | Path) -> int | None:
     """Vocabulary size of a sentencepiece model file, or None if there is no such file (cheap: no megatron)."""
     if not Path(model_path).is_file():
         return None
-    return spm.SentencePieceProcessor(model_file=str(model_path)).vocab_size()
+    return _processor(model_path).vocab_size()
+
+
+def _processor(model_path: str | Path) -> spm.SentencePieceProcessor:
+    """ValueError naming the file if it is not a sentencepiece model (sentencepiece says only INTERNAL: ...)."""
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model_path))
+    except RuntimeError as err:
+        raise ValueError(f"'{model_path}' is not a sentencepiece model ({str(err).split(': ', 1)[-1]}); point it at "
+                         "the .model file written by tools/preprocess_data.py") from None
+
+
+def tokenizer_identity(model_path: str | Path) -> dict:
+    """What identifies the tokenizer a dataset or a checkpoint was made with: its path, SHA-256 and size."""
+    from megamoe.utils import file_sha256
+
+    return {"tokenizer_model": str(model_path), "tokenizer_sha256": file_sha256(model_path),
+            "vocab_size": spm_vocab_size(model_path)}

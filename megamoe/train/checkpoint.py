@@ -7,16 +7,20 @@ stage); `rng_state_rank<r>.pt` per rank (dropout streams differ per rank); `conf
 expert-parallel rank r keyed by their module's global name and global expert id (DeepSpeed's model file holds
 only EP rank 0's experts, integration.md 6.4). `<save>/latest` names the newest tag.
 
-Resuming with the saved tensor-, pipeline- and expert-parallel sizes restores everything. With another layout the
+Resuming with the saved tensor-, pipeline- and expert-parallel sizes restores everything (the learning-rate
+schedule is the run's config's, applied from the checkpoint's step: train/optim.py). With another layout the
 model weights are loaded (TP shards merged and re-cut, layers taken from whichever stage held them, experts placed
-from their shards) before the engine exists, the LR schedule and data position continue, and the optimizer state
-starts afresh (DeepSpeed cannot reshard it). `checkpoint.finetune` and
+from their shards) before the engine exists, the step count and data position continue, and the optimizer state
+starts afresh (DeepSpeed cannot reshard it). Before anything loads, its tensors' shapes are compared with the
+model's (ShapeMismatch names the first that differs), and the loaded weights must be finite. `checkpoint.finetune` and
 weights-only checkpoints (written by tools/upcycle.py: the same files without DeepSpeed's optimizer state, plus
 a `weights_only` marker) load the weights the same way and start at iteration 0.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +53,14 @@ def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def latest_tag_dir(load_dir: str | None) -> Path | None:
-    """The checkpoint `<load_dir>/latest` names, or None (with a warning if load_dir was given)."""
+def latest_tag_dir(load_dir: str | None, save_dir: str | None = None) -> Path | None:
+    """The checkpoint `<load_dir>/latest` names. None without a load_dir, or when load_dir is save_dir and holds
+    no checkpoint yet (the first start of a job that resumes where it saves); otherwise a load_dir that holds
+    no checkpoint is a CheckpointError saying what to pass (integrity.find_checkpoint)."""
     if load_dir is None:
         return None
-    latest = Path(load_dir) / "latest"
-    if not latest.is_file():
-        get_logger().warning(f"no checkpoint in {load_dir} ('latest' missing): starting a new run")
-        return None
-    return Path(load_dir) / latest.read_text().strip()
+    same = save_dir is not None and integrity.same_directory(load_dir, save_dir)
+    return integrity.find_checkpoint(load_dir, new_run_ok=same)
 
 
 def rng_state() -> dict:
@@ -118,22 +121,60 @@ def load_expert_shards(model: torch.nn.Module, tag_dir: Path) -> None:
     experts = _experts(model)
     if not experts:
         return
-    shards = [torch.load(path, weights_only=True) for path in sorted(tag_dir.glob("experts_ep*.pt"))]
-    if not shards:
-        raise FileNotFoundError(f"{tag_dir} holds no experts_ep*.pt expert shards; it was not written by megamoe "
-                                "with MoE layers")
+    files = sorted(tag_dir.glob("experts_ep*.pt"))
+    if not files:
+        raise integrity.CheckpointError(f"{tag_dir} holds no experts_ep*.pt expert shards, but this model has MoE "
+                                        "layers: the checkpoint is of a dense model or incomplete")
+    shards = [torch.load(path, weights_only=True) for path in files]
     for name, module in experts.items():
         for pname, param in module.named_parameters(recurse=False):
             filled = torch.zeros(module.num_local, dtype=torch.bool)
             for shard in (s for s in shards if name in s):
                 first, saved = shard[name]["first_expert"], shard[name]["tensors"][pname]
+                if saved.shape[1:] != param.shape[1:]:
+                    raise ShapeMismatch(f"{tag_dir}: the experts of {name}.{pname} are {list(saved.shape[1:])} in "
+                                        f"the checkpoint, {list(param.shape[1:])} in this model")
                 mine = module.first_expert
                 lo, hi = max(first, mine), min(first + len(saved), mine + module.num_local)
                 if lo < hi:
                     param[lo - mine:hi - mine] = saved[lo - first:hi - first]
                     filled[lo - mine:hi - mine] = True
             if not filled.all():
-                raise ValueError(f"{tag_dir}: experts of {name}.{pname} missing from the shards")
+                gone = module.first_expert + int((~filled).nonzero()[0])
+                raise integrity.CheckpointError(
+                    f"{tag_dir}: expert {gone} of {name} is in none of the expert shards "
+                    f"({', '.join(f.name for f in files)}): a shard file is missing; restore it or resume from an "
+                    "earlier checkpoint")
+
+
+class ShapeMismatch(integrity.CheckpointError):
+    """A checkpoint tensor whose shape differs from the model's: the model is not the one the checkpoint holds."""
+
+
+def require_same_shapes(saved: dict, own: dict[str, torch.Tensor], where: Path) -> None:
+    """ShapeMismatch naming the first tensor of `own` (this rank's state dict) whose saved shape differs."""
+    for name, tensor in own.items():
+        value = saved.get(name)
+        if isinstance(tensor, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape != tensor.shape:
+            raise ShapeMismatch(f"{where}: {name} is {list(value.shape)} in the checkpoint, {list(tensor.shape)} in "
+                                "this model")
+
+
+def config_changes(tag_dir: Path, cfg: RunConfig, sections: tuple[str, ...]) -> list[str]:
+    """'section.key saved -> now' for every key of `sections` where the checkpoint's config.yaml and `cfg` differ."""
+    saved, now = _flat(integrity.read_saved_config(tag_dir)), _flat(yaml.safe_load(dump(cfg)))
+    return [f"{key} {saved.get(key)} -> {now.get(key)}" for key in sorted(saved.keys() | now.keys())
+            if key.split(".")[0] in sections and saved.get(key) != now.get(key)]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and prefix.count(".") < 1:  # sections, not mapping-valued keys
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> Path:
@@ -146,29 +187,66 @@ def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> 
         if isinstance(module, MoELayer):
             module.sync_buffers()  # DeepSpeed writes rank 0's copy of the buffers
     staging = integrity.begin(cfg.checkpoint.save, tag)
-    torch.save(rng_state(), staging / f"rng_state_rank{dist.get_rank()}.pt")
-    save_expert_shard(engine.module, staging, groups)
-    if dist.get_rank() == 0:
-        (staging / "config.yaml").write_text(dump(cfg))
-    engine.save_checkpoint(str(staging.parent), tag=tag, save_latest=False,
-                           client_state={"iteration": progress.iteration,
-                                         "consumed_samples": progress.consumed_samples,
-                                         # DeepSpeed keeps a `skipped_steps` of its own under that name
-                                         "megamoe_skipped_steps": progress.skipped_steps})
-    tag_dir = integrity.publish(cfg.checkpoint.save, tag, cfg.checkpoint.keep_last)
+    with integrity.writing(staging, progress.iteration):
+        torch.save(rng_state(), staging / f"rng_state_rank{dist.get_rank()}.pt")
+        save_expert_shard(engine.module, staging, groups)
+        if dist.get_rank() == 0:
+            write_run_records(staging, cfg)
+        engine.save_checkpoint(str(staging.parent), tag=tag, save_latest=False,
+                               client_state={"iteration": progress.iteration,
+                                             "consumed_samples": progress.consumed_samples,
+                                             # DeepSpeed keeps a `skipped_steps` of its own under that name
+                                             "megamoe_skipped_steps": progress.skipped_steps})
+        tag_dir = integrity.publish(cfg.checkpoint.save, tag, cfg.checkpoint.keep_last)
     get_logger().info(f"saved checkpoint {tag_dir}")
     return tag_dir
 
 
+def write_run_records(staging: Path, cfg: RunConfig) -> None:
+    """The resolved config and the tokenizer's identity (a resume with another tokenizer is refused)."""
+    from megamoe.data.tokenizer import tokenizer_identity
+
+    (staging / "config.yaml").write_text(dump(cfg))
+    (staging / integrity.TOKENIZER_RECORD).write_text(json.dumps(tokenizer_identity(cfg.data.tokenizer_model)))
+
+
 def require_finite_weights(model: torch.nn.Module, iteration: int) -> None:
     """CheckpointError unless every weight on every rank is finite (a checkpoint must never carry a NaN)."""
+    if bad_tensors := count_nonfinite(model):
+        raise integrity.CheckpointError(f"not saving step {iteration}: {bad_tensors} weight tensors hold "
+                                        "NaN or Inf; the last checkpoint stays the newest")
+
+
+def count_nonfinite(model: torch.nn.Module) -> int:
+    """Weight tensors holding a NaN or Inf, over all ranks. Collective."""
     # On the parameters' device (NCCL reduces CUDA tensors only), one host sync for the whole model.
     bad = torch.stack([~torch.isfinite(p).all() for p in model.parameters()]).sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad)
-    if bad_tensors := int(bad.item()):
-        raise integrity.CheckpointError(f"not saving step {iteration}: {bad_tensors} weight tensors hold "
-                                        "NaN or Inf; the last checkpoint stays the newest")
+    return int(bad.item())
+
+
+@contextlib.contextmanager
+def loading(tag_dir: Path | None, cfg: RunConfig):
+    """Around the loads of `tag_dir`: a ShapeMismatch also names the config keys in which the checkpoint differs
+    from `cfg` (the likely cause)."""
+    try:
+        yield
+    except ShapeMismatch as err:
+        changes = config_changes(tag_dir, cfg, ("model", "moe"))
+        cause = (f"its config differs in {', '.join(changes[:4])}" if changes else
+                 "its config.yaml does not explain it: the files do not fit their own config")
+        raise ShapeMismatch(f"{err}: this model is not the checkpoint's ({cause}); resume with the checkpoint's "
+                            "model settings, or start a new run (checkpoint.finetune cannot change shapes either)"
+                            ) from None
+
+
+def require_finite_loaded(model: torch.nn.Module, tag_dir: Path) -> None:
+    """CheckpointError if the weights loaded from `tag_dir` hold NaN or Inf (checkpoint.verify=sizes or none let a
+    rewritten file through; training would only report non-finite steps later). Collective."""
+    if bad_tensors := count_nonfinite(model):
+        raise integrity.CheckpointError(f"{tag_dir} holds NaN or Inf in {bad_tensors} weight tensors: it is damaged "
+                                        "(or was saved by a diverged run); resume from an earlier checkpoint")
 
 
 def verify_for_use(tag_dir: Path | None, cfg: RunConfig) -> None:
@@ -201,7 +279,7 @@ class SavedLayout:
 
 def saved_layout(tag_dir: Path) -> SavedLayout:
     """The tensor-, pipeline- and expert-parallel sizes the checkpoint was written with."""
-    saved = yaml.safe_load((tag_dir / "config.yaml").read_text())
+    saved = integrity.read_saved_config(tag_dir)
     parallel = saved.get("parallel", {})
     return SavedLayout(tp=parallel.get("tensor_model_parallel_size", 1),
                        pp=parallel.get("pipeline_model_parallel_size", 1),
@@ -220,16 +298,9 @@ def global_module_states(tag_dir: Path) -> dict[str, list]:
     return out
 
 
-WEIGHTS_ONLY_MARKER = "weights_only"
-
-
-def is_weights_only(tag_dir: Path) -> bool:
-    return (tag_dir / WEIGHTS_ONLY_MARKER).is_file()
-
-
 def restarts(tag_dir: Path | None, cfg: RunConfig) -> bool:
     """True when training starts at iteration 0 from the checkpoint's weights (fine-tuning, upcycling)."""
-    return tag_dir is not None and (cfg.checkpoint.finetune or is_weights_only(tag_dir))
+    return tag_dir is not None and (cfg.checkpoint.finetune or integrity.is_weights_only(tag_dir))
 
 
 def loads_weights_only(tag_dir: Path | None, cfg: RunConfig) -> bool:
@@ -242,11 +313,12 @@ def loads_weights_only(tag_dir: Path | None, cfg: RunConfig) -> bool:
             or saved.tp != par.tensor_model_parallel_size or saved.pp != par.pipeline_model_parallel_size)
 
 
-def _load_model_file(path: Path) -> dict:
-    """DeepSpeed's model file (written by deepspeed.save_checkpoint), read without executing code."""
+def _load_model_file(path: Path, mmap: bool = False) -> dict:
+    """DeepSpeed's model file (written by deepspeed.save_checkpoint), read without executing code (`mmap`: tensors
+    read only when touched, e.g. for their shapes)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
-    return integrity.load_trusted(path)
+        raise integrity.CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    return integrity.load_trusted(path, mmap=mmap)
 
 
 def _resharded_module(tag_dir: Path, model: torch.nn.Module, groups: ParallelGroups) -> dict:
@@ -263,15 +335,19 @@ def _resharded_module(tag_dir: Path, model: torch.nn.Module, groups: ParallelGro
             module[name] = values[0]
             continue
         full = merge_tp(values, params[name])
-        if getattr(params[name], "tensor_model_parallel", False) and params[name].partition_dim == 0:
+        if name in VOCAB_PARALLEL:
             full = _fit_vocab_rows(full, params[name].shape[0] * groups.tp_size)
         module[name] = shard_tp(full, params[name], groups)
     return module
 
 
+VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
+"""The tensors whose rows megatron pads to a multiple of 128 x TP (the vocabulary)."""
+
+
 def _fit_vocab_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
     """Megatron pads the vocabulary to a multiple of 128 x TP: another TP size has other padding rows (never a
-    real token's), dropped or added as zeros. Other row-sharded tensors already have `rows` rows."""
+    real token's: the tokenizer is checked at start-up), dropped or added as zeros."""
     if full.shape[0] >= rows:
         return full[:rows]
     return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
@@ -292,6 +368,7 @@ def load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) 
     expert_keys = {n for n, m in model.named_modules() if isinstance(m, Experts)}
     expert_keys = {f"{n}.{p}" for n in expert_keys for p, _ in model.get_submodule(n).named_parameters(recurse=False)}
     dense = {k: v for k, v in module.items() if k not in expert_keys}
+    require_same_shapes(dense, model.state_dict(), tag_dir)
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if (not_loaded := sorted(set(missing) - expert_keys)) or unexpected:
         raise ValueError(f"{tag_dir}: checkpoint does not fit the model (missing {not_loaded[:3]}, "
@@ -309,12 +386,14 @@ def save_weights_only(model: torch.nn.Module, cfg: RunConfig, save_dir: Path, gr
         raise ValueError("save_weights_only writes one-process checkpoints (tensor and expert parallel size 1)")
     tag = tag_for(0)
     staging = integrity.begin(save_dir, tag)
-    torch.save({"module": model.state_dict(), "iteration": 0, "consumed_samples": 0},
-               staging / "mp_rank_00_model_states.pt")
-    save_expert_shard(model, staging, groups)
-    (staging / "config.yaml").write_text(dump(cfg))
-    (staging / WEIGHTS_ONLY_MARKER).write_text("written by megamoe without optimizer state: loads as fine-tuning\n")
-    return integrity.publish(save_dir, tag, keep_last=None)
+    with integrity.writing(staging, 0):
+        torch.save({"module": model.state_dict(), "iteration": 0, "consumed_samples": 0},
+                   staging / "mp_rank_00_model_states.pt")
+        save_expert_shard(model, staging, groups)
+        write_run_records(staging, cfg)
+        (staging / integrity.WEIGHTS_ONLY_MARKER).write_text("written by megamoe without optimizer state: loads as "
+                                                             "fine-tuning\n")
+        return integrity.publish(save_dir, tag, keep_last=None)
 
 
 def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: dict | None = None,
@@ -331,6 +410,8 @@ def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: d
         if engine.lr_scheduler is not None and "lr_scheduler" in weights_states:
             engine.lr_scheduler.load_state_dict(weights_states["lr_scheduler"])
     else:
+        model_file = saved_layout(tag_dir).stage_files(tag_dir)[groups.pp_rank][groups.tp_rank]
+        require_same_shapes(_load_model_file(model_file, mmap=True)["module"], engine.module.state_dict(), tag_dir)
         path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
@@ -338,6 +419,9 @@ def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: d
     rng_file = tag_dir / f"rng_state_rank{dist.get_rank()}.pt"
     if rng_file.is_file() and weights_states is None:
         set_rng_state(torch.load(rng_file, weights_only=True))
+    elif weights_states is None:
+        get_logger().warning(f"{rng_file} is missing: the random streams (dropout, data masking) restart from the "
+                             "seed, so later losses differ from an uninterrupted run's")
     else:
         get_logger().warning(f"{rng_file.name} not restored (another layout): random streams restart")
     progress = Progress(iteration=client_state["iteration"], consumed_samples=client_state["consumed_samples"],

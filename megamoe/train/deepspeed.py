@@ -49,6 +49,39 @@ def to_deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
     return _merge(generated, cfg.deepspeed.extra)
 
 
+class _ReadKeys(dict):
+    """A config dict noting which of its keys DeepSpeed reads (it ignores the others without a word)."""
+
+    def __init__(self, data: dict, read: set) -> None:
+        super().__init__(data)
+        self.read = read
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def read_deepspeed_config(cfg: RunConfig, layout: Layout) -> list[str]:
+    """Parse the generated config (deepspeed.extra merged in) with DeepSpeed's own parser, in one process and
+    before the engine exists: its errors (a wrong value, a refused combination) surface at start-up. Returns the
+    top-level keys of deepspeed.extra DeepSpeed never read."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    generated = to_deepspeed_config(cfg, layout)
+    generated.pop("train_batch_size")  # checked against the world size, which is not known here; derived instead
+    read: set = set()
+    DeepSpeedConfig(_ReadKeys(generated, read))
+    return sorted(set(cfg.deepspeed.extra) - read)
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():
@@ -198,6 +231,12 @@ def optimizer_param_groups(model: torch.nn.Module, groups: ParallelGroups, train
     if groups.ep_size == 1:
         return param_groups_
     return split_params_into_different_moe_groups_for_optimizer(param_groups_)
+
+
+def base_optimizer(engine: deepspeed.DeepSpeedEngine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16): the one holding the parameter groups."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def aux_loss_scale(engine: deepspeed.DeepSpeedEngine) -> float:

@@ -20,8 +20,8 @@ from megamoe import config
 from megamoe.config import RunConfig
 from megamoe.hf import custom, native
 from megamoe.models.sharding import merge_tp
-from megamoe.train import checkpoint
-from megamoe.utils import get_logger
+from megamoe.train import checkpoint, integrity
+from megamoe.utils import get_logger, make_directory
 
 
 def one_process_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
@@ -71,8 +71,8 @@ def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
     from megamoe.data.tokenizer import spm_vocab_size
 
     tag_dir = checkpoint.latest_tag_dir(load_dir)
-    if tag_dir is None:
-        raise FileNotFoundError(f"{load_dir} holds no checkpoint ('latest' missing); pass a run's checkpoint.save")
+    out = Path(out_dir)
+    prepare_output_directory(out)  # before the merge: a bad --save must not cost it
     cfg = config.load(tag_dir / "config.yaml")
     checkpoint.verify_for_use(tag_dir, cfg)
     kind = custom.export_format(cfg)
@@ -91,12 +91,23 @@ def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
         build = functools.partial(AutoModelForCausalLM.from_config, dtype=torch.float32)
         state = native.to_hf(merged, native.arch(cfg, vocab_size))
     hf_model = hf_model_from(hf_cfg, build, state)
-    out = Path(out_dir)
     hf_model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer_model, out)
     get_logger().info(f"exported {tag_dir} as {type(hf_model).__name__} to {out}"
                       + (" (custom code: load with trust_remote_code=True)" if kind == "megamoe" else ""))
     return out
+
+
+def prepare_output_directory(out: Path) -> None:
+    """Create the export directory; refuse a file, or a run's checkpoint directory (an export is not a checkpoint:
+    its files would sit among the run's)."""
+    if integrity.holds_checkpoints(out):
+        raise ValueError(f"--save {out} is a run's checkpoint directory (latest {integrity.latest_name(out)}); export "
+                         "to a directory of its own")
+    try:
+        make_directory(out)
+    except OSError as err:
+        raise ValueError(f"--save: {err.strerror}") from None
 
 
 def hf_model_from(hf_cfg, build, state: dict[str, torch.Tensor]):
@@ -137,6 +148,10 @@ def import_hf(hf_dir: str, save_dir: str, base_config: str | None, overrides: li
     from megamoe.data.tokenizer import spm_vocab_size
 
     source = Path(hf_dir)
+    integrity.require_new_directory(save_dir, "--save")
+    if integrity.holds_checkpoints(source) or (source / integrity.MANIFEST).is_file():
+        raise ValueError(f"--load-hf {source} is a megamoe checkpoint, not a Hugging Face directory; train from it "
+                         "with checkpoint.load, or export it with --load")
     tokenizer_model = source / "tokenizer.model"
     if (vocab_size := spm_vocab_size(tokenizer_model)) is None:
         raise FileNotFoundError(f"{source} has no tokenizer.model: megamoe trains with sentencepiece tokenizers")

@@ -16,13 +16,17 @@ reads use weights_only=True.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from megamoe.utils import file_sha256
 
@@ -39,6 +43,128 @@ DEEPSPEED_STATE_CLASSES = (
 
 class CheckpointError(RuntimeError):
     """A checkpoint that must not be used: incomplete, corrupt, or holding code."""
+
+
+TAG_PATTERN = re.compile(r"iter_\d{7}")
+
+
+def checkpoint_tags(directory: Path) -> list[str]:
+    """The iteration checkpoints (tag directories) published in `directory`, oldest first."""
+    return sorted(p.name for p in directory.glob("iter_*") if p.is_dir() and TAG_PATTERN.fullmatch(p.name))
+
+
+def holds_checkpoints(directory: Path) -> bool:
+    """Whether `directory` holds a run's checkpoints (a 'latest' or a published tag)."""
+    return directory.is_dir() and ((directory / "latest").exists() or bool(checkpoint_tags(directory)))
+
+
+def find_checkpoint(load_dir: str | Path, new_run_ok: bool) -> Path | None:
+    """The tag directory `<load_dir>/latest` names. None only when `new_run_ok` and `load_dir` holds no checkpoint
+    at all (the first start of a job whose checkpoint.load and checkpoint.save are one directory); CheckpointError,
+    naming what to pass instead, for anything else: resuming is what the user asked for."""
+    load = Path(load_dir)
+    if not holds_checkpoints(load):
+        if problem := _not_a_run_directory(load):
+            raise CheckpointError(problem)
+        if new_run_ok:
+            return None
+        what = "does not exist" if not load.exists() else "holds no checkpoint ('latest' missing)"
+        raise CheckpointError(f"checkpoint.load={load_dir} {what}; pass the directory a run saved its "
+                              "checkpoints in (its checkpoint.save)")
+    tags = checkpoint_tags(load)
+    latest = load / "latest"
+    if not latest.is_file():
+        raise CheckpointError(f"{load} holds checkpoints {_tag_range(tags)} but no 'latest' file naming the one to "
+                              f"resume from; write it, e.g. echo {tags[-1]} > {latest}")
+    try:
+        tag = latest.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        tag = None
+    if not tag or "/" in tag or tag in (".", "..") or not (load / tag).is_dir():
+        named = "is empty" if tag == "" else ("is not text" if tag is None else f"names {tag!r}, which is not a "
+                                                                                "checkpoint directory in it")
+        fix = f"write the tag to resume from into it, e.g. {tags[-1]}" if tags else "no checkpoint is published here"
+        raise CheckpointError(f"{latest} {named}; {fix}")
+    return load / tag
+
+
+def _not_a_run_directory(path: Path) -> str | None:
+    """Why `path` is something else than a run's checkpoint directory (a tag, an HF export), or None."""
+    if (path / MANIFEST).is_file() or list(path.glob("mp_rank_*_model_states.pt")):
+        if holds_checkpoints(path.parent):
+            return (f"checkpoint.load={path} is one checkpoint of a run, not its checkpoint directory: pass "
+                    f"checkpoint.load={path.parent} (its 'latest' names {latest_name(path.parent)}), or write "
+                    f"{path.name} into {path.parent / 'latest'} to resume from this one")
+        return f"checkpoint.load={path} is one checkpoint, not a run's checkpoint directory: pass its parent"
+    if (path / "config.json").is_file() and list(path.glob("*.safetensors")):
+        return (f"checkpoint.load={path} is a Hugging Face model directory; import it first: python "
+                f"tools/convert_checkpoint.py --load-hf {path} --save <dir> --config <yaml>")
+    return None
+
+
+def latest_name(directory: Path) -> str:
+    """What `<directory>/latest` says, for messages."""
+    try:
+        return (directory / "latest").read_text(encoding="utf-8").strip() or "nothing"
+    except (OSError, UnicodeDecodeError):
+        return "nothing readable"
+
+
+def _tag_range(tags: list[str]) -> str:
+    return tags[0] if len(tags) == 1 else f"{tags[0]} .. {tags[-1]}"
+
+
+def same_directory(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def read_json(path: Path) -> dict | None:
+    """A small JSON record of a checkpoint (None if absent; CheckpointError if damaged)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is not JSON: the checkpoint is damaged; resume from another one") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} holds no record: the checkpoint is damaged; resume from another one")
+    return record
+
+
+TOKENIZER_RECORD = "tokenizer.meta.json"
+"""In every checkpoint: the tokenizer (path, SHA-256, size) the model's embedding rows belong to."""
+WEIGHTS_ONLY_MARKER = "weights_only"
+"""A file in checkpoints written without optimizer state (imports, upcycling): they load as fine-tuning."""
+
+
+def is_weights_only(tag_dir: Path) -> bool:
+    return (tag_dir / WEIGHTS_ONLY_MARKER).is_file()
+
+
+def read_saved_config(tag_dir: Path) -> dict:
+    """The checkpoint's config.yaml as parsed YAML (CheckpointError if missing or unreadable)."""
+    path = tag_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (its layout and model are "
+                              "recorded there); resume from another checkpoint") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}): the checkpoint is damaged; resume "
+                              "from another checkpoint") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} holds no config: the checkpoint is damaged")
+    return saved
+
+
+def require_new_directory(save_dir: str | Path, what: str) -> None:
+    """CheckpointError if `save_dir` already holds a run's checkpoints, which writing `what` there would replace."""
+    save = Path(save_dir)
+    if save.exists() and not save.is_dir():
+        raise CheckpointError(f"{what}: {save} is a file; give a directory")
+    if holds_checkpoints(save):
+        raise CheckpointError(f"{what}: {save} already holds checkpoints (latest {latest_name(save)}), which this "
+                              "would replace; choose a new directory")
 
 
 def staging_dir(save_dir: str | Path, tag: str) -> Path:
@@ -62,6 +188,41 @@ def publish(save_dir: str | Path, tag: str, keep_last: int | None) -> Path:
             prune(Path(save_dir), keep_last, keep=tag)
     _barrier()
     return final
+
+
+@contextlib.contextmanager
+def writing(staging: Path, iteration: int):
+    """Around the writes of a checkpoint into `staging`: a failure (a full disk, above all) becomes one
+    CheckpointError saying what happened, and the staging directory goes (a full disk keeps nothing of a save
+    that cannot finish); `latest` still names the previous checkpoint."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - torch.save's C++ writer reports a full disk as a RuntimeError
+        shutil.rmtree(staging, ignore_errors=True)
+        save_dir = staging.parent.parent
+        kept = f"'latest' still names {latest_name(save_dir)}" if (save_dir / "latest").is_file() else \
+            "no earlier checkpoint exists"
+        if _no_space(err, save_dir):
+            raise CheckpointError(f"no space left on the file system of {save_dir} while saving step {iteration} "
+                                  f"({shutil.disk_usage(save_dir).free:,} bytes free): the checkpoint was not written "
+                                  f"and its partial files were removed; {kept}. Free space (or set checkpoint.save "
+                                  "elsewhere) and resume") from None
+        reason = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"saving step {iteration} into {save_dir} failed ({type(err).__name__}: {reason}); its "
+                              f"partial files were removed and {kept}") from None
+
+
+def _no_space(err: BaseException, directory: Path) -> bool:
+    """Whether `err` (or what caused it) is a full disk or quota."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err):
+            return True
+        if any(text in str(err) for text in ("iostream error", "failed writing file")):  # torch.save's writer
+            return shutil.disk_usage(directory).free < 64 << 20
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def begin(save_dir: str | Path, tag: str) -> Path:
@@ -105,7 +266,10 @@ def verify(directory: Path, mode: str) -> None:
     if not manifest.is_file():
         raise CheckpointError(f"{directory} has no {MANIFEST}: it was not published completely (or predates "
                               "megamoe's manifests); resume from another checkpoint or set checkpoint.verify=none")
-    entries = json.loads(manifest.read_text())["files"]
+    record = read_json(manifest)
+    entries = record.get("files") if record is not None else None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{manifest} lists no files: the checkpoint is damaged; resume from another one")
     problems = _shared_checks(sorted(entries), lambda name: _check_file(directory / name, entries[name], mode))
     if problems:
         raise CheckpointError(f"{problems[0]}; this checkpoint is damaged: resume from an earlier one (point "
@@ -150,8 +314,9 @@ def _unsafe_globals(path: Path) -> str | None:
     return None
 
 
-def load_trusted(path: Path) -> dict:
-    """torch.load of a checkpoint file without executing code (DeepSpeed's state classes allowed)."""
+def load_trusted(path: Path, mmap: bool = False) -> dict:
+    """torch.load of a checkpoint file without executing code (DeepSpeed's state classes allowed); `mmap`: tensors
+    are read from the file when touched."""
     import importlib
 
     classes = []
@@ -162,7 +327,7 @@ def load_trusted(path: Path) -> dict:
         except (ImportError, AttributeError):
             continue
     with torch.serialization.safe_globals(classes):
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
 
 
 def write_atomically(path: Path, text: str) -> None:

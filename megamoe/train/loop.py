@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.config import Layout, RunConfig
-from megamoe.data.loader import Datasets, build_datasets, build_loader
+from megamoe.data.loader import Datasets, IntactBatches, build_datasets, build_loader
 from megamoe.data.tokenizer import load_tokenizer
 from megamoe.models.gpt import build_model
 from megamoe.moe.losses import set_aux_loss_scale
@@ -22,12 +22,14 @@ from megamoe.train import checkpoint, pipeline
 from megamoe.train.checkpoint import Progress
 from megamoe.train.deepspeed import (
     aux_loss_scale,
+    base_optimizer,
     build_engine,
     expert_parameters,
     grad_norm_before_step,
     skip_if_not_finite,
 )
 from megamoe.train.metrics import ExpertLoadLog, MetricsWriter, collect_moe_metrics, gather_over_pipeline, moe_layers
+from megamoe.train.optim import apply_hyperparameters
 from megamoe.train.preemption import Preempted, StopRequests, announce_requeue
 from megamoe.train.watchdog import StallWatchdog
 from megamoe.utils import get_logger
@@ -55,12 +57,17 @@ def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     model = build_model(cfg, tokenizer.vocab_size, groups)
     log_parameter_count(model)
-    tag_dir = checkpoint.latest_tag_dir(cfg.checkpoint.load)
+    tag_dir = checkpoint.latest_tag_dir(cfg.checkpoint.load, cfg.checkpoint.save)
     checkpoint.verify_for_use(tag_dir, cfg)
-    weights = checkpoint.load_weights(model, tag_dir, groups) if checkpoint.loads_weights_only(tag_dir, cfg) else None
-    engine = build_engine(model, cfg, layout, groups)
-    datasets = build_datasets(cfg, layout, tokenizer)
-    progress = checkpoint.load(engine, tag_dir, groups, weights, restart=checkpoint.restarts(tag_dir, cfg))
+    with checkpoint.loading(tag_dir, cfg):
+        weights = (checkpoint.load_weights(model, tag_dir, groups) if checkpoint.loads_weights_only(tag_dir, cfg)
+                   else None)
+        engine = build_engine(model, cfg, layout, groups)
+        datasets = build_datasets(cfg, layout, tokenizer)
+        progress = checkpoint.load(engine, tag_dir, groups, weights, restart=checkpoint.restarts(tag_dir, cfg))
+    if tag_dir is not None:
+        checkpoint.require_finite_loaded(engine.module, tag_dir)
+        apply_hyperparameters(base_optimizer(engine), engine.lr_scheduler, cfg.train)
     return Trainer(cfg=cfg, layout=layout, groups=groups, engine=engine, datasets=datasets, progress=progress)
 
 
@@ -195,7 +202,8 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     # The first eval_iters micro-batches: megatron's dataset may hold more than the samples asked for (an epoch).
     # Read here, not by a worker forked for each evaluation: a few reads of a memory map, and every fork() of a
     # rank with dozens of communication threads risks a child that deadlocks.
-    loader = build_loader(trainer.datasets.valid, 0, trainer.cfg, groups, in_process=True)
+    loader = IntactBatches(build_loader(trainer.datasets.valid, 0, trainer.cfg, groups, in_process=True),
+                           trainer.datasets.files)
     batches = list(itertools.islice(loader, trainer.cfg.train.eval_iters))
     sums = []
 
@@ -239,7 +247,8 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
 
     if do_eval and trainer.progress.iteration == 0:
         validate(0)
-    batches = iter(build_loader(trainer.datasets.train, trainer.progress.consumed_samples, cfg, trainer.groups))
+    batches = iter(IntactBatches(build_loader(trainer.datasets.train, trainer.progress.consumed_samples, cfg,
+                                              trainer.groups), trainer.datasets.files))
     skips = SkippedSteps(cfg.train.max_skipped_steps, trainer.progress.skipped_steps)
     while trainer.progress.iteration < cfg.train.train_iters:
         start = time.perf_counter()
@@ -320,8 +329,9 @@ def run(cfg: RunConfig, layout: Layout) -> None:
 def evaluate_checkpoint(cfg: RunConfig, layout: Layout) -> dict[str, float]:
     """Validation metrics of the checkpoint cfg.checkpoint.load names (evaluation-only options apply, e.g.
     moe.drop_top_ranks); every rank returns them."""
-    if checkpoint.latest_tag_dir(cfg.checkpoint.load) is None:
-        raise ValueError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint to evaluate")
+    if cfg.checkpoint.load is None:
+        raise ValueError("set checkpoint.load=<a run's checkpoint directory> to evaluate its latest checkpoint")
+    checkpoint.latest_tag_dir(cfg.checkpoint.load)  # CheckpointError if it holds none
     trainer = build_trainer(cfg, layout)
     if trainer.datasets.valid is None:
         raise ValueError("train.eval_iters=0 or an empty validation split: nothing to evaluate")

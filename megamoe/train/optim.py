@@ -22,7 +22,7 @@ def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
     for (wd_mult, lr_mult), params in sorted(buckets.items(), key=lambda kv: (kv[0][1] != 1.0, -kv[0][0], kv[0][1])):
         group = {"params": params, "wd_mult": wd_mult, "name": "decay" if wd_mult else "no_decay"}
         if lr_mult != 1.0:
-            group.update(name=f"{group['name']}_lr_x{lr_mult:g}", max_lr=train.lr * lr_mult,
+            group.update(name=f"{group['name']}_lr_x{lr_mult:g}", lr_mult=lr_mult, max_lr=train.lr * lr_mult,
                          min_lr=train.min_lr * lr_mult)
         groups.append(group)
     return groups
@@ -67,7 +67,9 @@ def lr_scheduler_factory(train: TrainConfig):
     """A callable DeepSpeed gives its wrapped optimizer to: megatron-core's OptimizerParamScheduler.
 
     Megatron semantics: linear warm-up from 0 over lr_warmup_iters, then cosine/linear/constant decay
-    to min_lr at lr_decay_iters; weight decay constant. Stepped once per optimizer step.
+    to min_lr at lr_decay_iters; weight decay constant. Stepped once per optimizer step. A resumed run keeps
+    only the checkpoint's step count: its schedule is this config's (Megatron's --override-opt_param-scheduler),
+    so what config.yaml records is what trains.
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -76,6 +78,19 @@ def lr_scheduler_factory(train: TrainConfig):
             optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
             lr_warmup_steps=train.lr_warmup_iters, lr_decay_steps=train.lr_decay_iters or train.train_iters,
             lr_decay_style=train.lr_decay_style, start_wd=train.weight_decay, end_wd=train.weight_decay,
-            wd_incr_steps=train.train_iters, wd_incr_style="constant")
+            wd_incr_steps=train.train_iters, wd_incr_style="constant", override_opt_param_scheduler=True,
+            use_checkpoint_opt_param_scheduler=False)
 
     return build
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, train: TrainConfig) -> None:
+    """After a resume: the optimizer's parameter groups came back with the checkpoint's Adam betas, epsilon and
+    per-group peak rates (torch restores them with its state); give them this config's, then let the scheduler
+    (built with this config's schedule) set the rate and weight decay of the resumed step."""
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"] = (train.adam_beta1, train.adam_beta2), train.adam_eps
+        if "lr_mult" in group:
+            group["max_lr"], group["min_lr"] = train.lr * group["lr_mult"], train.min_lr * group["lr_mult"]
+    if scheduler is not None:
+        scheduler.step(increment=0)

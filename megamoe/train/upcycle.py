@@ -20,7 +20,7 @@ import torch
 
 from megamoe import config
 from megamoe.config import RunConfig
-from megamoe.train import checkpoint
+from megamoe.train import checkpoint, integrity
 from megamoe.utils import get_logger
 
 # The spec's upcycling preset (variants.md §6.4, §6.5): central tensors frozen, no balancing loss.
@@ -94,9 +94,7 @@ def upcycle(load_dir: str, save_dir: str, overrides: Sequence[str]) -> Path:
     from megamoe.train import deepspeed, startup
 
     tag = checkpoint.latest_tag_dir(load_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{load_dir} holds no checkpoint ('latest' missing); pass the dense run's "
-                                "checkpoint.save directory")
+    integrity.require_new_directory(save_dir, "--save")
     checkpoint.verify_for_use(tag, config.load(tag / "config.yaml"))
     saved = checkpoint.saved_layout(tag)
     if (saved.tp, saved.pp) != (1, 1):

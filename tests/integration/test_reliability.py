@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -327,3 +328,47 @@ def test_set_up_compiles_nothing(tiny_data, tmp_path):
     """DeepSpeed's CPU shared-memory all-reduce (for inference only) is not JIT-built: a rank killed during
     that build left torch's lock file behind, and every later launch waited on it forever."""
     assert spawn(_set_up_with_extensions_dir, 1, tiny_data, str(tmp_path / "extensions"))[0] == []
+
+
+def _launch_processes(log_dir: Path) -> list[int]:
+    """PIDs of the launch's processes still alive (their command lines name its log directory)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if f"logging.log_dir={log_dir}" in Path(f"/proc/{pid}/cmdline").read_text().split("\0"):
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("how", ["sigterm_to_the_deepspeed_command", "ctrl_c"])
+def test_a_stop_signal_to_the_launch_stops_every_process_after_a_checkpoint(how, tiny_data, tmp_path):
+    """DeepSpeed's `deepspeed` command forwards no signal: a SIGTERM to it (a job scheduler, `kill`) left the node
+    launcher and the ranks training as orphans. Ctrl-C reached the data workers too, which died under their ranks
+    (tracebacks, no checkpoint). Both now end the whole job at the next step boundary with a stop checkpoint."""
+    log_dir, output = tmp_path / "run", tmp_path / "run.out"
+    with output.open("w") as out:
+        proc = subprocess.Popen(_command(tiny_data, log_dir, "train.train_iters=400"), cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_step(proc, log_dir, 3, output)
+        if how == "ctrl_c":
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to its foreground process group
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 90
+        while _launch_processes(log_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _launch_processes(log_dir)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _launch_processes(log_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = output.read_text()
+    assert not left, f"processes {left} still running:\n{text[-3000:]}"
+    stopped_at = int((log_dir / "checkpoints" / "latest").read_text().split("_")[1])
+    assert stopped_at >= 3 and stopped_at == max(_losses(log_dir)), text[-3000:]
+    assert not re.search(r"^\[rank\d\]: Traceback|DataLoader worker .* is killed", text, re.MULTILINE), text[-3000:]

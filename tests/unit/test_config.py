@@ -17,7 +17,9 @@ DEMO = str(ROOT / "configs" / "tiny-dense.yaml")
 
 
 def data_args(data: dict) -> list[str]:
-    return [f"data.data_path=[{data['prefix']}]", f"data.tokenizer_model={data['tokenizer']}"]
+    """The test corpus, and run directories in the session's temporary directory (start-up creates them)."""
+    return [f"data.data_path=[{data['prefix']}]", f"data.tokenizer_model={data['tokenizer']}",
+            f"logging.log_dir={data['root']}/runs/demo", f"checkpoint.save={data['root']}/runs/demo/checkpoints"]
 
 
 def test_yaml_and_overrides(tiny_data):
@@ -122,6 +124,44 @@ MISTAKES = [
     (["checkpoint.verify=md5"], 1, r"'checkpoint.verify' must be one of 'hashes', 'sizes', 'none'"),
     (["parallel.step_timeout_minutes=0"], 1, r"parallel.step_timeout_minutes=0.0 must be > 0 \(null: no limit\)"),
     (["parallel.distributed_timeout_minutes=-1"], 1, r"parallel.distributed_timeout_minutes=-1.0 must be > 0"),
+    # Values that passed validation and failed later (a traceback on every rank, or a silent fallback).
+    (["model.ffn_hidden_size=0"], 1, r"model.ffn_hidden_size=0 must be >= 1, or null for the default"),
+    (["model.num_query_groups=0"], 1, r"model.num_query_groups=0 must be >= 1"),
+    (["model.kv_channels=0"], 1, r"model.kv_channels=0 must be >= 1"),
+    (["model.make_vocab_size_divisible_by=0"], 1, r"model.make_vocab_size_divisible_by=0 must be positive"),
+    (["model.init_method_std=-0.02"], 1, r"model.init_method_std=-0.02 must be > 0"),
+    (["model.rotary_base=0"], 1, r"model.rotary_base=0 must be > 0"),
+    (["model.norm_epsilon=0"], 1, r"model.norm_epsilon=0.0 must be > 0"),
+    (["train.seed=-1"], 1, r"train.seed=-1 must be in \[0, 2\*\*32\)"),
+    (["train.seed=4294967296"], 1, r"train.seed=4294967296 must be in \[0, 2\*\*32\)"),
+    (["train.adam_beta1=1.5"], 1, r"train.adam_beta1=1.5 must be in \[0, 1\)"),
+    (["train.adam_beta2=1.0"], 1, r"train.adam_beta2=1.0 must be in \[0, 1\)"),
+    (["train.weight_decay=-0.1"], 1, r"train.weight_decay=-0.1 >= 0"),
+    (["train.adam_eps=0"], 1, r"train.adam_eps=0.0 must be > 0"),
+    (["train.lr=nan"], 1, r"config key 'train.lr' must be a finite number, got 'nan'"),
+    (["moe.num_experts=4", "moe.aux_loss_coeff=.nan"], 1, r"'moe.aux_loss_coeff' must be a finite number"),
+    (["data.data_path=[nan, a, 1, b]"], 1, r"data.data_path weights \[nan, 1.0\] must be positive numbers"),
+    (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "data.seq_length=127"], 2,
+     r"data.seq_length=127 is not divisible by parallel.tensor_model_parallel_size=2"),
+    (["parallel.distributed_timeout_minutes=0.0001"], 1, r"distributed_timeout_minutes=0.0001 is too short"),
+    (["checkpoint.save="], 1, r"checkpoint.save='' is empty; give a path \(or null\)"),
+    (["logging.log_dir=configs/tiny-dense.yaml"], 1,
+     r"logging.log_dir=configs/tiny-dense.yaml cannot be created \(configs/tiny-dense.yaml is a file\)"),
+    (["checkpoint.save=configs/tiny-dense.yaml/ckpt"], 1, r"cannot be created \(configs/tiny-dense.yaml is a file\)"),
+    (["data.data_cache_path=/proc/megamoe-cache"], 1, r"data.data_cache_path=/proc/megamoe-cache cannot be created"),
+    (["data.tokenizer_model=configs"], 1, r"data.tokenizer_model: 'configs' is a directory"),
+    (["data.tokenizer_model=configs/tiny-dense.yaml"], 1,
+     r"data.tokenizer_model: 'configs/tiny-dense.yaml' is not a sentencepiece model"),
+    (["deepspeed.extra={zero_optimization: {reduce_bucket_size: big}}"], 1,
+     r"DeepSpeed refuses it: 1 validation error for DeepSpeedZeroConfig reduce_bucket_size Input should be a "
+     r"valid integer"),
+    (["data.seq_length=4096", "model.max_position_embeddings=4096", "train.micro_batch_size=512",
+      "train.global_batch_size=512"], 1,
+     r"this run needs about [\d,.]+ GiB per rank .* more than the [\d,.]+ GiB a rank has here"),
+    (["data.seq_length=100000000", "model.max_position_embeddings=100000000"], 1,
+     r"the training split of .* holds \d+ tokens, less than one sample of data.seq_length=100000000"),
+    (["data.split=100,0.0001,0"], 1, r"data.split='100,0.0001,0' gives the validation split of .* no document"),
+    (["checkpoint.load=/nonexistent/run"], 1, r"checkpoint error: checkpoint.load=/nonexistent/run does not exist"),
 ]
 
 
@@ -148,6 +188,32 @@ def test_missing_config_file(capsys):
 
     assert main(["--config", "configs/nope.yaml"]) == 2
     assert "config file 'configs/nope.yaml' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["binary", "directory"])
+def test_a_config_that_is_not_a_yaml_file(kind, tmp_path, capsys):
+    from launchers.pretrain import main
+
+    path = tmp_path / "c.yaml"
+    if kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        path.mkdir()
+    assert main(["--config", str(path)]) == 2
+    expected = "is not a text file (not UTF-8)" if kind == "binary" else "is a directory; pass a YAML file"
+    assert expected in capsys.readouterr().err
+
+
+def test_an_unknown_deepspeed_key_is_named(tiny_data, monkeypatch, caplog):
+    """DeepSpeed ignores a top-level key it does not know (a typo, say): start-up names it."""
+    from megamoe.train import startup
+
+    cfg = config.load(DEMO, [*data_args(tiny_data), "deepspeed.extra={zero_optimisation: {overlap_comm: true}}"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    warnings = []
+    monkeypatch.setattr(startup, "get_logger", lambda: type("L", (), {"warning": warnings.append})())
+    startup.check(cfg)
+    assert warnings == ["deepspeed.extra.zero_optimisation is not a DeepSpeed setting: DeepSpeed ignores it (a typo?)"]
 
 
 def test_bad_yaml_names_the_line(tmp_path, capsys):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,12 +151,12 @@ def _copy_dataset(tiny_data, tmp_path) -> str:
     return prefix
 
 
-def _start_with(tiny_data, prefix: str, capsys, tokenizer: str | None = None) -> str:
+def _start_with(tiny_data, prefix: str, capsys, tokenizer: str | None = None, *overrides: str) -> str:
     """Run the launcher's checks on a dataset; its one-line error."""
     from launchers.pretrain import main
 
     args = ["--config", str(ROOT / "configs" / "tiny-dense.yaml"), f"data.data_path=[{prefix}]",
-            f"data.tokenizer_model={tokenizer or tiny_data['tokenizer']}"]
+            f"data.tokenizer_model={tokenizer or tiny_data['tokenizer']}", *overrides]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
@@ -212,3 +216,157 @@ def test_a_line_that_is_not_json_names_its_place(tmp_path):
     path.write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(ValueError, match=r"broken.jsonl:2 is not JSON"):
         list(read_documents(path))
+
+
+def _dataset_of(path, docs: list[list[int]], dtype=np.uint16) -> str:
+    """An indexed dataset holding exactly `docs`, written by megatron-core's builder (no sidecar)."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(path / "custom_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for doc in docs:
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+@pytest.mark.timeout(60)  # megatron's epoch count spun forever on an empty split
+@pytest.mark.parametrize("case", ["tiny_share", "one_document"])
+def test_a_split_without_documents_is_refused_instead_of_hanging(case, tiny_data, tmp_path, capsys):
+    if case == "tiny_share":
+        prefix, split = _copy_dataset(tiny_data, tmp_path), "100,0.0001,0"
+    else:
+        prefix, split = _dataset_of(tmp_path, [list(range(4, 300))]), "969,30,1"
+    err = _start_with(tiny_data, prefix, capsys, None, f"data.split={split}")
+    assert f"data.split='{split}' gives the validation split of {prefix} no document" in err, err
+
+
+@pytest.mark.parametrize("ids, dtype", [(600, np.uint16), (2000, np.uint16), (-5, np.int16)],
+                         ids=["padding_rows", "beyond_padding", "negative"])
+def test_ids_outside_the_tokenizer_are_refused(ids, dtype, tiny_data, tmp_path, capsys):
+    """A 512-piece tokenizer padded to 1024 rows: id 600 would train the padding rows without a word (and 2000
+    fail with an IndexError on some rank, -5 anywhere)."""
+    prefix = _dataset_of(tmp_path, [[ids, 7] * 100 for _ in range(20)], dtype)
+    err = _start_with(tiny_data, prefix, capsys, None, "model.make_vocab_size_divisible_by=1024")
+    assert f"{prefix}.bin holds token ids {min(ids, 7)}..{max(ids, 7)}, outside the tokenizer's 0..511" in err, err
+
+
+def test_the_id_range_recorded_at_preprocessing_stands_for_a_scan(tiny_data, tmp_path):
+    from megamoe.data.checks import id_range, read_index
+
+    report = encode_corpus([tiny_data["corpus"]], tiny_data["tokenizer"], str(tmp_path / "c"))
+    meta = json.loads((tmp_path / "c_text_document.meta.json").read_text())
+    dataset = read_index(report.prefix)
+    assert id_range(dataset, meta) == id_range(dataset) == (meta["min_id"], meta["max_id"])
+    tokens = np.memmap(dataset.bin_path, dtype=dataset.dtype, mode="r+")
+    tokens[0] = 511
+    tokens.flush()
+    del tokens  # the file changed: its modification time no longer matches the record, which is not trusted
+    assert id_range(dataset, meta)[1] == 511
+
+
+@pytest.mark.parametrize("damage", ["boundaries", "empty_bin", "sidecar"])
+def test_damaged_dataset_files_are_refused_in_one_line(damage, tiny_data, tmp_path, capsys):
+    prefix = _copy_dataset(tiny_data, tmp_path)
+    if damage == "boundaries":
+        idx = Path(prefix + ".idx")
+        raw = bytearray(idx.read_bytes())
+        raw[-8:] = (int.from_bytes(raw[-8:], "little") + 7).to_bytes(8, "little")  # the last document boundary
+        idx.write_bytes(bytes(raw))
+        expected = f"{prefix}.idx: its document boundaries or sequence lengths do not describe its 300 sequences"
+    elif damage == "empty_bin":
+        Path(prefix + ".bin").write_bytes(b"")
+        expected = f"{prefix}.bin has 0 bytes but its index describes"
+    else:
+        Path(prefix + ".meta.json").write_text("{truncated")
+        expected = f"{prefix}.meta.json is not JSON (damaged)"
+    assert expected in _start_with(tiny_data, prefix, capsys)
+
+
+def test_a_replaced_dataset_does_not_read_the_index_cache_of_the_old_one(tiny_data, tmp_path):
+    """megatron caches sample indices by prefix: a smaller dataset written under the same prefix read the old
+    index (IndexError). The cache path holds a fingerprint of the files."""
+    from megamoe import config
+    from megamoe.config import validate
+    from megamoe.data.loader import build_datasets
+
+    prefix = _copy_dataset(tiny_data, tmp_path)
+    cfg = config.load(ROOT / "configs" / "tiny-dense.yaml", [f"data.data_path=[{prefix}]", "data.seq_length=32",
+                                                               f"data.tokenizer_model={tiny_data['tokenizer']}"])
+    layout = validate(cfg, config.Environment(world_size=1, cuda_available=False, tokenizer_vocab_size=512))
+    tokenizer = load_tokenizer(tiny_data["tokenizer"])
+    build_datasets(cfg, layout, tokenizer)
+    _dataset_of(tmp_path, [list(range(4, 60)) for _ in range(12)])
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"custom_text_document{suffix}").replace(prefix + suffix)
+    train = build_datasets(cfg, layout, tokenizer).train
+    assert all(int(train[i]["tokens"].max()) < 60 for i in range(len(train)))
+
+
+def test_a_bin_truncated_while_training_is_named(tiny_data, tmp_path):
+    """A .bin cut short under a running job: the data worker reading it dies of SIGBUS; the rank says which file."""
+    import torch
+
+    from megamoe.data.checks import DataFileError, read_index
+    from megamoe.data.loader import IntactBatches
+
+    prefix = _copy_dataset(tiny_data, tmp_path)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    loader = torch.utils.data.DataLoader(range(len(dataset)), batch_size=1, num_workers=1,
+                                         collate_fn=lambda index: torch.from_numpy(dataset[index[0]].astype(np.int64)))
+    batches = iter(IntactBatches(loader, (read_index(prefix),), interval_s=3600.0))
+    next(batches)
+    os.truncate(prefix + ".bin", 1024)
+    with pytest.raises(DataFileError, match=rf"while training: {prefix}.bin has 1024 bytes but its index describes"):
+        for _ in batches:
+            pass
+
+
+def test_a_failed_preprocessing_run_leaves_the_existing_dataset_and_tokenizer(tiny_data, tmp_path):
+    from tools.preprocess_data import main
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(Path(tiny_data["corpus"]).read_text())
+    assert main(["--input", str(good), "--output-prefix", str(tmp_path / "c"), "--train-tokenizer",
+                 "--vocab-size", "400"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("c")}
+    lines = good.read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:200] + ["{not json"] + lines[200:]) + "\n")
+    for extra in (["--tokenizer-model", str(tmp_path / "c.model")], ["--train-tokenizer", "--vocab-size", "300"]):
+        assert main(["--input", str(bad), "--output-prefix", str(tmp_path / "c"), *extra]) == 2
+        after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name not in ("good.jsonl", "bad.jsonl")}
+        assert after == before, sorted(after)  # nothing replaced, nothing half-written left beside them
+
+
+@pytest.mark.parametrize("case", ["binary", "vocab_too_large", "missing_tokenizer", "not_text", "corrupt_gzip",
+                                  "parent_is_a_file"])
+def test_preprocessing_mistakes_are_one_line(case, tiny_data, tmp_path, capsys):
+    from tools.preprocess_data import main
+
+    args = ["--input", tiny_data["corpus"], "--output-prefix", str(tmp_path / "out"), "--tokenizer-model",
+            tiny_data["tokenizer"]]
+    if case == "binary":
+        (tmp_path / "binary.txt").write_bytes(Path(sys.executable).read_bytes()[:300_000])
+        args[1], expected = str(tmp_path / "binary.txt"), "are not text (not UTF-8 or holding NUL bytes"
+    elif case == "vocab_too_large":
+        args[4:6], expected = ["--train-tokenizer", "--vocab-size", "100000"], "--vocab-size 100000 is too large"
+    elif case == "missing_tokenizer":
+        args[5], expected = str(tmp_path / "missing.model"), "missing.model' does not exist"
+    elif case == "not_text":
+        (tmp_path / "n.jsonl").write_text('{"text": "fine"}\n{"text": 12345}\n')
+        args[1], expected = str(tmp_path / "n.jsonl"), "n.jsonl:2: 'text' is int, not text"
+    elif case == "corrupt_gzip":
+        (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(Path(tiny_data["corpus"]).read_bytes())[:5000])
+        args[1], expected = str(tmp_path / "c.jsonl.gz"), "c.jsonl.gz cannot be read to the end"
+    else:
+        (tmp_path / "afile").write_text("x")
+        args[3], expected = str(tmp_path / "afile" / "out"), f"cannot be created ({tmp_path / 'afile'} is a file)"
+    with contextlib.suppress(SystemExit):  # argparse's parser.error exits 2
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert expected in err[-1] and "Traceback" not in "\n".join(err), err
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*")), "nothing written"
