@@ -8,6 +8,7 @@ sees with a doubled micro-batch.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -93,8 +94,8 @@ def cache_dir(cfg: RunConfig) -> str:
 
 class IntactBatches:
     """A loader's micro-batches, its datasets' .bin files checked (by size, at most once a second) as they are read:
-    a file truncated or replaced under a running job ends it naming the file (DataFileError), where reading it
-    would give a bus error in a data worker (or in the rank) or garbage tokens."""
+    a file truncated or replaced under a running job ends it naming the file (DataFileError) before a read of it
+    would give a bus error or garbage tokens."""
 
     def __init__(self, loader: DataLoader, files: tuple[IndexedDataset, ...], interval_s: float = 1.0) -> None:
         self.loader, self.files, self.interval_s = loader, files, interval_s
@@ -102,24 +103,38 @@ class IntactBatches:
     def __iter__(self) -> Iterator[dict]:
         batches, checked = iter(self.loader), 0.0
         while True:
-            if time.monotonic() - checked >= self.interval_s:
-                self._check()
+            if time.monotonic() - checked >= self.interval_s:  # before the read: in the rank it would be a bus error
+                require_files_intact(self.files)
                 checked = time.monotonic()
             try:
                 batch = next(batches)
             except StopIteration:
                 return
-            except Exception:  # a worker killed by SIGBUS: name the file if that is why
-                self._check()
-                raise
             yield batch
 
-    def _check(self) -> None:
-        for dataset in self.files:
-            try:
-                require_bin_intact(dataset)
-            except DataFileError as err:
-                raise DataFileError(f"while training: {err}") from None
+
+def require_files_intact(files: tuple[IndexedDataset, ...]) -> None:
+    """DataFileError naming the first .bin that no longer holds what its index describes."""
+    for dataset in files:
+        try:
+            require_bin_intact(dataset)
+        except DataFileError as err:
+            raise DataFileError(f"while training: {err}") from None
+
+
+@contextlib.contextmanager
+def blamed_on_changed_files(files: tuple[IndexedDataset, ...]):
+    """Around training: a failure while a dataset file no longer matches its index is reported as that file's
+    DataFileError. A data worker killed by SIGBUS (it read past the end of a truncated .bin) makes PyTorch raise in
+    the rank wherever it happens to be, a forward pass as likely as the next read."""
+    try:
+        yield
+    except Exception as err:
+        try:
+            require_files_intact(files)
+        except DataFileError as changed:
+            raise changed from err
+        raise
 
 
 class MicroBatchSampler:

@@ -115,9 +115,14 @@ def save_expert_shard(model: torch.nn.Module, tag_dir: Path, groups: ParallelGro
     torch.save(shard, tag_dir / f"experts_ep{groups.ep_rank:03d}{stage}.pt")
 
 
-@torch.no_grad()
 def load_expert_shards(model: torch.nn.Module, tag_dir: Path) -> None:
-    """Fill this rank's experts from the shards, whatever EP and PP sizes wrote them."""
+    """Fill this rank's experts from the shards, whatever EP and PP sizes wrote them. A shard missing or not
+    fitting for any rank fails on every rank (collective: the others would die in the next collective)."""
+    integrity.on_every_rank(lambda: _fill_experts(model, tag_dir))
+
+
+@torch.no_grad()
+def _fill_experts(model: torch.nn.Module, tag_dir: Path) -> None:
     experts = _experts(model)
     if not experts:
         return
@@ -151,8 +156,14 @@ class ShapeMismatch(integrity.CheckpointError):
     """A checkpoint tensor whose shape differs from the model's: the model is not the one the checkpoint holds."""
 
 
-def require_same_shapes(saved: dict, own: dict[str, torch.Tensor], where: Path) -> None:
-    """ShapeMismatch naming the first tensor of `own` (this rank's state dict) whose saved shape differs."""
+def require_fit(saved: dict, own: dict[str, torch.Tensor], where: Path, elsewhere: set[str] = frozenset()) -> None:
+    """ShapeMismatch naming the first tensor of `own` (this rank's state dict) that `saved` lacks, holds with another
+    shape, or the first saved one the model lacks; `elsewhere`: names loaded from other files (expert shards)."""
+    missing = sorted(own.keys() - saved.keys() - elsewhere)
+    unexpected = sorted(saved.keys() - own.keys() - elsewhere)
+    if missing or unexpected:
+        raise ShapeMismatch(f"{where}: this model's {missing[:2]} are not in the checkpoint" if missing else
+                            f"{where}: the checkpoint's {unexpected[:2]} are not in this model")
     for name, tensor in own.items():
         value = saved.get(name)
         if isinstance(tensor, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape != tensor.shape:
@@ -356,7 +367,12 @@ def _fit_vocab_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> dict:
     """The model weights of a checkpoint, resharded to this run's layout, before the engine exists (so
-    DeepSpeed's fp32 master weights start from them). Returns the saved state for `load`."""
+    DeepSpeed's fp32 master weights start from them). Returns the saved state for `load`. A checkpoint that does
+    not fit on any rank fails on every rank (collective)."""
+    return integrity.on_every_rank(lambda: _load_weights(model, tag_dir, groups))
+
+
+def _load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> dict:
     saved = saved_layout(tag_dir)
     if (saved.tp, saved.pp) == (groups.tp_size, groups.pp_size):
         states = _load_model_file(saved.stage_files(tag_dir)[groups.pp_rank][groups.tp_rank])
@@ -368,12 +384,9 @@ def load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) 
     expert_keys = {n for n, m in model.named_modules() if isinstance(m, Experts)}
     expert_keys = {f"{n}.{p}" for n in expert_keys for p, _ in model.get_submodule(n).named_parameters(recurse=False)}
     dense = {k: v for k, v in module.items() if k not in expert_keys}
-    require_same_shapes(dense, model.state_dict(), tag_dir)
-    missing, unexpected = model.load_state_dict(dense, strict=False)
-    if (not_loaded := sorted(set(missing) - expert_keys)) or unexpected:
-        raise ValueError(f"{tag_dir}: checkpoint does not fit the model (missing {not_loaded[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    load_expert_shards(model, tag_dir)
+    require_fit(dense, model.state_dict(), tag_dir, elsewhere=expert_keys)
+    model.load_state_dict(dense, strict=False)
+    _fill_experts(model, tag_dir)
     get_logger().warning(f"loaded the weights of {tag_dir} (fine-tuning, a weights-only checkpoint or another "
                          "parallel layout): the optimizer state starts afresh")
     return states
@@ -411,7 +424,8 @@ def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: d
             engine.lr_scheduler.load_state_dict(weights_states["lr_scheduler"])
     else:
         model_file = saved_layout(tag_dir).stage_files(tag_dir)[groups.pp_rank][groups.tp_rank]
-        require_same_shapes(_load_model_file(model_file, mmap=True)["module"], engine.module.state_dict(), tag_dir)
+        integrity.on_every_rank(lambda: require_fit(_load_model_file(model_file, mmap=True)["module"],
+                                                    engine.module.state_dict(), tag_dir))
         path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")

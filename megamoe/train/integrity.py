@@ -22,7 +22,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,7 @@ import yaml
 
 from megamoe.utils import file_sha256
 
+T = TypeVar("T")
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 DEEPSPEED_STATE_CLASSES = (
@@ -284,6 +287,24 @@ def _check_file(path: Path, entry: dict, mode: str) -> str | None:
     if mode == "hashes" and file_sha256(path) != entry["sha256"]:
         return f"{path} does not match its SHA-256 in the manifest (corrupted)"
     return None
+
+
+def on_every_rank(check: Callable[[], T]) -> T:
+    """`check()` on this rank; if it raised a CheckpointError on any rank, every rank raises the first one (by
+    rank): a problem only some ranks see (the shard of their experts is gone) ends them all with the same line,
+    instead of leaving the others to die in the next collective. Collective when distributed; `check` must hold
+    none."""
+    try:
+        result, error = check(), None
+    except CheckpointError as err:
+        result, error = None, err
+    if _world() > 1:
+        errors = [None] * _world()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+    return result
 
 
 def _shared_checks(names: list[str], check) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.config import Layout, RunConfig
-from megamoe.data.loader import Datasets, IntactBatches, build_datasets, build_loader
+from megamoe.data.loader import Datasets, IntactBatches, blamed_on_changed_files, build_datasets, build_loader
 from megamoe.data.tokenizer import load_tokenizer
 from megamoe.models.gpt import build_model
 from megamoe.moe.losses import set_aux_loss_scale
@@ -235,9 +235,6 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
     """Steps from trainer.progress to train_iters: log, validate, checkpoint. Returns {step: valid ppl}.
     Raises Preempted (after a checkpoint) when a rank got a stop signal (`stop`, see train/preemption.py);
     tells `watchdog` (train/watchdog.py) after every step that the rank is not stalled."""
-    cfg, layout = trainer.cfg, trainer.layout
-    tokens_per_step = layout.global_batch_size * cfg.data.seq_length
-    do_eval = trainer.datasets.valid is not None
     perplexity = {}
 
     def validate(step: int) -> None:
@@ -245,10 +242,21 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
         perplexity[step] = values["valid/ppl"]
         metrics.log(step, values)
 
-    if do_eval and trainer.progress.iteration == 0:
-        validate(0)
-    batches = iter(IntactBatches(build_loader(trainer.datasets.train, trainer.progress.consumed_samples, cfg,
-                                              trainer.groups), trainer.datasets.files))
+    with blamed_on_changed_files(trainer.datasets.files):
+        if trainer.datasets.valid is not None and trainer.progress.iteration == 0:
+            validate(0)
+        batches = iter(IntactBatches(build_loader(trainer.datasets.train, trainer.progress.consumed_samples,
+                                                  trainer.cfg, trainer.groups), trainer.datasets.files))
+        run_steps(trainer, batches, metrics, expert_load, validate, stop, watchdog)
+    return perplexity
+
+
+def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter, expert_load: ExpertLoadLog,
+              validate: Callable[[int], None], stop: StopRequests | None, watchdog: StallWatchdog | None) -> None:
+    """The steps of `train` up to train_iters: log, validate, checkpoint, stop on a signal."""
+    cfg, layout = trainer.cfg, trainer.layout
+    tokens_per_step = layout.global_batch_size * cfg.data.seq_length
+    do_eval = trainer.datasets.valid is not None
     skips = SkippedSteps(cfg.train.max_skipped_steps, trainer.progress.skipped_steps)
     while trainer.progress.iteration < cfg.train.train_iters:
         start = time.perf_counter()
@@ -275,7 +283,6 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
             raise Preempted(step, signum, saved=bool(cfg.checkpoint.save))
         if watchdog is not None:
             watchdog.progress()
-    return perplexity
 
 
 class NonFiniteTraining(RuntimeError):

@@ -89,7 +89,17 @@ LOAD_MISTAKES = {
                        r"/latest names '/tmp', which is not a checkpoint directory in it"),
     "no_latest": (lambda c: (c / "latest").unlink() or c,
                   r"holds checkpoints iter_0000002 .. iter_0000004 but no 'latest' file naming the one to resume"),
+    "hf_directory": (lambda c: _fake_hf_directory(c.parent / "hf"),
+                     r"is a Hugging Face model directory; import it first: python tools/convert_checkpoint.py "
+                     r"--load-hf"),
 }
+
+
+def _fake_hf_directory(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"")
+    return path
 
 
 @pytest.mark.parametrize("mistake", sorted(LOAD_MISTAKES))
@@ -197,14 +207,14 @@ def _resume_with(data: dict, ckpt: str) -> dict:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megamoe.train import startup
-    from megamoe.train.deepspeed import base_optimizer
     from megamoe.train.loop import build_trainer
 
     new = ["train.train_iters=10", "train.lr=2e-3", "train.min_lr=1e-4", "train.lr_warmup_iters=2",
            "train.adam_beta2=0.9", "train.adam_eps=1e-6", "train.weight_decay=0.05"]
     cfg = tiny_config(data, *MOE, f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", *new)
     trainer = build_trainer(cfg, startup.check(cfg))
-    groups = base_optimizer(trainer.engine).param_groups
+    optimizer = trainer.engine.optimizer
+    groups = getattr(optimizer, "optimizer", optimizer).param_groups  # under DeepSpeed's wrapper, if any
     reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     expected = OptimizerParamScheduler(reference, init_lr=0.0, max_lr=2e-3, min_lr=1e-4, lr_warmup_steps=2,
                                        lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.05, end_wd=0.05,
@@ -351,3 +361,47 @@ def test_a_second_run_saving_into_a_directory_in_use_is_refused(tiny_data, tmp_p
     from megamoe.train import preflight
 
     preflight.lock_save_directory(str(save))  # free again
+
+
+def test_tools_refuse_what_they_cannot_use_in_one_line(tiny_data, tmp_path, capsys):
+    from tools.evaluate import main as evaluate
+    from tools.inspect_dataset import main as inspect
+    from tools.plan import main as plan
+
+    _refused(capsys, evaluate, _args(tiny_data), r"megamoe: evaluate: checkpoint.load is not set")
+    for flag in ("--nodes", "--gpus-per-node"):
+        with pytest.raises(SystemExit):  # argparse's error: exit 2, one usage line and the reason
+            plan(["--config", str(ROOT / "configs" / "tiny-moe.yaml"), flag, "0", "--vocab-size", "512"])
+        assert f"{flag} 0 must be >= 1" in capsys.readouterr().err
+    prefix = str(tmp_path / "c_text_document")
+    for suffix in (".bin", ".idx"):
+        shutil.copy(tiny_data["prefix"] + suffix, prefix + suffix)
+    Path(prefix + ".idx").write_bytes(Path(prefix + ".idx").read_bytes()[:40])
+    with pytest.raises(SystemExit):
+        inspect([prefix])
+    assert f"{prefix}.idx is truncated" in capsys.readouterr().err
+
+
+def _only_rank_1_fails() -> str:
+    import torch.distributed as dist
+
+    from megamoe.train.integrity import CheckpointError, on_every_rank
+
+    dist.init_process_group("gloo")
+
+    def check() -> str:
+        if dist.get_rank() == 1:
+            raise CheckpointError("the shard of rank 1's experts is gone")
+        return "fine"
+
+    try:
+        return on_every_rank(check)
+    except CheckpointError as err:
+        return str(err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_problem_one_rank_sees_fails_every_rank_alike():
+    """(Launched with EP=2, the other rank died in its next collective with gloo's 'Connection closed by peer'.)"""
+    assert spawn(_only_rank_1_fails, 2) == ["the shard of rank 1's experts is gone"] * 2

@@ -350,7 +350,8 @@ def test_a_stop_signal_to_the_launch_stops_every_process_after_a_checkpoint(how,
     log_dir, output = tmp_path / "run", tmp_path / "run.out"
     with output.open("w") as out:
         proc = subprocess.Popen(_command(tiny_data, log_dir, "train.train_iters=400"), cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
     try:
         _wait_for_step(proc, log_dir, 3, output)
         if how == "ctrl_c":

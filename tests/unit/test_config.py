@@ -162,6 +162,12 @@ MISTAKES = [
      r"the training split of .* holds \d+ tokens, less than one sample of data.seq_length=100000000"),
     (["data.split=100,0.0001,0"], 1, r"data.split='100,0.0001,0' gives the validation split of .* no document"),
     (["checkpoint.load=/nonexistent/run"], 1, r"checkpoint error: checkpoint.load=/nonexistent/run does not exist"),
+    (["logging.log_dir="], 1, r"logging.log_dir='' is empty; give a path$"),
+    (["train.train_iters=100000000"], 1, r"train.train_iters=100000000 asks for 1,600,000,000 samples of .*: "
+                                         r"megatron's sample index for them needs about [\d,]+ GiB, more than"),
+    (["train.eval_iters=1000000000"], 1, r"train.eval_iters=1000000000 asks for 8,000,000,000 samples"),
+    (["moe.num_experts=4", "moe.router_enable_expert_bias=true", "moe.router_bias_update_rate=-1"], 1,
+     r"moe.router_bias_update_rate=-1.0 must be >= 0"),
 ]
 
 

@@ -304,23 +304,26 @@ def test_a_replaced_dataset_does_not_read_the_index_cache_of_the_old_one(tiny_da
     assert all(int(train[i]["tokens"].max()) < 60 for i in range(len(train)))
 
 
-def test_a_bin_truncated_while_training_is_named(tiny_data, tmp_path):
-    """A .bin cut short under a running job: the data worker reading it dies of SIGBUS; the rank says which file."""
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_bin_truncated_while_training_is_named(workers, tiny_data, tmp_path):
+    """A .bin cut short under a running job: the data worker reading it dies of SIGBUS, and PyTorch raises that
+    wherever the rank is (blamed_on_changed_files names the file); read in the rank, the periodic size check stops
+    it before the read."""
     import torch
-
-    from megamoe.data.checks import DataFileError, read_index
-    from megamoe.data.loader import IntactBatches
-
-    prefix = _copy_dataset(tiny_data, tmp_path)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    dataset = IndexedDataset(prefix)
-    loader = torch.utils.data.DataLoader(range(len(dataset)), batch_size=1, num_workers=1,
+    from megamoe.data.checks import DataFileError, read_index
+    from megamoe.data.loader import IntactBatches, blamed_on_changed_files
+
+    prefix = _copy_dataset(tiny_data, tmp_path)
+    dataset, files = IndexedDataset(prefix), (read_index(prefix),)
+    loader = torch.utils.data.DataLoader(range(len(dataset)), batch_size=1, num_workers=workers,
                                          collate_fn=lambda index: torch.from_numpy(dataset[index[0]].astype(np.int64)))
-    batches = iter(IntactBatches(loader, (read_index(prefix),), interval_s=3600.0))
+    batches = iter(IntactBatches(loader, files, interval_s=3600.0 if workers else 0.0))
     next(batches)
     os.truncate(prefix + ".bin", 1024)
-    with pytest.raises(DataFileError, match=rf"while training: {prefix}.bin has 1024 bytes but its index describes"):
+    with pytest.raises(DataFileError, match=rf"while training: {prefix}.bin has 1024 bytes but its index describes"), \
+            blamed_on_changed_files(files):
         for _ in batches:
             pass
 
@@ -342,8 +345,8 @@ def test_a_failed_preprocessing_run_leaves_the_existing_dataset_and_tokenizer(ti
         assert after == before, sorted(after)  # nothing replaced, nothing half-written left beside them
 
 
-@pytest.mark.parametrize("case", ["binary", "vocab_too_large", "missing_tokenizer", "not_text", "corrupt_gzip",
-                                  "parent_is_a_file"])
+@pytest.mark.parametrize("case", ["binary", "vocab_too_large", "vocab_zero", "missing_tokenizer", "not_text",
+                                  "corrupt_gzip", "parent_is_a_file"])
 def test_preprocessing_mistakes_are_one_line(case, tiny_data, tmp_path, capsys):
     from tools.preprocess_data import main
 
@@ -354,6 +357,8 @@ def test_preprocessing_mistakes_are_one_line(case, tiny_data, tmp_path, capsys):
         args[1], expected = str(tmp_path / "binary.txt"), "are not text (not UTF-8 or holding NUL bytes"
     elif case == "vocab_too_large":
         args[4:6], expected = ["--train-tokenizer", "--vocab-size", "100000"], "--vocab-size 100000 is too large"
+    elif case == "vocab_zero":
+        args[4:6], expected = ["--train-tokenizer", "--vocab-size", "0"], "--vocab-size 0 must be at least 8"
     elif case == "missing_tokenizer":
         args[5], expected = str(tmp_path / "missing.model"), "missing.model' does not exist"
     elif case == "not_text":

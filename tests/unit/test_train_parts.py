@@ -162,3 +162,47 @@ def _state(stat):
         return stat.read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):
         return "Z"
+
+
+def test_a_resumed_optimizer_takes_this_configs_adam_settings_and_group_rates(tiny_data):
+    """torch restores a checkpoint's parameter groups whole (betas, eps, an lr_mult group's peak rate): a resumed
+    run puts this config's back, so that what its config.yaml records is what trains."""
+    from megamoe.train.optim import apply_hyperparameters, lr_scheduler_factory, param_groups
+
+    schedule = ["train.train_iters=10", "train.lr_warmup_iters=0", "train.lr_decay_style=constant"]
+    old = tiny_config(tiny_data, *schedule, "train.lr=1.0", "train.min_lr=0.1")
+    new = tiny_config(tiny_data, *schedule, "train.lr=2.0", "train.min_lr=0.2", "train.adam_beta1=0.8",
+                      "train.adam_eps=1e-6")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False))
+    model[1].weight.lr_mult = 0.5
+    saved = torch.optim.AdamW(param_groups(model, old.train), lr=1.0, betas=(0.9, 0.95), eps=1e-8)
+    saved_schedule = lr_scheduler_factory(old.train)(saved)
+    saved_schedule.step(3)
+    resumed = torch.optim.AdamW(param_groups(model, new.train), lr=2.0, betas=(0.8, 0.95), eps=1e-6)
+    resumed.load_state_dict(saved.state_dict())
+    schedule = lr_scheduler_factory(new.train)(resumed)
+    schedule.load_state_dict(saved_schedule.state_dict())
+    apply_hyperparameters(resumed, schedule, new.train)
+    assert [g["lr"] for g in resumed.param_groups] == [2.0, 2.0, 1.0] and schedule.num_steps == 3
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in resumed.param_groups)
+
+
+def test_ctrl_c_asks_for_a_stop_checkpoint_and_a_second_one_interrupts():
+    import os
+    import signal
+    import time
+
+    from megamoe.train.preemption import StopRequests
+
+    def deliver(signum: int) -> None:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)  # Python runs the handler between bytecodes
+
+    with StopRequests() as stop:
+        deliver(signal.SIGINT)
+        assert stop.agreed(torch.device("cpu")) == signal.SIGINT
+        deliver(signal.SIGTERM)  # DeepSpeed's launcher sends it after a Ctrl-C: the first request stands
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            deliver(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
