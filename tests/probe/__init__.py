@@ -1,0 +1,1 @@
+"""The hostile-input probe (python -m tests.probe --help); not part of the test suite."""
