@@ -99,7 +99,12 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> 
 
 def tiny_config(data: dict[str, str], *overrides: str) -> config.RunConfig:
     """A 2-layer Llama-style GPT on the test corpus; no logging sinks, no checkpoints, no validation."""
-    base = [
+    return config.load(None, tiny_overrides(data) + list(overrides))
+
+
+def tiny_overrides(data: dict[str, str]) -> list[str]:
+    """tiny_config's settings as overrides (of the defaults, or of any config file a launcher is given)."""
+    return [
         "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
         "model.ffn_hidden_size=128", "model.make_vocab_size_divisible_by=64",
         f"data.data_path=[{data['prefix']}]", f"data.tokenizer_model={data['tokenizer']}",
@@ -108,7 +113,6 @@ def tiny_config(data: dict[str, str], *overrides: str) -> config.RunConfig:
         "train.eval_iters=0", "train.log_interval=1",
         "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={data['root']}/runs",
     ]
-    return config.load(None, base + list(overrides))
 
 
 def tiny_launch_overrides(data: dict[str, str], log_dir) -> list[str]:

@@ -170,15 +170,22 @@ def split_bounds(split: str, num_sequences: int) -> list[tuple[int, int] | None]
 SPLIT_NAMES = ("training", "validation", "test")
 
 
+def split_sizes(dataset: IndexedDataset, split: str) -> list[tuple[int, int] | None]:
+    """(documents, tokens) of the train, valid and test splits (None: a zero share)."""
+    return [None if bounds is None else
+            (bounds[1] - bounds[0], int(dataset.lengths[bounds[0]:bounds[1]].astype(np.int64).sum()))
+            for bounds in split_bounds(split, len(dataset.lengths))]
+
+
 def check_splits(dataset: IndexedDataset, split: str, seq_length: int) -> list[str]:
     """DataFileError if a split with a non-zero share gets no tokens (megatron would loop forever counting the
     epochs it needs) or the training split holds less than one sample; returns warnings (a validation split
     shorter than a sample)."""
     warnings = []
-    for name, bounds in zip(SPLIT_NAMES, split_bounds(split, len(dataset.lengths)), strict=True):
-        if bounds is None:
+    for name, size in zip(SPLIT_NAMES, split_sizes(dataset, split), strict=True):
+        if size is None:
             continue
-        tokens = int(dataset.lengths[bounds[0]:bounds[1]].astype(np.int64).sum())
+        tokens = size[1]
         if tokens == 0:
             raise DataFileError(f"data.split='{split}' gives the {name} split of {dataset.prefix} no document (it has "
                                 f"{len(dataset.lengths)} in all): give that split a larger share, a share of 0, or "
@@ -191,14 +198,6 @@ def check_splits(dataset: IndexedDataset, split: str, seq_length: int) -> list[s
                                     "more data")
             warnings.append(f"{problem}: its samples repeat it")
     return warnings
-
-
-def split_tokens(dataset: IndexedDataset, split: str, which: int) -> tuple[int, int]:
-    """(documents, tokens) of split `which` (0 train, 1 valid, 2 test)."""
-    bounds = split_bounds(split, len(dataset.lengths))[which]
-    if bounds is None:
-        return 0, 0
-    return bounds[1] - bounds[0], int(dataset.lengths[bounds[0]:bounds[1]].astype(np.int64).sum())
 
 
 def sample_index_bytes(num_samples: int, seq_length: int, documents: int, tokens: int) -> int:

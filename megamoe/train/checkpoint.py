@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
 from megamoe.config import RunConfig, dump
 from megamoe.models.sharding import merge_tp, shard_tp, shift_layer_index
@@ -171,23 +170,6 @@ def require_fit(saved: dict, own: dict[str, torch.Tensor], where: Path, elsewher
                                 "this model")
 
 
-def config_changes(tag_dir: Path, cfg: RunConfig, sections: tuple[str, ...]) -> list[str]:
-    """'section.key saved -> now' for every key of `sections` where the checkpoint's config.yaml and `cfg` differ."""
-    saved, now = _flat(integrity.read_saved_config(tag_dir)), _flat(yaml.safe_load(dump(cfg)))
-    return [f"{key} {saved.get(key)} -> {now.get(key)}" for key in sorted(saved.keys() | now.keys())
-            if key.split(".")[0] in sections and saved.get(key) != now.get(key)]
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and prefix.count(".") < 1:  # sections, not mapping-valued keys
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> Path:
     """Write a checkpoint of this step under cfg.checkpoint.save and publish it atomically (train/integrity.py);
     every rank calls this. Refused (CheckpointError) if any weight is not finite."""
@@ -244,7 +226,7 @@ def loading(tag_dir: Path | None, cfg: RunConfig):
     try:
         yield
     except ShapeMismatch as err:
-        changes = config_changes(tag_dir, cfg, ("model", "moe"))
+        changes = integrity.config_changes(tag_dir, dump(cfg), ("model", "moe"))
         cause = (f"its config differs in {', '.join(changes[:4])}" if changes else
                  "its config.yaml does not explain it: the files do not fit their own config")
         raise ShapeMismatch(f"{err}: this model is not the checkpoint's ({cause}); resume with the checkpoint's "

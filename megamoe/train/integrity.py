@@ -160,6 +160,24 @@ def read_saved_config(tag_dir: Path) -> dict:
     return saved
 
 
+def config_changes(tag_dir: Path, resolved: str, keys: tuple[str, ...]) -> list[str]:
+    """'key saved -> now' for each config key under `keys` (sections like 'model', or keys like 'train.lr') where
+    the checkpoint's config.yaml and `resolved` (config.dump of this run's) differ."""
+    saved, now = _flat(read_saved_config(tag_dir)), _flat(yaml.safe_load(resolved))
+    return [f"{key} {saved.get(key)} -> {now.get(key)}" for key in sorted(saved.keys() | now.keys())
+            if any(key == k or key.startswith(f"{k}.") for k in keys) and saved.get(key) != now.get(key)]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not prefix:  # sections, not mapping-valued keys (deepspeed.extra)
+            out.update(_flat(value, f"{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def require_new_directory(save_dir: str | Path, what: str) -> None:
     """CheckpointError if `save_dir` already holds a run's checkpoints, which writing `what` there would replace."""
     save = Path(save_dir)

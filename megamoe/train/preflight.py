@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from megamoe.config import ConfigError, RunConfig
+from megamoe.config import ConfigError, RunConfig, dump
 from megamoe.data.tokenizer import tokenizer_identity
 from megamoe.train import integrity
 from megamoe.train.integrity import CheckpointError
@@ -166,10 +166,7 @@ SCHEDULE_KEYS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "lr_decay_
 def report_schedule_changes(tag: Path, cfg: RunConfig) -> None:
     """Say (rank 0) which optimizer settings a resumed run changes: they apply from the resumed step on (the
     scheduler keeps only the step count, train/optim.py), and config.yaml records them."""
-    saved = integrity.read_saved_config(tag).get("train", {})
-    now = dataclasses.asdict(cfg.train)
-    changed = [f"train.{key} {saved.get(key)} -> {now[key]}" for key in SCHEDULE_KEYS
-               if key in saved and saved[key] != now[key]]
+    changed = integrity.config_changes(tag, dump(cfg), tuple(f"train.{key}" for key in SCHEDULE_KEYS))
     if changed and global_rank() == 0:
         get_logger().warning(f"resuming {tag} with a changed optimizer schedule: {', '.join(changed)}; it applies "
                              "from the resumed step on")

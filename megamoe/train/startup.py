@@ -62,14 +62,17 @@ def check_data_files(cfg: RunConfig, env: Environment, layout: Layout) -> None:
 def check_sample_indices(cfg: RunConfig, layout: Layout, dataset, share: float) -> None:
     """ConfigError when megatron's sample indices for the steps asked for would not fit in this machine's memory
     (an extra zero in train.train_iters or train.eval_iters: megatron would build them for minutes, then die)."""
-    from megamoe.data.checks import sample_index_bytes, split_tokens
+    from megamoe.data.checks import sample_index_bytes, split_sizes
     from megamoe.train.plan import GiB
 
     available = machine_memory()
     eval_samples = cfg.train.eval_iters * cfg.train.micro_batch_size * layout.data_parallel_size
-    for which, key, samples in ((0, "train.train_iters", cfg.train.train_iters * layout.global_batch_size),
-                                (1, "train.eval_iters", eval_samples)):
-        documents, tokens = split_tokens(dataset, cfg.data.split, which)
+    asked = (("train.train_iters", cfg.train.train_iters * layout.global_batch_size),
+             ("train.eval_iters", eval_samples))
+    for (key, samples), size in zip(asked, split_sizes(dataset, cfg.data.split), strict=False):
+        if size is None:
+            continue
+        documents, tokens = size
         needed = sample_index_bytes(int(samples * share) + 1, cfg.data.seq_length, documents, tokens)
         if available is not None and documents and needed > available:
             raise ConfigError(f"{key}={getattr(cfg.train, key.split('.')[1])} asks for {samples:,} samples of "

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, spawn, tiny_config
+from tests.helpers import ROOT, spawn, tiny_config, tiny_overrides
 
 MOE = ["moe.num_experts=4", "moe.ffn_hidden_size=64"]
 
@@ -51,15 +51,9 @@ def ckpt(run, tmp_path) -> Path:
 
 
 def _args(data: dict, *overrides: str) -> list[str]:
-    """The launcher's arguments for the tiny MoE of tiny_config (which writes logs into the data's directory)."""
-    cfg = tiny_config(data, *MOE)
-    base = [f"data.data_path=[{data['prefix']}]", f"data.tokenizer_model={data['tokenizer']}",
-            f"logging.log_dir={cfg.logging.log_dir}", "logging.wandb=false", "logging.tensorboard=false",
-            "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
-            "model.ffn_hidden_size=128", "model.make_vocab_size_divisible_by=64", "data.seq_length=32",
-            "data.split=90,10,0", "train.micro_batch_size=4", "train.train_iters=6", "train.lr_warmup_iters=1",
-            *MOE]
-    return ["--config", str(ROOT / "configs" / "tiny-dense.yaml"), *base, *overrides]
+    """The launcher's arguments for the tiny MoE of tiny_config."""
+    return ["--config", str(ROOT / "configs" / "tiny-dense.yaml"), *tiny_overrides(data), "train.train_iters=6", *MOE,
+            *overrides]
 
 
 def _refused(capsys, main, args: list[str], pattern: str, code: int = 2) -> str:
