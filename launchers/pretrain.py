@@ -6,33 +6,29 @@ in one line before any process group starts.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megamoe import config  # noqa: E402
-from megamoe.data.checks import DataFileError  # noqa: E402
-from megamoe.train import startup  # noqa: E402
-from megamoe.train.integrity import CheckpointError  # noqa: E402
-from megamoe.utils import global_rank  # noqa: E402
+from megamoe import cli, config
+from megamoe.data.checks import DataFileError
+from megamoe.train import startup
+from megamoe.train.integrity import CheckpointError
+from megamoe.utils import global_rank
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file holding the deltas to megamoe's defaults")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed adds it; env has it
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser = cli.parser(__doc__, local_rank=True)
+    cli.add_config(parser, "YAML file holding the deltas to megamoe's defaults")
     args = parser.parse_args(argv)
     try:
         cfg = config.load(args.config, args.overrides)
         layout = startup.check(cfg)
-    except (config.ConfigError, CheckpointError) as err:
-        if global_rank() == 0:  # every rank finds the same mistake: say it once
-            kind = "config" if isinstance(err, config.ConfigError) else "checkpoint"
-            print(f"megamoe: {kind} error: {err}", file=sys.stderr)
-        return 2
+    except config.ConfigError as err:
+        return cli.fail("config error", err)
+    except CheckpointError as err:
+        return cli.fail("checkpoint error", err)
     from megamoe.train import loop  # heavy imports (megatron, deepspeed) only after the config is good
     from megamoe.train.preemption import Preempted
 
@@ -41,11 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stopped:  # a scheduler's signal: with a checkpoint written, the job script requeues
         return stopped.exit_code
     except (CheckpointError, DataFileError, loop.NonFiniteTraining) as err:
-        print(f"megamoe: rank {global_rank()}: {err}", file=sys.stderr)
-        return 1
+        return cli.fail(f"rank {global_rank()}", err, 1, every_rank=True)
     except KeyboardInterrupt:  # Ctrl-C during the set-up, or a second one while training
-        print(f"megamoe: rank {global_rank()}: interrupted; no checkpoint written", file=sys.stderr)
-        return 130
+        return cli.fail(f"rank {global_rank()}", "interrupted; no checkpoint written", 130, every_rank=True)
     return 0
 
 

@@ -6,7 +6,7 @@ megatron-core assumes a CUDA device in a few places. Each patch below is a named
 upstream assumes and where; `apply()` runs them once, and only when CUDA is unavailable (on a GPU machine
 nothing is patched). `tests/unit/test_platform.py` shows, per patch, the error megatron raises without it.
 
-Deliberately not patched, because no megatron code path megamoe runs needs them (see integration.md 2.1):
+Deliberately not patched, because no megatron code path megamoe runs needs them (see docs/integration.md §2.1):
 `Tensor.cuda()` (broadcast_data, megatron optimizer state), `Tensor.type()` (megatron optimizer),
 `device="cuda"` keyword arguments and `torch.cuda.synchronize` (megatron pipeline schedules; megamoe
 trains through DeepSpeed's engine), and `WrappedTorchNorm` under sequence parallelism (megamoe builds its

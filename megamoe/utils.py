@@ -6,6 +6,7 @@ import functools
 import hashlib
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def print_rank0(message: str) -> None:
 def warn_once(message: str) -> None:
     """A setting was ignored or a fallback taken: say it once per process."""
     get_logger().warning(message)
+
+
+def free_port() -> int:
+    """A TCP port free on every interface of this host now (the kernel picks it; another process may take it before
+    it is used): a rendezvous port for torch.distributed, or a daemon's."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def make_directory(path: str | Path) -> Path:

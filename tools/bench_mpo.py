@@ -10,19 +10,19 @@ Prints a markdown table, then which method is faster per shape.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megamoe.train import bench_mpo  # noqa: E402
-from megamoe.train.bench import Timing  # noqa: E402
+from megamoe import cli
+from megamoe.studies import bench_mpo
+from megamoe.studies.bench import Timing
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--shapes", nargs="+", default=["tiny", "t5-base-D16"], help=", ".join(bench_mpo.SHAPES))
     parser.add_argument("--methods", nargs="+", default=list(bench_mpo.METHODS), help=", ".join(bench_mpo.METHODS))
     parser.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")

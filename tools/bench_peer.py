@@ -9,21 +9,20 @@ Each (N, implementation) runs in its own fresh process, one at a time, with ever
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import torch  # noqa: E402
+import torch
 
-from megamoe.train import bench_peer, startup  # noqa: E402
+from megamoe import cli
+from megamoe.studies import bench_peer
+from megamoe.train import startup
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--sides", nargs="+", type=int, default=[128, 256, 512, 1024],
                         help="sqrt(N) of each expert count to time (N = side^2)")
     parser.add_argument("--impls", nargs="+", default=list(bench_peer.IMPLS), choices=bench_peer.IMPLS)
@@ -47,11 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = bench_peer.run(args.sides, args.impls, cfg)
     except ValueError as err:
-        print(f"bench_peer: {err}", file=sys.stderr)
-        return 2
-    print(bench_peer.format_table(records), flush=True)
-    if args.json:
-        Path(args.json).write_text("[\n" + ",\n".join(json.dumps(asdict(r)) for r in records) + "\n]\n")
+        return cli.fail("bench_peer", err)
+    cli.print_table(bench_peer.format_table(records), records, args.json)
     return 0
 
 

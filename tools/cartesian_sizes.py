@@ -7,17 +7,17 @@ Prints the moe.* overrides of (a) top-2, (b) fine-grained + shared, (c) Cartesia
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megamoe.moe.sizing import comparison_configs, equal_size_comparison, overrides  # noqa: E402
+from megamoe import cli
+from megamoe.variants.cartesian.sizing import comparison_configs, equal_size_comparison, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--hidden-size", type=int, required=True, help="model width d")
     parser.add_argument("--ffn-hidden-size", type=int, required=True, help="dense FFN width d_ff (even)")
     parser.add_argument("--num-experts", type=int, required=True, help="N: experts of (a)")

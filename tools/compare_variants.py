@@ -1,4 +1,4 @@
-"""Train every MoE variant at equal active FFN compute and report the papers' comparisons (megamoe/train/compare.py).
+"""Train every MoE variant at equal active FFN compute and report the papers' comparisons (megamoe/studies/compare.py).
 
   python tools/compare_variants.py [--out runs/compare] [--seeds 1 2] [--corpus data/shakespeare-train.jsonl.gz]
                                    [--variants dense top2 ...] [--quick]
@@ -11,29 +11,32 @@ them) and prints the report; --from-results renders an earlier run's results.jso
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from megamoe import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megamoe.train import compare
+    from megamoe.studies import compare
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--out", default="runs/compare", help="output directory")
     parser.add_argument("--corpus", default=str(ROOT / "data" / "shakespeare-train.jsonl.gz"),
                         help=".jsonl/.jsonl.gz/.txt corpus (tokenizer trained on it; 5 %% held out for validation)")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 1 2 (--quick: 1)")
-    parser.add_argument("--variants", nargs="+", choices=list(compare.VARIANTS), default=list(compare.VARIANTS))
+    runs = list(compare.study_runs())
+    parser.add_argument("--variants", nargs="+", choices=runs, default=runs, help="runs of the comparison")
     parser.add_argument("--quick", action="store_true", help="a few minutes: checks the pipeline, not the science")
     parser.add_argument("--from-results", metavar="RESULTS_JSON",
                         help="train nothing: write the report and plots of an earlier run's results.json to --out")
     args = parser.parse_args(argv)
-    from megamoe.train import compare_report, startup
+    from megamoe.studies import compare_report
+    from megamoe.train import startup
 
     if args.from_results:
         if not Path(args.from_results).is_file():

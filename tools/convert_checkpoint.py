@@ -18,17 +18,16 @@ Settings the other side cannot express are refused with the reason.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megamoe import config  # noqa: E402
+from megamoe import cli, config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--load", help="megamoe -> HF: a run's checkpoint directory (its 'latest' tag is read)")
     source.add_argument("--load-hf", help="HF -> megamoe: a Llama, Mixtral, Qwen2-MoE or megamoe directory with "
@@ -36,14 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", required=True, help="the directory to write")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="megamoe -> HF: dtype of the saved weights")
-    parser.add_argument("--config", help="HF -> megamoe: the run config giving data, train and parallel settings")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="HF -> megamoe: the run's other settings (data, train, parallel)")
+    cli.add_config(parser, "HF -> megamoe: the run config giving data, train and parallel settings", required=False,
+                   overrides="HF -> megamoe: the run's other settings (data, train, parallel)")
     args = parser.parse_args(argv)
     if args.load and (args.overrides or args.config):
         parser.error("--config and overrides apply to --load-hf only (an export keeps the checkpoint's config)")
+    from megamoe.convert.export import export_hf, import_hf
     from megamoe.hf.native import UnsupportedExport
-    from megamoe.train.export import export_hf, import_hf
     from megamoe.train.integrity import CheckpointError
 
     try:
@@ -52,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import_hf(args.load_hf, args.save, args.config, args.overrides)
     except (UnsupportedExport, config.ConfigError, FileNotFoundError, ValueError, CheckpointError) as err:
-        print(f"megamoe: convert_checkpoint: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("convert_checkpoint", err)
     return 0
 
 

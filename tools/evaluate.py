@@ -8,25 +8,22 @@ layout may differ from training's expert-parallel size (weights are resharded).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megamoe import config  # noqa: E402
-from megamoe.data.checks import DataFileError  # noqa: E402
-from megamoe.train import startup  # noqa: E402
-from megamoe.train.integrity import CheckpointError  # noqa: E402
-from megamoe.utils import global_rank  # noqa: E402
+from megamoe import cli, config
+from megamoe.data.checks import DataFileError
+from megamoe.train import startup
+from megamoe.train.integrity import CheckpointError
+from megamoe.utils import print_rank0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the training YAML (plus overrides)")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed adds it; env has it
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser = cli.parser(__doc__, local_rank=True)
+    cli.add_config(parser, "the training YAML (plus overrides)")
     args = parser.parse_args(argv)
     try:
         # Evaluation writes nothing: no checkpoints (the training config's directory is not this run's to check).
@@ -36,19 +33,14 @@ def main(argv: list[str] | None = None) -> int:
             raise config.ConfigError("checkpoint.load is not set; pass checkpoint.load=<a run's checkpoint directory>")
         layout = startup.check(cfg)
     except (config.ConfigError, CheckpointError) as err:
-        if global_rank() == 0:
-            print(f"megamoe: evaluate: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("evaluate", err)
     from megamoe.train.loop import evaluate_checkpoint
 
     try:
         metrics = evaluate_checkpoint(cfg, layout)
     except (CheckpointError, DataFileError, ValueError) as err:
-        if global_rank() == 0:
-            print(f"megamoe: evaluate: {err}", file=sys.stderr)
-        return 2
-    if global_rank() == 0:
-        print(json.dumps(metrics), flush=True)
+        return cli.fail("evaluate", err)
+    print_rank0(json.dumps(metrics))
     return 0
 
 

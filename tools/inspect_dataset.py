@@ -6,16 +6,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from megamoe import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("prefix", help="the dataset prefix (without .bin/.idx)")
     parser.add_argument("--tokenizer-model", help="a sentencepiece .model to decode the sample with")
     parser.add_argument("--sample", type=int, default=0, help="the document to show")

@@ -10,30 +10,27 @@ The model and moe.mpo_* settings come from the config (moe.variant=mpo is implie
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megamoe import config  # noqa: E402
+from megamoe import cli, config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a run config giving the model sizes (and moe.mpo_*)")
+    parser = cli.parser(__doc__)
+    cli.add_config(parser, "a run config giving the model sizes (and moe.mpo_*)", overrides="config overrides")
     parser.add_argument("--num-experts", type=lambda s: [int(e) for e in s.split(",")], default=[8, 16],
                         help="comma-separated expert counts to report (default 8,16)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_args(argv)
-    from megamoe.moe.sizing import mpoe_parameter_report
+    from megamoe.variants.mpo.sizing import mpoe_parameter_report
 
     try:
         configs = {e: config.load(args.config, ["moe.variant=mpo", f"moe.num_experts={e}", *args.overrides])
                    for e in args.num_experts}
     except config.ConfigError as err:
-        print(f"megamoe: mpoe_params: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("mpoe_params", err)
     print("| experts | central | auxiliary (all experts) | router | MPOE layer | Switch layer | ratio | "
           "ratio without routers |")
     print("|---|---|---|---|---|---|---|---|")

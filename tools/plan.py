@@ -3,36 +3,34 @@
   python tools/plan.py --config configs/mixtral-1b-ep8.yaml --nodes 2 --gpus-per-node 8 [section.key=value ...]
 Prints, per pipeline stage (one rank of it): weights, gradients and optimizer states under the ZeRO stage,
 activations kept for backward (times the micro-batches the 1F1B schedule keeps alive) and the bytes the rank
-sends to other ranks through the expert-parallel all-to-all per optimizer step (megamoe/train/plan.py says how;
+sends to other ranks through the expert-parallel all-to-all per optimizer step (megamoe/moe/plan.py says how;
 tests/distributed/test_plan.py checks it against measured runs). The vocabulary comes from --vocab-size,
 model.vocab_size or the config's tokenizer.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megamoe import config  # noqa: E402
+from megamoe import cli, config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the run's YAML")
+    parser = cli.parser(__doc__)
+    cli.add_config(parser, "the run's YAML")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
     parser.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: model.vocab_size or the "
                         "config's data.tokenizer_model)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
         if value < 1:
             parser.error(f"{flag} {value} must be >= 1")
     from megamoe.data.tokenizer import spm_vocab_size
-    from megamoe.train import plan
+    from megamoe.moe import plan
 
     world = args.nodes * args.gpus_per_node
     try:
@@ -43,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         config.validate(cfg, config.Environment(world_size=world, cuda_available=True, tokenizer_vocab_size=vocab,
                                                 check_files=False))
     except (config.ConfigError, ValueError) as err:  # ValueError: a tokenizer file that is not a model
-        print(f"megamoe: plan: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("plan", err)
     print(plan.format_plan(plan.plan(cfg, world, vocab), cfg, world))
     return 0
 

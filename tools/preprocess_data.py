@@ -13,15 +13,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megamoe.data import preprocess  # noqa: E402
+from megamoe import cli
+from megamoe.data import preprocess
 
 MIN_VOCAB = 8  # pad, unk, bos, eos, <mask> and a few pieces (sentencepiece refuses fewer)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--input", nargs="+", required=True, help=".jsonl, .jsonl.gz or .txt files")
     parser.add_argument("--output-prefix", required=True, help="output path prefix")
     parser.add_argument("--json-keys", default="text", help="JSON field holding the document text")
@@ -48,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # an empty corpus, a line that is not JSON, a file system refusing
         if isinstance(err, OSError) and err.strerror:  # not "[Errno 28] ..."
             err = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
-        print(f"preprocess_data: {err}; nothing was written", file=sys.stderr)
-        return 2
+        return cli.fail("preprocess_data", f"{err}; nothing was written")
     if args.train_tokenizer:
         print(f"tokenizer: {model} ({args.vocab_size} {args.tokenizer_type} pieces)")
     print(f"dataset: {report.prefix}.bin/.idx  {report.documents:,} documents, {report.tokens:,} tokens in "

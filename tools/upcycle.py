@@ -10,30 +10,27 @@ config; the model section must stay the same. Writes a weights-only checkpoint (
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megamoe import config  # noqa: E402
+from megamoe import cli, config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--load", required=True, help="the dense run's checkpoint directory (its 'latest' tag)")
     parser.add_argument("--save", required=True, help="directory of the upcycled checkpoint and finetune.yaml")
-    parser.add_argument("overrides", nargs="+", metavar="section.key=value",
-                        help="the MoE layers, e.g. moe.variant=mpo moe.num_experts=8")
+    cli.add_overrides(parser, "the MoE layers, e.g. moe.variant=mpo moe.num_experts=8", at_least_one=True)
     args = parser.parse_args(argv)
+    from megamoe.convert.upcycle import upcycle
     from megamoe.train.integrity import CheckpointError
-    from megamoe.train.upcycle import upcycle
 
     try:
         upcycle(args.load, args.save, args.overrides)
     except (config.ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f"megamoe: upcycle: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("upcycle", err)
     return 0
 
 

@@ -1,26 +1,22 @@
-"""One typed config tree, loaded from YAML with dotted overrides and validated once (L0: stdlib + yaml)."""
+"""One typed config tree, loaded from YAML with dotted overrides and validated once (L0: stdlib + yaml).
+
+The moe: section's class depends on its variant: megamoe.variants holds each variant's config class.
+"""
 
 from megamoe.config.loader import ConfigError, build, dump, from_dict, load, read_sections
 from megamoe.config.tree import (
-    MOE_CONFIGS,
-    CartesianMoEConfig,
     CheckpointConfig,
     DataConfig,
     DeepSpeedConfig,
-    DynamicMoEConfig,
     LoggingConfig,
     ModelConfig,
     MoEConfig,
-    MPOEMoEConfig,
     ParallelConfig,
-    PEERMoEConfig,
     RunConfig,
-    TopKMoEConfig,
     TrainConfig,
 )
 from megamoe.config.validate import Environment, Layout, parse_data_path, validate
 
-__all__ = ["MOE_CONFIGS", "CartesianMoEConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig",
-           "DynamicMoEConfig", "Environment", "Layout", "LoggingConfig", "MPOEMoEConfig", "ModelConfig", "MoEConfig",
-           "PEERMoEConfig", "ParallelConfig", "RunConfig", "TopKMoEConfig", "TrainConfig", "build", "dump", "from_dict",
-           "load", "parse_data_path", "read_sections", "validate"]
+__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "Environment", "Layout",
+           "LoggingConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig", "TrainConfig", "build", "dump",
+           "from_dict", "load", "parse_data_path", "read_sections", "validate"]

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from megamoe.config.tree import MOE_CONFIGS, MoEConfig, RunConfig
+from megamoe.config.tree import MoEConfig, RunConfig
 
 
 class ConfigError(ValueError):
@@ -120,10 +120,12 @@ def _section_class(cls: type, section: Any, key: str) -> type:
     """The dataclass that reads `section`: the moe: section's class depends on its variant."""
     if cls is not MoEConfig or not isinstance(section, dict):
         return cls
-    variant = section.get("variant", "topk")
-    if variant not in MOE_CONFIGS:
-        raise ConfigError(f"{key}.variant={variant!r} is unknown; choose one of {', '.join(sorted(MOE_CONFIGS))}")
-    return MOE_CONFIGS[variant]
+    from megamoe import variants  # the registry imports this module: import it on use
+
+    variant = section.get("variant", MoEConfig.variant)
+    if not isinstance(variant, str) or variant not in variants.VARIANTS:
+        raise ConfigError(f"{key}.variant={variant!r} is unknown; choose one of {', '.join(sorted(variants.VARIANTS))}")
+    return variants.VARIANTS[variant].config
 
 
 def _unknown_key_message(prefix: str, key: str, known: list[str]) -> str:

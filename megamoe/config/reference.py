@@ -9,7 +9,8 @@ import json
 import types
 import typing
 
-from megamoe.config.tree import MOE_CONFIGS, MoEConfig, RunConfig
+from megamoe import variants
+from megamoe.config.tree import MoEConfig, RunConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -65,7 +66,7 @@ def markdown() -> str:
         out += _table(section.name, cls, list(dataclasses.fields(cls)))
         if cls is MoEConfig:
             base = {f.name for f in dataclasses.fields(MoEConfig)}
-            for variant, sub in MOE_CONFIGS.items():
+            for variant, sub in ((name, v.config) for name, v in variants.VARIANTS.items()):
                 out += [f"With `moe.variant: {variant}` — {' '.join((sub.__doc__ or '').split())}", ""]
                 out += _table(section.name, sub, [f for f in dataclasses.fields(sub) if f.name not in base])
     return "\n".join(out)

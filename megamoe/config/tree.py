@@ -61,10 +61,10 @@ class ModelConfig:
 @dataclass(kw_only=True, frozen=True)
 class MoEConfig:
     """Mixture-of-Experts layers in the MLP slot. Keys shared by every variant; `variant` picks the subclass
-    (config.MOE_CONFIGS) that reads the rest. Megatron's `moe_*` names, without the prefix."""
+    (its megamoe.variants entry) reads the rest. Megatron's `moe_*` names, without the prefix."""
 
     variant: str = "topk"
-    """The MoE layer: one of config.MOE_CONFIGS (= megamoe.moe.VARIANTS)."""
+    """The MoE layer: a key of megamoe.variants.VARIANTS."""
     num_experts: int | None = None
     """Routed experts per MoE layer. None: a dense model (no MoE layers)."""
     layer_freq: int | list[int] | Literal["middle"] = 1
@@ -97,145 +97,11 @@ class MoEConfig:
     of CartesianMoE, arXiv:2410.16077); training is unaffected."""
 
 
-@dataclass(kw_only=True, frozen=True)
-class TopKMoEConfig(MoEConfig):
-    """Token-choice top-k routing: Switch (top-1), GShard (top-2), Mixtral (top-k), fine-grained + shared."""
+def default_moe_config() -> MoEConfig:
+    """The moe: section of a config that has none: the default variant's defaults (no MoE layers)."""
+    from megamoe import variants  # the registry reads this module: import it on use
 
-    router_topk: int = 2
-    """Experts per token k."""
-    router_pre_softmax: bool = False
-    """True: weights are the full softmax's probabilities of the chosen experts (Switch, Qwen2-MoE).
-    False: softmax over the chosen k logits, i.e. renormalised (Mixtral, GShard)."""
-    input_jitter_eps: float = 0.0
-    """Multiply router inputs by U(1 - eps, 1 + eps) while training (Switch); 0 disables it."""
-    router_enable_expert_bias: bool = False
-    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for selection only."""
-    router_bias_update_rate: float = 1e-3
-    """Step of the expert-bias update per optimizer step."""
-    router_bias: bool = False
-    """Router Linear(d, E) with a trained bias (the Switch code MPOE builds on); false: bias-free (Megatron)."""
-    router_gate: Literal["weights", "unit_st"] = "weights"
-    """How the chosen expert's output is scaled: by the routing weight, or 'unit_st' = p / stopgrad(p) (value 1,
-    the router still gets p's gradient; top-1 with router_pre_softmax only). unit_st keeps an upcycled layer
-    equal to the dense FFN at the start."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class DynamicMoEConfig(MoEConfig):
-    """DA-MoE (arXiv:2409.06669): each token's number of experts K from its importance (variants.md §3)."""
-
-    variant: str = "dynamic"
-    """The MoE layer (this class reads moe.variant=dynamic)."""
-
-    importance_mode: Literal["attention_received", "predicted"] = "attention_received"
-    """attention_received: the attention each token receives in the same block (the paper; needs
-    model.objective=masked_lm). predicted: a head on the token's own hidden state predicts it (a named,
-    causal-safe deviation for GPT), trained toward the attention-received target by an MSE loss."""
-    normalize: Literal["max", "minmax", "rank", "softmax"] = "max"
-    """Per-sequence normalisation of importance to [0, 1]."""
-    softmax_temperature: float = 1.0
-    """Temperature of normalize=softmax (values scaled so the largest is 1)."""
-    k_min: int = 1
-    """Fewest experts a (valid) token gets; 0 allowed."""
-    k_max: int = 4
-    """Most experts a token gets: K = clamp(ceil(s K_max), K_min, K_max)."""
-    budget: Literal["none", "batch", "running"] = "none"
-    """Match a mean K: 'batch' exactly per micro-batch (couples tokens: bidirectional only), 'running' by a
-    scale calibrated over past micro-batches (causal-safe)."""
-    budget_k_mean: float = 2.0
-    """The target mean K of a budget."""
-    budget_momentum: float = 0.95
-    """budget=running: c <- momentum c + (1 - momentum) c_batch."""
-    renormalize: Literal["k>1", "always", "never"] = "k>1"
-    """Renormalise the chosen experts' probabilities: 'k>1' makes K = 1 Switch and K = k Mixtral exactly."""
-    predictor_loss_coeff: float = 1.0
-    """importance_mode=predicted: weight gamma of the MSE loss of the importance head."""
-    target_norm: Literal["count", "uniform_relative"] = "count"
-    """predicted: divide attention received by the number of queries that see the token ('count'), or
-    weight queries by their key count so uniform causal attention gives 1 ('uniform_relative')."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class PEERMoEConfig(MoEConfig):
-    """PEER (arXiv:2407.04153): product-key retrieval over num_experts single-neuron experts (variants.md §4).
-    num_experts must be a perfect square; the expert tables are row-sharded over the expert-parallel group."""
-
-    variant: str = "peer"
-    """The MoE layer (this class reads moe.variant=peer)."""
-    layer_freq: int | list[int] | Literal["middle"] = "middle"
-    """PEER replaces the middle block's MLP by default (the paper's placement)."""
-    router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "none"
-    """PEER has no balancing loss: the query BatchNorm balances retrieval."""
-    num_heads: int = 8
-    """Retrieval heads h (each retrieves its own experts; outputs are summed)."""
-    topk_per_head: int = 16
-    """Experts per head k (h x k single-neuron experts per token)."""
-    key_dim: int = 128
-    """Query / product-key dimension d_k (even: two halves of d_k/2)."""
-    shared_keys: bool = True
-    """One pair of sub-key tables for all heads (the paper); False: per-head keys."""
-    query_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
-    """BatchNorm on the queries (the paper; statistics over valid tokens); layernorm is the causal-safe
-    deviation (BatchNorm's batch statistics include later tokens of the sequence)."""
-    gate: Literal["softmax", "sigmoid"] = "softmax"
-    """Weights of a head's k experts: softmax over their scores (Alg. 1), or sigmoid of each (Eq. 2)."""
-    chunk_tokens: int = 1024
-    """Tokens per chunk of the expert computation: bounds the gathered [tokens, h, k, d] rows."""
-    placement_seed: int = 0
-    """Seed of the fixed permutation placing experts on table rows (stored in checkpoints)."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class CartesianMoEConfig(TopKMoEConfig):
-    """CartesianMoE (arXiv:2410.16077): two sequential sub-layers A then B, each a top-k MoE with its own
-    norm, router, experts and shared expert; a token's composite expert is FFN_B o FFN_A (variants.md §5)."""
-
-    variant: str = "cartesian"
-    """The MoE layer (this class reads moe.variant=cartesian)."""
-    shared_expert_combine: Literal["add", "gate", "residual"] = "residual"
-    """The authors' mix: c = softmax(Linear(d, 2)(x)) with bias; y = c0 routed + c1 shared."""
-    drop_top_scope: Literal["a", "b", "both"] = "both"
-    """The sub-layers moe.drop_top_ranks applies to."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class MPOEMoEConfig(TopKMoEConfig):
-    """MPOE (arXiv:2203.01104): every expert matrix is a matrix product operator whose central tensor is shared
-    by all experts of the layer and whose auxiliary tensors are the expert's own (variants.md §6). Defaults are
-    the from-scratch preset; tools/upcycle.py writes the upcycling preset (p_mask=1, aux_loss_coeff=0)."""
-
-    variant: str = "mpo"
-    """The MoE layer (this class reads moe.variant=mpo)."""
-    router_topk: int = 1
-    """Switch top-1 (the paper's router); other k allowed with router_gate=weights."""
-    router_pre_softmax: bool = True
-    """The chosen expert's probability under the softmax over all experts (Switch)."""
-    router_bias: bool = True
-    """Switch's router is a Linear(d, E) with bias."""
-    router_gate: Literal["weights", "unit_st"] = "unit_st"
-    """Value-1 straight-through gate (the released code's default)."""
-    mpo_num_tensors: int = 5
-    """Local tensors n per matrix (odd; the central one is number (n+1)/2)."""
-    mpo_shapes: dict[str, list[list[int]]] | None = None
-    """Factorisation per matrix, {name: [[i_1..i_n], [j_1..j_n]]} over out (i) and in (j) dims; names are
-    gate, up, down (SwiGLU) or fc1, fc2. Missing names: near-equal factors, the largest in the middle."""
-    mpo_max_bond: int | None = None
-    """Truncation D of every bond; None: exact (bonds min(left, right))."""
-    p_mask: float = 0.5
-    """Probability that a step's gradient of a central tensor is masked (drawn per step, layer and matrix,
-    identically on every rank). 1.0 freezes the central tensors (the upcycling preset); 0 never masks."""
-    mask_granularity: Literal["tensor", "element"] = "tensor"
-    """Mask the whole central gradient, or each element (kept ones scaled by 1 / (1 - p_mask), Child-Tuning)."""
-    aux_init_noise_std: float = 0.0
-    """From-scratch initialisation: experts start as the same decomposed dense FFN, plus this noise on their
-    auxiliary tensors (0: identical experts, the paper's upcycling)."""
-    mpo_lr_mult: float = 1.0
-    """Learning-rate multiplier of the MPO tensors (central and auxiliary; the released --mpo_lr)."""
-
-
-MOE_CONFIGS: dict[str, type[MoEConfig]] = {"topk": TopKMoEConfig, "dynamic": DynamicMoEConfig,
-                                           "peer": PEERMoEConfig, "cartesian": CartesianMoEConfig,
-                                           "mpo": MPOEMoEConfig}
+    return variants.get(MoEConfig.variant).config()
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -394,7 +260,7 @@ class RunConfig:
     """Training data."""
     train: TrainConfig
     """Optimisation."""
-    moe: MoEConfig = field(default_factory=TopKMoEConfig)
+    moe: MoEConfig = field(default_factory=lambda: default_moe_config())
     """Mixture-of-Experts layers (none unless moe.num_experts is set)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallel layout."""

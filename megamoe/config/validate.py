@@ -11,20 +11,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from megamoe import variants
 from megamoe.config.loader import ConfigError
-from megamoe.config.tree import (
-    CartesianMoEConfig,
-    DataConfig,
-    DynamicMoEConfig,
-    ModelConfig,
-    MoEConfig,
-    MPOEMoEConfig,
-    ParallelConfig,
-    PEERMoEConfig,
-    RunConfig,
-    TopKMoEConfig,
-    TrainConfig,
-)
+from megamoe.config.tree import DataConfig, ModelConfig, MoEConfig, ParallelConfig, RunConfig, TrainConfig
 
 MIN_DISTRIBUTED_TIMEOUT_MINUTES = 1.0
 
@@ -357,120 +346,7 @@ def _check_moe(moe: MoEConfig, cfg: RunConfig, world_size: int) -> None:
     if ep > 1 and cfg.deepspeed.zero_stage == 3:
         _fail("deepspeed.zero_stage=3 with expert parallelism is not supported by DeepSpeed's MoE; use ZeRO 1 or "
               "2, or parallel.expert_model_parallel_size=1")
-    if isinstance(moe, TopKMoEConfig):
-        _check_topk(moe)
-    if isinstance(moe, DynamicMoEConfig):
-        _check_dynamic(moe, causal=cfg.model.objective == "causal_lm")
-    if isinstance(moe, PEERMoEConfig):
-        _check_peer(moe, ep)
-    if isinstance(moe, MPOEMoEConfig):
-        _check_mpo(moe, cfg.model)
-    if isinstance(moe, CartesianMoEConfig) and cfg.model.hidden_dropout > 0:
-        _fail(f"moe.variant=cartesian needs model.hidden_dropout=0 (got {cfg.model.hidden_dropout}): the residual "
-              "between its two sub-layers is inside the layer, without megatron's dropout")
-
-
-def _check_topk(moe: TopKMoEConfig) -> None:
-    if not 1 <= moe.router_topk <= moe.num_experts:
-        _fail(f"moe.router_topk={moe.router_topk} must be between 1 and moe.num_experts={moe.num_experts}")
-    if moe.router_topk + moe.drop_top_ranks > moe.num_experts:
-        _fail(f"moe.drop_top_ranks={moe.drop_top_ranks} + moe.router_topk={moe.router_topk} exceeds "
-              f"moe.num_experts={moe.num_experts}")
-    if not 0 <= moe.input_jitter_eps < 1:
-        _fail(f"moe.input_jitter_eps={moe.input_jitter_eps} must be in [0, 1)")
-    if moe.router_bias_update_rate < 0:
-        _fail(f"moe.router_bias_update_rate={moe.router_bias_update_rate} must be >= 0 (a negative rate pushes tokens "
-              "toward the experts that already have the most)")
-    if moe.router_gate == "unit_st" and (moe.router_topk != 1 or not moe.router_pre_softmax):
-        _fail(f"moe.router_gate=unit_st is a top-1 gate on the full softmax's probability: it needs "
-              f"moe.router_topk=1 and moe.router_pre_softmax=true (got {moe.router_topk}, {moe.router_pre_softmax}); "
-              "use moe.router_gate=weights for other routers")
-    if moe.router_topk == 1 and not moe.router_pre_softmax:
-        warnings.warn("moe.router_topk=1 with router_pre_softmax=false gives every token weight 1 and the router "
-                      "no gradient from the LM loss; Switch uses moe.router_pre_softmax=true", stacklevel=3)
-
-
-def mpo_matrices(ffn_hidden_size: int, hidden_size: int, swiglu: bool) -> dict[str, tuple[int, int]]:
-    """Each expert matrix an MPOE layer decomposes: name -> (rows, cols) in nn.Linear's [out, in] layout."""
-    if swiglu:
-        return {"gate": (ffn_hidden_size, hidden_size), "up": (ffn_hidden_size, hidden_size),
-                "down": (hidden_size, ffn_hidden_size)}
-    return {"fc1": (ffn_hidden_size, hidden_size), "fc2": (hidden_size, ffn_hidden_size)}
-
-
-def _check_mpo(moe: MPOEMoEConfig, model: ModelConfig) -> None:
-    n = moe.mpo_num_tensors
-    if n < 3 or n % 2 == 0:
-        _fail(f"moe.mpo_num_tensors={n} must be odd and >= 3 (a central tensor with the same number on each side)")
-    if not 0.0 <= moe.p_mask <= 1.0:
-        _fail(f"moe.p_mask={moe.p_mask} must be in [0, 1] (1 freezes the central tensors, 0 never masks)")
-    if moe.mask_granularity == "element" and moe.p_mask == 1.0:
-        _fail("moe.mask_granularity=element needs moe.p_mask < 1 (kept elements are scaled by 1/(1 - p_mask)); "
-              "p_mask=1 freezes the central tensors with either granularity, use mask_granularity=tensor")
-    if moe.mpo_max_bond is not None and moe.mpo_max_bond < 1:
-        _fail(f"moe.mpo_max_bond={moe.mpo_max_bond} must be >= 1 (null: exact MPO)")
-    if moe.aux_init_noise_std < 0 or moe.mpo_lr_mult <= 0:
-        _fail(f"moe.aux_init_noise_std={moe.aux_init_noise_std} must be >= 0 and moe.mpo_lr_mult={moe.mpo_lr_mult} "
-              "> 0")
-    ffn = moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
-    matrices = mpo_matrices(ffn, model.hidden_size, model.swiglu)
-    for name, shape in (moe.mpo_shapes or {}).items():
-        if name not in matrices:
-            _fail(f"moe.mpo_shapes has no matrix {name!r}; this model's experts have {', '.join(matrices)}")
-        _check_mpo_shape(name, shape, matrices[name], n)
-
-
-def _check_mpo_shape(name: str, shape: object, dims: tuple[int, int], n: int) -> None:
-    example = f"moe.mpo_shapes.{name}=[[i_1,...,i_{n}],[j_1,...,j_{n}]] with prod(i)={dims[0]}, prod(j)={dims[1]}"
-    ok = (isinstance(shape, list) and len(shape) == 2
-          and all(isinstance(f, list) and len(f) == n and all(isinstance(x, int) and x >= 1 for x in f) for f in shape))
-    if not ok or math.prod(shape[0]) != dims[0] or math.prod(shape[1]) != dims[1]:
-        _fail(f"moe.mpo_shapes.{name}={shape!r} does not factor the [{dims[0]}, {dims[1]}] matrix into "
-              f"{n} (out, in) factors; use {example}")
-
-
-CAUSAL_ATTENTION_RECEIVED = (
-    "moe.importance_mode='attention_received' needs bidirectional self-attention, but the model's attention mask "
-    "is causal (model.objective=causal_lm). Under causal attention the attention received by token j sums over "
-    "queries i >= j, so it is computed from future tokens; routing token j on it leaks future information into "
-    "position j's output during training, and it cannot be computed during incremental decoding. Use "
-    "moe.importance_mode=predicted (a documented deviation from the paper) or model.objective=masked_lm")
-
-
-def _check_dynamic(moe: DynamicMoEConfig, causal: bool) -> None:
-    if causal and moe.importance_mode == "attention_received":
-        _fail(CAUSAL_ATTENTION_RECEIVED)
-    if causal and moe.budget == "batch":
-        _fail("moe.budget=batch matches the mean K over each micro-batch, so a token's K depends on later tokens; "
-              "with causal attention (model.objective=causal_lm) use moe.budget=running or none")
-    if not 0 <= moe.k_min <= moe.k_max or moe.k_max < 1 or moe.k_max > moe.num_experts:
-        _fail(f"moe.k_min={moe.k_min}, moe.k_max={moe.k_max} must satisfy 0 <= k_min <= k_max <= "
-              f"moe.num_experts={moe.num_experts} and k_max >= 1")
-    if moe.budget != "none" and not moe.k_min <= moe.budget_k_mean <= moe.k_max:
-        _fail(f"moe.budget_k_mean={moe.budget_k_mean} must lie between moe.k_min={moe.k_min} and "
-              f"moe.k_max={moe.k_max}")
-    if moe.softmax_temperature <= 0 or not 0 <= moe.budget_momentum < 1:
-        _fail(f"moe.softmax_temperature={moe.softmax_temperature} must be > 0 and moe.budget_momentum="
-              f"{moe.budget_momentum} in [0, 1)")
-
-
-def _check_peer(moe: PEERMoEConfig, ep: int) -> None:
-    side = math.isqrt(moe.num_experts)
-    if side * side != moe.num_experts:
-        _fail(f"moe.num_experts={moe.num_experts} must be a perfect square for PEER's product keys, e.g. "
-              f"{side * side} or {(side + 1) ** 2}")
-    if moe.key_dim < 2 or moe.key_dim % 2:
-        _fail(f"moe.key_dim={moe.key_dim} must be even (queries split into two halves of key_dim/2)")
-    if not 1 <= moe.topk_per_head <= side:
-        _fail(f"moe.topk_per_head={moe.topk_per_head} must be between 1 and sqrt(moe.num_experts)={side}")
-    if moe.num_experts % ep:
-        _fail(f"moe.num_experts={moe.num_experts} rows cannot be split over parallel.expert_model_parallel_size="
-              f"{ep}; use a divisor")
-    if moe.num_heads < 1 or moe.chunk_tokens < 1:
-        _fail(f"moe.num_heads={moe.num_heads} and moe.chunk_tokens={moe.chunk_tokens} must be >= 1")
-    if moe.expert_capacity_factor is not None or moe.shared_expert_intermediate_size:
-        _fail("moe.expert_capacity_factor and moe.shared_expert_intermediate_size do not apply to PEER (no "
-              "capacity: retrieval is exact; no shared expert); leave them null")
+    variants.of(moe).check(moe, cfg)
 
 
 def _check_objective(cfg: RunConfig, env: Environment) -> None:

@@ -9,16 +9,16 @@ Llama's names (native.py's table); a MoE layer's tensors keep megamoe's own name
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from torch import Tensor
 
+from megamoe import variants
 from megamoe.config import RunConfig
 from megamoe.hf import native
 from megamoe.hf.native import Arch, UnsupportedExport
 
 TRAINING_ONLY = ("mask_step",)
-"""Buffers that only training reads (MPOE's mask step): not exported."""
+"""Buffers that only training reads (a step counter of the layer's own): not exported."""
 
 
 def export_format(cfg: RunConfig) -> str:
@@ -50,18 +50,12 @@ def arch(cfg: RunConfig, vocab_size: int) -> Arch:
 
 
 def moe_options(cfg: RunConfig, a: Arch, megatron: dict[str, Tensor]) -> dict:
-    """The run's moe section for the remote code, with the sizes it needs resolved (expert width; MPOE's tensor
-    shapes, read off the weights)."""
+    """The run's moe section for the remote code, with the sizes it needs resolved (the expert width, and what the
+    variant's hf_options hook reads off the weights)."""
     moe = dataclasses.asdict(cfg.moe) | {"ffn_hidden_size": a.moe_ffn_hidden_size}
-    if cfg.moe.variant == "mpo":
-        prefix = f"decoder.layers.{a.moe_layers[0]}.mlp.moe."
-        shapes: dict[str, dict[int, list[int]]] = {}
-        for name, tensor in megatron.items():
-            if match := re.fullmatch(re.escape(prefix) + r"experts\.(\w+)_aux(\d+)", name):
-                shapes.setdefault(match[1], {})[int(match[2]) - 1] = list(tensor.shape[1:])
-            elif match := re.fullmatch(re.escape(prefix) + r"mpo\.(\w+)\.central", name):
-                shapes.setdefault(match[1], {})[(cfg.moe.mpo_num_tensors - 1) // 2] = list(tensor.shape)
-        moe["mpo_tensor_shapes"] = {m: [by_k[k] for k in sorted(by_k)] for m, by_k in shapes.items()}
+    hook = variants.of(cfg.moe).hf_options
+    if hook is not None:
+        moe |= variants.resolve(hook)(cfg.moe, f"decoder.layers.{a.moe_layers[0]}.mlp.moe.", megatron)
     return moe
 
 

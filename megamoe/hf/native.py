@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megamoe.config import RunConfig, TopKMoEConfig
+from megamoe import variants
+from megamoe.config import RunConfig
 from megamoe.config.validate import moe_layer_numbers
 
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}  # megamoe's sentencepiece ids
@@ -53,7 +54,8 @@ def arch(cfg: RunConfig, vocab_size: int) -> Arch:
     return Arch(num_layers=model.num_layers, hidden_size=model.hidden_size, num_heads=heads,
                 num_groups=model.num_query_groups or heads, head_dim=model.kv_channels or model.hidden_size // heads,
                 ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size, vocab_size=vocab_size,
-                num_experts=moe.num_experts, topk=getattr(moe, "router_topk", None),
+                num_experts=moe.num_experts,
+                topk=int(variants.of(moe).experts_per_token(moe)) if moe.num_experts is not None else None,
                 moe_ffn_hidden_size=moe.ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size,
                 moe_layers=tuple(n - 1 for n in moe_layer_numbers(moe, model.num_layers)),
                 shared_ffn_hidden_size=moe.shared_expert_intermediate_size)
@@ -71,7 +73,7 @@ def check_exportable(cfg: RunConfig) -> str:
             raise UnsupportedExport(f"{key}={value}: Llama/Mixtral need {want}")
     if moe.num_experts is None:
         return "llama"
-    if type(moe) is not TopKMoEConfig:
+    if not variants.of(moe).hf_native:
         raise UnsupportedExport(f"moe.variant={moe.variant} has no native transformers class")
     moe_needs = {"moe.expert_capacity_factor": (moe.expert_capacity_factor, None),
                  "moe.router_enable_expert_bias": (moe.router_enable_expert_bias, False),

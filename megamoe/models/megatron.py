@@ -21,9 +21,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megamoe.config import CartesianMoEConfig, DynamicMoEConfig, RunConfig
+from megamoe import variants
+from megamoe.config import RunConfig
 from megamoe.config.validate import moe_layer_numbers
-from megamoe.models.importance import ImportanceCollector, importance_attention
 from megamoe.models.moe_mlp import moe_mlp_spec
 from megamoe.models.norms import NORMS
 from megamoe.moe import LayerShape
@@ -72,7 +72,7 @@ def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
 
 
 def mlp_spec(cfg: RunConfig, layer_number: int, dense_mlp: ModuleSpec, groups: ParallelGroups,
-             importance: ImportanceCollector | None = None) -> ModuleSpec:
+             **moe_params) -> ModuleSpec:
     """The module in layer `layer_number`'s MLP slot (1-based, global): MoE where moe.layer_freq says."""
     if layer_number not in moe_layer_numbers(cfg.moe, cfg.model.num_layers):
         return dense_mlp
@@ -80,7 +80,7 @@ def mlp_spec(cfg: RunConfig, layer_number: int, dense_mlp: ModuleSpec, groups: P
     shape = LayerShape(hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
                        swiglu=model.swiglu, init_std=model.init_method_std, num_layers=model.num_layers,
                        layer_number=layer_number, seed=cfg.train.seed, norm_epsilon=model.norm_epsilon)
-    return moe_mlp_spec(cfg.moe, shape, groups, importance)
+    return moe_mlp_spec(cfg.moe, shape, groups, **moe_params)
 
 
 class SeededTransformerLayer(TransformerLayer):
@@ -100,8 +100,8 @@ def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlo
     """One layer spec per decoder layer of this pipeline stage: megatron's local GPT layer, megamoe's norms, a
     per-layer MLP.
 
-    masked_lm makes self-attention bidirectional (padding mask only). A DA-MoE layer's attention core also
-    reports token importance, handed to the layer's MoE by a per-layer collector.
+    masked_lm makes self-attention bidirectional (padding mask only). In a block holding an MoE layer, its variant
+    may change the rest of the block (megamoe.variants: owns_pre_mlp_norm, megatron_spec).
     """
     norm = NORMS[cfg.model.normalization]
     base = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
@@ -115,12 +115,13 @@ def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlo
         spec.submodules.pre_mlp_layernorm = norm
         if cfg.model.objective == "masked_lm":
             spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
-        if isinstance(cfg.moe, CartesianMoEConfig) and layer_number in moe_layers:
-            spec.submodules.pre_mlp_layernorm = IdentityOp  # the layer normalises each sub-layer's input itself
-        collector = None
-        if isinstance(cfg.moe, DynamicMoEConfig) and layer_number in moe_layers:
-            collector = ImportanceCollector(needed_in_eval=cfg.moe.importance_mode == "attention_received")
-            spec.submodules.self_attention.submodules.core_attention = importance_attention(cfg.moe, collector)
-        spec.submodules.mlp = mlp_spec(cfg, layer_number, base.submodules.mlp, groups, collector)
+        moe_params = {}
+        if layer_number in moe_layers:
+            variant = variants.of(cfg.moe)
+            if variant.owns_pre_mlp_norm:
+                spec.submodules.pre_mlp_layernorm = IdentityOp  # the layer normalises its own inputs
+            if variant.megatron_spec is not None:
+                moe_params = variants.resolve(variant.megatron_spec)(spec, cfg)
+        spec.submodules.mlp = mlp_spec(cfg, layer_number, base.submodules.mlp, groups, **moe_params)
         layers.append(spec)
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)

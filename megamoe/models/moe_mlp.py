@@ -9,6 +9,8 @@ type"); megamoe accepts that rather than subclassing megatron's MoELayer.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -16,17 +18,23 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megamoe.config import MoEConfig
-from megamoe.models.importance import ImportanceCollector
 from megamoe.moe import LayerShape, build_moe
-from megamoe.moe.layer import TokenInfo
+from megamoe.moe.layer import Importance, TokenInfo
 from megamoe.parallel.groups import ParallelGroups
+
+
+class ImportanceSource(Protocol):
+    """Where the block's attention leaves this micro-batch's token importance (a variant's megatron_spec hook
+    installs one, e.g. DA-MoE's ImportanceCollector)."""
+
+    def take(self) -> Importance | None: ...
 
 
 class MoEMLP(MegatronModule):
     def __init__(self, config: TransformerConfig, submodules=None, layer_number: int | None = None,
                  pg_collection=None, is_mtp_layer: bool = False, name: str | None = None, *,
                  moe_cfg: MoEConfig, shape: LayerShape, groups: ParallelGroups,
-                 importance: ImportanceCollector | None = None) -> None:
+                 importance: ImportanceSource | None = None) -> None:
         super().__init__(config)
         self.layer_number = shape.layer_number
         self.moe = build_moe(moe_cfg, shape, groups)
@@ -56,6 +64,6 @@ class MoEMLP(MegatronModule):
 
 
 def moe_mlp_spec(moe_cfg: MoEConfig, shape: LayerShape, groups: ParallelGroups,
-                 importance: ImportanceCollector | None = None) -> ModuleSpec:
+                 importance: ImportanceSource | None = None) -> ModuleSpec:
     return ModuleSpec(module=MoEMLP, params={"moe_cfg": moe_cfg, "shape": shape, "groups": groups,
                                              "importance": importance})

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from megamoe.moe.routing import Routing
 from megamoe.parallel.comm import all_to_all, exchange_counts
+from megamoe.parallel.experts import ExpertPlacement
 
 
 @dataclass(frozen=True)
@@ -99,22 +100,24 @@ class AllToAllDispatcher:
     every rank, so the splits are known in advance: no count exchange and no host sync.
     """
 
-    def __init__(self, num_experts: int, ep_group, ep_size: int) -> None:
-        self.num_experts, self.group, self.ep_size = num_experts, ep_group, ep_size
-        self.num_local = num_experts // ep_size
+    def __init__(self, placement: ExpertPlacement) -> None:
+        self.num_experts, self.group = placement.num_experts, placement.groups.ep_group
+        self.num_local = placement.num_local
+        # Each expert-parallel rank's experts, as slices over [E] counts.
+        self.rank_experts = [placement.experts_of(p) for p in range(placement.groups.ep_size)]
 
     def dispatch(self, x_TD: Tensor, routing: Routing,
                  pad_to: int | None = None) -> tuple[Tensor, Tensor, DispatchMeta]:
         order_N, x_ND, counts_E, slot_N = _sorted_rows(x_TD, routing, pad_to)
         if pad_to is not None:
-            send_Pe = [[pad_to] * self.num_local for _ in range(self.ep_size)]
+            send_Pe = [[pad_to] * self.num_local for _ in self.rank_experts]
             recv_Pe = send_Pe
         else:
             recv_E = exchange_counts(counts_E, self.group)
             # Host sync: all_to_all_single takes split sizes as Python ints. The only sync of a dispatch.
             send_E, recv_E = torch.stack([counts_E, recv_E]).tolist()
-            send_Pe = [send_E[p * self.num_local:(p + 1) * self.num_local] for p in range(self.ep_size)]
-            recv_Pe = [recv_E[p * self.num_local:(p + 1) * self.num_local] for p in range(self.ep_size)]
+            send_Pe = [send_E[experts] for experts in self.rank_experts]
+            recv_Pe = [recv_E[experts] for experts in self.rank_experts]
         send_splits, recv_splits = [sum(c) for c in send_Pe], [sum(c) for c in recv_Pe]
         x_recv_RD = all_to_all(x_ND, recv_splits, send_splits, self.group)
         regroup_R = _rank_major_to_expert_major(recv_Pe, x_TD.device)

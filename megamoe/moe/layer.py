@@ -1,7 +1,7 @@
 """MoELayer: route -> dispatch -> experts -> combine -> shared experts, in plain PyTorch.
 
-A variant (moe/variants/*.py) supplies `route` and the nominal experts per token; it overrides `forward`
-only when its algorithm differs. The layer keeps per-layer statistics as fp32 tensors outside its buffers
+A variant (megamoe/variants/<name>/layer.py) supplies `route` and the nominal experts per token; it overrides
+`forward` only when its algorithm differs. The layer keeps per-layer statistics as fp32 tensors outside its buffers
 (a bf16 cast of the module must not round counts; tensor ops only, no host sync in forward); the trainer
 reads and resets them at log time.
 
@@ -18,7 +18,6 @@ from torch import Tensor
 from megamoe.config import MoEConfig
 from megamoe.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from megamoe.moe.experts import Experts, GroupedExperts, SharedExperts, output_init_std
-from megamoe.moe.importance import Importance
 from megamoe.moe.losses import (
     attach_aux_loss,
     global_balance_loss,
@@ -28,6 +27,7 @@ from megamoe.moe.losses import (
 )
 from megamoe.moe.routing import Routing, apply_capacity, expert_capacity
 from megamoe.parallel.comm import all_reduce_sum
+from megamoe.parallel.experts import ExpertPlacement
 from megamoe.parallel.groups import ParallelGroups
 
 
@@ -53,6 +53,17 @@ class LayerShape:
     def label(self) -> str:
         """How metrics name this MoE layer: layer<n>, or layer<n><sublayer>."""
         return f"layer{self.layer_number}{self.sublayer}"
+
+
+@dataclass(frozen=True)
+class Importance:
+    """What a block's attention hands to its MoE (DA-MoE's token importance): the normalised importance of every
+    token of the micro-batch (the whole sequence, even under sequence parallelism) and which tokens are real."""
+
+    score_T: Tensor
+    """fp32 in [0, 1], token order t = s*B + b; 0 for padding."""
+    valid_T: Tensor
+    """bool, False for padding."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class MoELayer(torch.nn.Module):
         super().__init__()
         self.cfg, self.shape, self.groups, self.nominal_k = cfg, shape, groups, nominal_k
         self.num_experts = cfg.num_experts
+        self.expert_placement = ExpertPlacement(cfg.num_experts, groups)
         self.experts = self.build_experts()
         self.shared_experts = None
         if cfg.shared_expert_intermediate_size:
@@ -112,19 +124,19 @@ class MoELayer(torch.nn.Module):
 
     def build_experts(self) -> Experts:
         """This rank's routed experts (a variant may hold its experts differently)."""
-        cfg, shape, groups = self.cfg, self.shape, self.groups
-        num_local = cfg.num_experts // groups.ep_size
+        cfg, shape, placement = self.cfg, self.shape, self.expert_placement
         return GroupedExperts(
-            num_local=num_local, first_expert=groups.ep_rank * num_local, hidden_size=shape.hidden_size,
+            num_local=placement.num_local, first_expert=placement.first_expert, hidden_size=shape.hidden_size,
             ffn_hidden_size=cfg.ffn_hidden_size or shape.ffn_hidden_size, swiglu=shape.swiglu,
             init_std=shape.init_std, output_init_std=output_init_std(shape.init_std, shape.num_layers),
             seed=shape.seed, layer_number=shape.layer_number, grouped_gemm=cfg.grouped_gemm,
-            replica_group=groups.sp_group if groups.ep_size == 1 else None)
+            replica_group=placement.replica_group)
 
     def build_dispatcher(self) -> LocalDispatcher | AllToAllDispatcher | None:
-        if self.groups.ep_group is None:
-            return LocalDispatcher(self.cfg.num_experts)
-        return AllToAllDispatcher(self.cfg.num_experts, self.groups.ep_group, self.groups.ep_size)
+        """The dispatcher the placement calls for: all-to-all over the expert-parallel group, or local."""
+        if self.expert_placement.all_to_all:
+            return AllToAllDispatcher(self.expert_placement)
+        return LocalDispatcher(self.cfg.num_experts)
 
     def route(self, x_TD: Tensor, tokens: TokenInfo) -> tuple[Routing, Tensor | None]:
         """The variant's routing, and a router-side loss already weighted by its coefficient (or None)."""

@@ -47,7 +47,7 @@ def attach_aux_loss(out: Tensor, aux: Tensor) -> Tensor:
     """Make `aux` (a scalar already multiplied by its coefficient) part of the loss without changing `out`.
 
     Attached to the layer output, so a micro-batch whose tokens all have 0 experts still delivers the aux
-    gradient (variants.md §1.4).
+    gradient (docs/variants.md §1.4).
     """
     if not aux.requires_grad:
         return out

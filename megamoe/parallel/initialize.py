@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megamoe import platform
 from megamoe.config import ParallelConfig
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.parallel.launch import world_of_one
 from megamoe.utils import get_logger
 
 
@@ -20,9 +21,7 @@ def init_default_group(timeout_minutes: float) -> None:
     (`python launchers/pretrain.py ...`) a world of one process."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    world_of_one()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -31,17 +30,9 @@ def init_default_group(timeout_minutes: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _share_cpu_cores() -> None:
     # The deepspeed launcher, unlike torchrun, does not set OMP_NUM_THREADS: N ranks x all cores
-    # oversubscribe the CPU (integration.md 13). Split the cores unless the user chose.
+    # oversubscribe the CPU (docs/integration.md §13). Split the cores unless the user chose.
     if "OMP_NUM_THREADS" in os.environ:
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE")  # torchrun

@@ -19,6 +19,8 @@ import os
 import socket
 import subprocess
 
+from megamoe.utils import free_port
+
 MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 SLURM_PORT_BASE = 29500
 
@@ -34,6 +36,14 @@ def discover_ranks() -> str:
         _set(_mpi_ranks())
         return "mpi"
     return "none"
+
+
+def world_of_one() -> None:
+    """No launcher (`python launchers/pretrain.py ...`): torch.distributed's variables for a world of this one
+    process, its master on this host at MASTER_PORT if set, else at a free port."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
 
 
 def _set(values: dict[str, str]) -> None:
@@ -84,7 +94,7 @@ def _mpi_ranks() -> dict[str, str]:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     master = None
     if comm.rank == 0:
-        master = (os.environ.get("MASTER_ADDR") or _own_address(), os.environ.get("MASTER_PORT") or _free_port())
+        master = (os.environ.get("MASTER_ADDR") or _own_address(), os.environ.get("MASTER_PORT") or free_port())
     addr, port = comm.bcast(master, root=0)
     values = {"RANK": str(comm.rank), "WORLD_SIZE": str(comm.size), "LOCAL_RANK": str(local.rank),
               "LOCAL_WORLD_SIZE": str(local.size), "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
@@ -100,9 +110,3 @@ def _own_address() -> str:
             return sock.getsockname()[0]
         except OSError:
             return "127.0.0.1"
-
-
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return str(sock.getsockname()[1])

@@ -5,7 +5,7 @@ TP + tp_rank: one per tensor-parallel shard of each pipeline stage, decoder laye
 stage); `rng_state_rank<r>.pt` per rank (dropout streams differ per rank); `config.yaml` (the resolved config);
 `experts_ep<r>.pt` (`experts_ep<r>_pp<s>.pt` per stage s under pipeline parallelism), the routed experts of
 expert-parallel rank r keyed by their module's global name and global expert id (DeepSpeed's model file holds
-only EP rank 0's experts, integration.md 6.4). `<save>/latest` names the newest tag.
+only EP rank 0's experts, docs/integration.md §6.4). `<save>/latest` names the newest tag.
 
 Resuming with the saved tensor-, pipeline- and expert-parallel sizes restores everything (the learning-rate
 schedule is the run's config's, applied from the checkpoint's step: train/optim.py). With another layout the
@@ -33,6 +33,7 @@ from megamoe.config import RunConfig, dump
 from megamoe.models.sharding import merge_tp, shard_tp, shift_layer_index
 from megamoe.moe import MoELayer
 from megamoe.moe.experts import Experts
+from megamoe.parallel import experts as expert_shards
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train import integrity
 from megamoe.utils import get_logger
@@ -104,14 +105,7 @@ def layer_offset(model: torch.nn.Module) -> int:
 
 def save_expert_shard(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> None:
     """The first expert-data-parallel replica of each EP rank (of each stage) writes its experts."""
-    experts = _experts(model)
-    if not experts or groups.edp_rank != 0:
-        return
-    shard = {name: {"first_expert": m.first_expert,
-                    "tensors": {p: t.detach().cpu().clone() for p, t in m.named_parameters(recurse=False)}}
-             for name, m in experts.items()}
-    stage = f"_pp{groups.pp_rank:02d}" if groups.pp_size > 1 else ""
-    torch.save(shard, tag_dir / f"experts_ep{groups.ep_rank:03d}{stage}.pt")
+    expert_shards.save_shard(_experts(model), tag_dir, groups)
 
 
 def load_expert_shards(model: torch.nn.Module, tag_dir: Path) -> None:
@@ -120,35 +114,14 @@ def load_expert_shards(model: torch.nn.Module, tag_dir: Path) -> None:
     integrity.on_every_rank(lambda: _fill_experts(model, tag_dir))
 
 
-@torch.no_grad()
 def _fill_experts(model: torch.nn.Module, tag_dir: Path) -> None:
-    experts = _experts(model)
-    if not experts:
-        return
-    files = sorted(tag_dir.glob("experts_ep*.pt"))
-    if not files:
-        raise integrity.CheckpointError(f"{tag_dir} holds no experts_ep*.pt expert shards, but this model has MoE "
-                                        "layers: the checkpoint is of a dense model or incomplete")
-    shards = [torch.load(path, weights_only=True) for path in files]
-    for name, module in experts.items():
-        for pname, param in module.named_parameters(recurse=False):
-            filled = torch.zeros(module.num_local, dtype=torch.bool)
-            for shard in (s for s in shards if name in s):
-                first, saved = shard[name]["first_expert"], shard[name]["tensors"][pname]
-                if saved.shape[1:] != param.shape[1:]:
-                    raise ShapeMismatch(f"{tag_dir}: the experts of {name}.{pname} are {list(saved.shape[1:])} in "
-                                        f"the checkpoint, {list(param.shape[1:])} in this model")
-                mine = module.first_expert
-                lo, hi = max(first, mine), min(first + len(saved), mine + module.num_local)
-                if lo < hi:
-                    param[lo - mine:hi - mine] = saved[lo - first:hi - first]
-                    filled[lo - mine:hi - mine] = True
-            if not filled.all():
-                gone = module.first_expert + int((~filled).nonzero()[0])
-                raise integrity.CheckpointError(
-                    f"{tag_dir}: expert {gone} of {name} is in none of the expert shards "
-                    f"({', '.join(f.name for f in files)}): a shard file is missing; restore it or resume from an "
-                    "earlier checkpoint")
+    """The shards' errors as the checkpoint's: ShapeMismatch (a CheckpointError) or CheckpointError."""
+    try:
+        expert_shards.fill_local_experts(_experts(model), tag_dir)
+    except expert_shards.ExpertShapeMismatch as err:
+        raise ShapeMismatch(str(err)) from None
+    except expert_shards.ExpertShardError as err:
+        raise integrity.CheckpointError(str(err)) from None
 
 
 class ShapeMismatch(integrity.CheckpointError):

@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 
 from megamoe.config import Layout, RunConfig, TrainConfig
 from megamoe.moe.experts import Experts
+from megamoe.parallel.experts import expert_group_name, mark_expert_parameters
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train.optim import build_optimizer, lr_scheduler_factory, param_groups
 
@@ -149,12 +150,8 @@ def grad_norm_before_step(engine: deepspeed.DeepSpeedEngine) -> float | None:
     return float(get_flattened_grad_norm(params, mpu=engine.mpu))
 
 
-def expert_group_name(ep_size: int) -> str:
-    return f"ep_size_{ep_size}"
-
-
 class ExpertParallelMarker(DeepSpeedMoE):
-    """Tells DeepSpeed the model holds expert-parallel parameters it did not create (integration.md 6.3).
+    """Tells DeepSpeed the model holds expert-parallel parameters it did not create (docs/integration.md §6.3).
 
     Without a deepspeed.moe.layer.MoE in the model, DeepSpeed broadcasts every parameter from rank 0 and
     averages every gradient over all data-parallel ranks: experts of different EP ranks silently become
@@ -197,32 +194,12 @@ def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def prepare_expert_parallelism(model: torch.nn.Module, groups: ParallelGroups, num_experts: int | None) -> int:
-    """Tag expert parameters for DeepSpeed and add the marker (EP > 1); returns the number tagged.
-
-    Tagged parameters (`allreduce=False`, `group_name`) are reduced over the expert-data-parallel group only;
-    everything else over the whole data-parallel group. Where tensor-parallel peers hold different experts
-    (EP folded over TP), experts are also marked model-parallel so the global norm counts each once.
-    """
-    params = expert_parameters(model)
-    if groups.ep_size == 1:
-        return 0
-    if not params:
-        raise RuntimeError("expert parallelism is on but the model has no expert parameters to tag")
-    tp_peers_differ = groups.tp_size > 1 and _tp_peers_hold_different_experts(groups)
-    for param in params:
-        param.allreduce = False
-        param.group_name = expert_group_name(groups.ep_size)
-        if tp_peers_differ:
-            param.model_parallel = True
-    model.add_module("deepspeed_ep_marker", ExpertParallelMarker(num_experts, groups.ep_size))
-    return len(params)
-
-
-def _tp_peers_hold_different_experts(groups: ParallelGroups) -> bool:
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None  # NCCL
-    ep_ranks = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(groups.tp_size)]
-    dist.all_gather(ep_ranks, torch.tensor(groups.ep_rank, device=device), group=groups.tp_group)
-    return len({int(r) for r in ep_ranks}) == groups.tp_size
+    """Tag expert parameters for DeepSpeed (parallel/experts.py: mark_expert_parameters) and add the marker
+    (EP > 1); returns the number tagged."""
+    tagged = mark_expert_parameters(expert_parameters(model), groups)
+    if tagged:
+        model.add_module("deepspeed_ep_marker", ExpertParallelMarker(num_experts, groups.ep_size))
+    return tagged
 
 
 def optimizer_param_groups(model: torch.nn.Module, groups: ParallelGroups, train: TrainConfig) -> list[dict]:

@@ -10,7 +10,7 @@ boundary — and megamoe's own micro-batch hooks (aux-loss scale, MPOE's once-pe
 Aux losses need nothing from other stages: each MoE layer injects its loss gradient into its own stage's
 backward.
 
-Why not the alternatives (integration.md §7): DeepSpeed's PipelineEngine replaces backward/step by
+Why not the alternatives (docs/integration.md §7): DeepSpeed's PipelineEngine replaces backward/step by
 train_batch() (no per-micro-batch hooks, no token-weighted loss), needs the model as a flat LayerSpec list
 (megatron's GPTModel stage split does not fit) and caps ZeRO at stage 1; megatron-core's schedules run their
 own backward outside DeepSpeed's engine, whose ZeRO gradient bookkeeping (micro-step counter, accumulation

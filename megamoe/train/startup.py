@@ -63,7 +63,7 @@ def check_sample_indices(cfg: RunConfig, layout: Layout, dataset, share: float) 
     """ConfigError when megatron's sample indices for the steps asked for would not fit in this machine's memory
     (an extra zero in train.train_iters or train.eval_iters: megatron would build them for minutes, then die)."""
     from megamoe.data.checks import sample_index_bytes, split_sizes
-    from megamoe.train.plan import GiB
+    from megamoe.moe.plan import GiB
 
     available = machine_memory()
     eval_samples = cfg.train.eval_iters * cfg.train.micro_batch_size * layout.data_parallel_size
@@ -82,9 +82,9 @@ def check_sample_indices(cfg: RunConfig, layout: Layout, dataset, share: float) 
 
 
 def check_memory(cfg: RunConfig, env: Environment) -> None:
-    """ConfigError when the planner (train/plan.py) puts a rank above the memory it has: a sequence length or
+    """ConfigError when the planner (moe/plan.py) puts a rank above the memory it has: a sequence length or
     batch far beyond the machine fails now, not as an out-of-memory kill (or swap) later."""
-    from megamoe.train.plan import GiB, plan
+    from megamoe.moe.plan import GiB, plan
 
     available = memory_per_rank(env.cuda_available)
     stages = plan(cfg, env.world_size, env.tokenizer_vocab_size)
@@ -141,7 +141,7 @@ def set_runtime_environment(cuda_available: bool) -> None:
         # DeepSpeed picks its accelerator at import; its CPU accelerator communicates over gloo.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # One JIT cache per environment: two environments sharing ~/.cache/torch_extensions rebuild each
-    # other's ops on every start (integration.md 1).
+    # other's ops on every start (docs/integration.md §1).
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     # PyTorch's CPU allocator asks for transparent huge pages for large tensors: a fresh 1 GB gradient (PEER's
     # tables) then costs ~70 ms instead of ~300+ ms of 4 KB page faults. Read at every allocation.

@@ -22,10 +22,11 @@ def _rel(a, b) -> float:
 def _layer_parity() -> dict[str, float]:
     import torch.distributed as dist
 
-    from megamoe.config import CartesianMoEConfig, ParallelConfig
+    from megamoe.config import ParallelConfig
     from megamoe.moe import LayerShape, build_moe
     from megamoe.parallel.groups import ParallelGroups
     from megamoe.parallel.initialize import initialize
+    from megamoe.variants.cartesian import CartesianMoEConfig
 
     groups = initialize(ParallelConfig(expert_model_parallel_size=2), seed=7)
     cfg = CartesianMoEConfig(num_experts=4, router_topk=2, ffn_hidden_size=12, shared_expert_intermediate_size=12,

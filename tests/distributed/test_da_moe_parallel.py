@@ -65,8 +65,8 @@ def _prefix_outputs(data: dict, route_on_attention: bool) -> dict[str, float]:
     """Two sequences equal up to position 11 and different after it, in one batch: how much do their outputs
     and routing signals (the importance each MoE layer routes on) at positions <= 11 differ?"""
     from megamoe.models.gpt import build_model
-    from megamoe.moe.variants.dynamic import DynamicMoE
     from megamoe.parallel.initialize import initialize
+    from megamoe.variants.dynamic.layer import DynamicMoE
 
     cfg = tiny_config(data, *DA_MOE, "moe.importance_mode=predicted", "moe.budget=running",
                       "model.hidden_dropout=0.0")

@@ -27,10 +27,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _layers(par: dict, **moe):
-    from megamoe.config import ParallelConfig, TopKMoEConfig
+    from megamoe.config import ParallelConfig
     from megamoe.moe import LayerShape, build_moe
     from megamoe.parallel.groups import ParallelGroups
     from megamoe.parallel.initialize import initialize
+    from megamoe.variants.topk import TopKMoEConfig
 
     groups = initialize(ParallelConfig(**par), seed=7)
     cfg = TopKMoEConfig(**{"num_experts": 8, "router_topk": 2, "aux_loss_coeff": 0.0, **moe})

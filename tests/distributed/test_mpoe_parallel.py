@@ -23,10 +23,11 @@ def _rel(a, b) -> float:
 def _layer_parity() -> dict[str, float]:
     import torch.distributed as dist
 
-    from megamoe.config import MPOEMoEConfig, ParallelConfig
+    from megamoe.config import ParallelConfig
     from megamoe.moe import LayerShape, build_moe
     from megamoe.parallel.groups import ParallelGroups
     from megamoe.parallel.initialize import initialize
+    from megamoe.variants.mpo import MPOEMoEConfig
 
     groups = initialize(ParallelConfig(expert_model_parallel_size=2), seed=7)
     cfg = MPOEMoEConfig(num_experts=4, aux_loss_coeff=0.0, p_mask=0.0, aux_init_noise_std=0.05)

@@ -31,10 +31,11 @@ def _sum(t: torch.Tensor, group) -> torch.Tensor:
 def _layer_parity(layouts: list[dict]) -> list[dict]:
     import torch.distributed as dist
 
-    from megamoe.config import ParallelConfig, PEERMoEConfig
+    from megamoe.config import ParallelConfig
     from megamoe.moe import LayerShape, build_moe
     from megamoe.parallel.groups import ParallelGroups
     from megamoe.parallel.initialize import initialize
+    from megamoe.variants.peer import PEERMoEConfig
 
     out = []
     for par in layouts:

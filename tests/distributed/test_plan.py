@@ -37,8 +37,9 @@ def _measure(data: dict, overrides: list[str]) -> dict | None:
 
     from megamoe.data.loader import build_loader
     from megamoe.data.tokenizer import spm_vocab_size
+    from megamoe.moe import plan
     from megamoe.parallel.comm import metered
-    from megamoe.train import plan, startup
+    from megamoe.train import startup
     from megamoe.train.loop import build_trainer, stage_output, train_step
     from tests.helpers import tiny_config
 
@@ -126,9 +127,9 @@ VARIANTS = {
 def _counts(data: dict, overrides: list[str]) -> tuple[tuple[int, int], tuple[int, int]]:
     from megamoe.data.tokenizer import spm_vocab_size
     from megamoe.models.gpt import build_model
+    from megamoe.moe import plan
     from megamoe.moe.experts import Experts
     from megamoe.parallel.initialize import initialize
-    from megamoe.train import plan
     from tests.helpers import tiny_config
 
     cfg = tiny_config(data, *overrides)

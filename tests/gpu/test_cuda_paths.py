@@ -28,9 +28,9 @@ def test_grouped_gemm_equals_the_expert_loop():
 
 
 def test_moe_layer_on_cuda_equals_cpu():
-    from megamoe.config import TopKMoEConfig
     from megamoe.moe import LayerShape, build_moe
     from megamoe.parallel.groups import ParallelGroups
+    from megamoe.variants.topk import TopKMoEConfig
 
     cfg = TopKMoEConfig(num_experts=8, router_topk=2, ffn_hidden_size=64)
     shape = LayerShape(hidden_size=32, ffn_hidden_size=64, swiglu=True, init_std=0.02, num_layers=2,

@@ -57,8 +57,9 @@ def _export_and_compare(load: str, out: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from megamoe import config
+    from megamoe.convert import export
     from megamoe.data.tokenizer import spm_vocab_size
-    from megamoe.train import checkpoint, export
+    from megamoe.train import checkpoint
     from megamoe.train.loop import causal_mask
 
     export.export_hf(load, out)
@@ -143,7 +144,7 @@ def test_custom_code_export_equals_the_trained_model_and_round_trips(tiny_data, 
 def _round_trip(hf_dir: str, save: str, hf_again: str, data_prefix: str) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
-    from megamoe.train import export
+    from megamoe.convert import export
     from tests.helpers import ROOT
 
     export.import_hf(hf_dir, save, str(ROOT / "configs" / "tiny-dense.yaml"), [f"data.data_path=[{data_prefix}]"])
@@ -158,7 +159,7 @@ def _import_with_a_stray_tensor(hf_dir: str, save: str, data_prefix: str) -> str
 
     from safetensors.torch import load_file, save_file
 
-    from megamoe.train import export
+    from megamoe.convert import export
     from tests.helpers import ROOT
 
     stray = Path(save).parent / "hf_stray"

@@ -35,7 +35,7 @@ def _train_dense(data: dict, save: str) -> float:
 
 
 def _upcycle(load: str, save: str, overrides: list[str]) -> None:
-    from megamoe.train.upcycle import upcycle
+    from megamoe.convert.upcycle import upcycle
 
     upcycle(load, save, overrides)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megamoe.parallel.groups import ParallelGroups
-from megamoe.train import bench
+from megamoe.studies import bench
 
 TINY = bench.BenchShape(num_tokens=64, hidden_size=32, ffn_hidden_size=64, num_experts=4, topk=2)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from megamoe.train import bench_mpo
-from megamoe.train.bench import Timing
+from megamoe.studies import bench_mpo
+from megamoe.studies.bench import Timing
 
 TINY = bench_mpo.MPOBenchShape(hidden_size=16, ffn_hidden_size=24, swiglu=True, num_experts=4, num_rows=30)
 RELU = bench_mpo.MPOBenchShape(hidden_size=16, ffn_hidden_size=24, swiglu=False, num_experts=2, num_rows=7,

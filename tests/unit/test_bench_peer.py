@@ -8,7 +8,7 @@ import multiprocessing
 
 import pytest
 
-from megamoe.train import bench_peer
+from megamoe.studies import bench_peer
 
 TINY = bench_peer.PEERBenchConfig(num_tokens=32, hidden_size=16, num_heads=2, topk_per_head=4, key_dim=8,
                                   chunk_tokens=16, warmup=0, iters=1, threads=1)

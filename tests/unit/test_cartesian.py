@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megamoe.config import CartesianMoEConfig
 from megamoe.moe import LayerShape, build_moe
 from megamoe.moe.routing import topk_route
-from megamoe.moe.sizing import equal_size_comparison
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.variants.cartesian import CartesianMoEConfig
+from megamoe.variants.cartesian.sizing import equal_size_comparison
 
 D = 16
 
@@ -28,8 +28,8 @@ def swiglu(x, w1, w2):
 
 
 def sublayer_reference(moe, u):
-    """variants.md §5.2 for one sub-layer: fp32 softmax router, top-2 renormalised (fp32 eps clamp), SwiGLU experts,
-    softmax(Linear(d, 2)) with bias mixing routed and shared outputs."""
+    """docs/variants.md §5.2 for one sub-layer: fp32 softmax router, top-2 renormalised (fp32 eps clamp), SwiGLU
+    experts, softmax(Linear(d, 2)) with bias mixing routed and shared outputs."""
     p = (u.float() @ moe.router.weight.float().t()).softmax(-1)
     w, idx = p.topk(2, dim=-1)
     w = w / w.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)

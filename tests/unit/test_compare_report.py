@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from megamoe.train.compare import RunResult
-from megamoe.train.compare_report import claims
+from megamoe.studies.compare import RunResult
+from megamoe.studies.compare_report import claims
 
 
 def _run(variant: str, seed: int, ppl: float) -> RunResult:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megamoe.config import DynamicMoEConfig
 from megamoe.moe import LayerShape, build_moe
-from megamoe.moe.importance import (
+from megamoe.moe.layer import TokenInfo
+from megamoe.moe.routing import topk_route, variable_topk_route
+from megamoe.parallel.groups import ParallelGroups
+from megamoe.variants.dynamic import DynamicMoEConfig
+from megamoe.variants.dynamic.importance import (
     Importance,
     budget_experts,
     column_sums,
@@ -15,9 +18,6 @@ from megamoe.moe.importance import (
     importance_from_columns,
     running_experts,
 )
-from megamoe.moe.layer import TokenInfo
-from megamoe.moe.routing import topk_route, variable_topk_route
-from megamoe.parallel.groups import ParallelGroups
 
 
 def test_importance_equals_the_hand_computation():
@@ -52,7 +52,7 @@ def test_causal_queries_count_is_positions_to_the_end():
 
 
 def test_the_papers_example():
-    """Importance 0.3 for 'The movie was', 0.7 for 'incredibly inspiring' (variants.md §3.6)."""
+    """Importance 0.3 for 'The movie was', 0.7 for 'incredibly inspiring' (docs/variants.md §3.6)."""
     s = torch.tensor([0.3, 0.3, 0.3, 0.7, 0.7])
     valid = torch.ones(5, dtype=torch.bool)
     assert experts_per_token(s, valid, k_min=1, k_max=4).tolist() == [2, 2, 2, 3, 3]

@@ -27,7 +27,7 @@ VARIANTS = {
 
 
 def _mpo_shapes() -> dict[str, list[list[int]]]:
-    from megamoe.moe.mpo import auto_shape
+    from megamoe.variants.mpo.operators import auto_shape
 
     dims = {"gate": (32, 64), "up": (32, 64), "down": (64, 32)}
     return {name: [list(auto_shape(rows, cols, 5).tensor_shape(k)) for k in range(5)]
@@ -77,7 +77,7 @@ def test_encoder_padding_changes_nothing_for_real_tokens(budget):
 
 def test_mpo_rebuild_equals_megamoes():
     from megamoe.hf.remote.moe_megamoe import MPOEMoE
-    from megamoe.moe.mpo import MPOShape, reconstruct
+    from megamoe.variants.mpo.operators import MPOShape, reconstruct
 
     torch.manual_seed(0)
     shapes = _mpo_shapes()

@@ -1,4 +1,4 @@
-"""Imports flow one way (style.md §2-3), and only megamoe/platform.py patches third-party modules."""
+"""Imports flow one way (docs/architecture.md), and only megamoe/platform.py patches third-party modules."""
 
 from __future__ import annotations
 
@@ -12,15 +12,31 @@ from tests.helpers import ROOT
 
 PACKAGE = ROOT / "megamoe"
 LAYER = {"__init__": 0, "config": 0, "utils": 0, "platform": 1, "parallel": 1, "moe": 2, "models": 3, "data": 3,
-         "hf": 3, "train": 4}
+         "hf": 3, "train": 4, "studies": 5, "convert": 5}
+"""A module may import megamoe modules of its own layer or below. studies (benchmarks, the variant comparison) and
+convert (Hugging Face export and import, upcycling) use the training run; the training run never uses them."""
+LAYER["cli"] = max(LAYER.values()) + 1
+"""megamoe/cli.py, the start-up of the entry points (tools/, launchers/), sits above every layer: no library module
+uses it."""
+# A variant's folder spans layers: its declaration is read by the config layer (no torch), its layer is plain
+# PyTorch, its megatron hook is a model part, its study runs training.
+VARIANT_MODULE_LAYER = {"__init__": 0, "base": 0, "shapes": 0, "megatron": 3, "study": 5}
+VARIANT_DEFAULT_LAYER = 2
 BANNED = {"config": {"torch", "megatron", "deepspeed", "numpy"}, "moe": {"megatron", "deepspeed"},
           "hf": {"megatron", "deepspeed"}, "parallel": {"deepspeed"}, "platform": {"deepspeed"},
           "models": {"deepspeed"}, "data": {"deepspeed"}, "utils": {"megatron", "deepspeed"}}
+BANNED_BY_LAYER = {0: {"torch", "megatron", "deepspeed", "numpy"}, 2: {"megatron", "deepspeed"}, 3: {"deepspeed"}}
+"""For the variants' modules, by their layer."""
+TRAINING_RUN = {"__init__", "checkpoint", "deepspeed", "integrity", "loop", "metrics", "optim", "pipeline",
+                "preemption", "preflight", "startup", "watchdog"}
+"""megamoe/train holds the training run only: a benchmark, study, planner or converter goes elsewhere."""
 SIBLINGS_APART = {("data", "hf"), ("hf", "data")}
 # Third-party modules confined to single files inside their package.
 CONFINED = {"deepspeed": {"megamoe/train/deepspeed.py"},
             "megatron": {"megamoe/platform.py", "megamoe/parallel/initialize.py", "megamoe/models",
-                         "megamoe/data", "megamoe/train"}}
+                         "megamoe/data", "megamoe/train", "megamoe/studies", "megamoe/convert"}}
+CONFINED_NAMES = {"megatron": "megatron.py"}
+"""...and to modules of this name (a variant's megatron hook)."""
 THIRD_PARTY = {"torch", "megatron", "deepspeed", "numpy", "transformers", "sentencepiece"}
 
 
@@ -42,21 +58,70 @@ def package_of(path: Path) -> str:
     return path.relative_to(PACKAGE).with_suffix("").parts[0]
 
 
+def layer_of(module: str) -> int:
+    """The layer of a megamoe module, by its dotted name ('megamoe.variants.peer.layer')."""
+    parts = module.split(".")[1:]
+    if parts[0] != "variants":
+        return LAYER[parts[0]]
+    name = parts[-1] if len(parts) == 3 or parts[-1] in VARIANT_MODULE_LAYER else "__init__"
+    return VARIANT_MODULE_LAYER.get(name, VARIANT_DEFAULT_LAYER)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 2 else parts)
+
+
+def import_problems(rel: str, module: str, names: list[str]) -> list[str]:
+    """Why module `module` (file `rel`) may not import each of `names` (empty: all allowed)."""
+    pkg, layer, problems = module.split(".")[1], layer_of(module), []
+    banned = BANNED_BY_LAYER.get(layer, set()) if pkg == "variants" else BANNED.get(pkg, set())
+    for name in names:
+        top, *rest = name.split(".")
+        if top == "megamoe" and rest:
+            if layer_of(name) > layer:
+                problems.append(f"{rel} (layer {layer}) must not import {name} (layer {layer_of(name)})")
+            if (pkg, rest[0]) in SIBLINGS_APART:
+                problems.append(f"{rel} must not import {name}")
+        if top in banned:
+            problems.append(f"{rel} must not import {top}")
+        if top in CONFINED and not (any(rel.startswith(allowed) for allowed in CONFINED[top])
+                                    or rel.endswith("/" + CONFINED_NAMES.get(top, "-"))):
+            problems.append(f"{rel} must not import {top}")
+    return problems
+
+
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_import_direction(path):
     pkg, rel = package_of(path), str(path.relative_to(ROOT))
-    for name in imports(path):
-        top, *rest = name.split(".")
-        if top == "megamoe" and rest:
-            target = rest[0]
-            assert LAYER[target] <= LAYER[pkg], f"{rel} (layer {LAYER[pkg]}) must not import {name}"
-            assert (pkg, target) not in SIBLINGS_APART, f"{rel} must not import {name}"
-        assert top not in BANNED.get(pkg, ()), f"{rel} must not import {top}"
-        if top in CONFINED:
-            assert any(rel.startswith(allowed) for allowed in CONFINED[top]), f"{rel} must not import {top}"
+    names = imports(path)
+    assert not import_problems(rel, module_name(path), names)
+    for name in names:
+        top = name.split(".")[0]
         if pkg == "config":
             assert top in sys.stdlib_module_names or top in {"yaml", "megamoe", "__future__"}, \
                 f"{rel}: config imports only stdlib and yaml, not {top}"
+
+
+def test_the_direction_check_catches_forbidden_imports():
+    """The check is not vacuous: the training run importing a study or a converter, a variant's declaration
+    importing torch or its own layer, and the config layer importing a variant's layer all fail."""
+    assert import_problems("megamoe/train/loop.py", "megamoe.train.loop", ["megamoe.studies.compare"])
+    assert import_problems("megamoe/train/checkpoint.py", "megamoe.train.checkpoint", ["megamoe.convert.export"])
+    assert import_problems("megamoe/variants/peer/__init__.py", "megamoe.variants.peer", ["torch"])
+    assert import_problems("megamoe/variants/peer/__init__.py", "megamoe.variants.peer",
+                           ["megamoe.variants.peer.layer"])
+    assert import_problems("megamoe/config/loader.py", "megamoe.config.loader", ["megamoe.variants.topk.layer"])
+    assert import_problems("megamoe/variants/topk/layer.py", "megamoe.variants.topk.layer", ["megatron.core"])
+    assert not import_problems("megamoe/variants/dynamic/megatron.py", "megamoe.variants.dynamic.megatron",
+                               ["megatron.core", "megamoe.variants.dynamic.layer", "megamoe.models.norms"])
+    assert not import_problems("megamoe/studies/compare.py", "megamoe.studies.compare", ["megamoe.train.loop"])
+
+
+def test_train_holds_the_training_run_only():
+    held = {p.stem for p in (PACKAGE / "train").glob("*.py")}
+    assert held == TRAINING_RUN, f"megamoe/train holds {sorted(held - TRAINING_RUN)} beyond the training run " \
+        f"(benchmarks and studies go to megamoe/studies, converters to megamoe/convert, planning to megamoe/moe)"
 
 
 def _third_party_aliases(tree: ast.AST) -> set[str]:

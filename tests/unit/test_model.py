@@ -75,7 +75,7 @@ def test_mlp_slot_is_chosen_per_layer(tiny_data, monkeypatch):
 
     seen = []
     real = mm.mlp_spec
-    monkeypatch.setattr(mm, "mlp_spec", lambda cfg, n, dense, g, imp: seen.append(n) or real(cfg, n, dense, g, imp))
+    monkeypatch.setattr(mm, "mlp_spec", lambda cfg, n, dense, g, **moe: seen.append(n) or real(cfg, n, dense, g, **moe))
     spec = mm.decoder_block_spec(tiny_config(tiny_data, "model.num_layers=3"), ParallelGroups.single_process())
     assert seen == [1, 2, 3] and len(spec.layer_specs) == 3
     assert spec.layer_specs[0].submodules.mlp.module.__name__ == "MLP"

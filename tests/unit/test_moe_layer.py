@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megamoe.config import TopKMoEConfig
 from megamoe.moe import LayerShape, build_moe
 from megamoe.moe.dispatch import LocalDispatcher
 from megamoe.moe.experts import GroupedExperts
 from megamoe.moe.layer import TokenInfo
 from megamoe.moe.routing import Routing
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.variants.topk import TopKMoEConfig
 
 D, F_EXPERT = 16, 24
 

@@ -1,4 +1,4 @@
-"""MPO decomposition and the MPOE layer (variants.md §8, M1-M7, M10-M12), single process, fp64 where exact."""
+"""MPO decomposition and the MPOE layer (docs/variants.md §8, M1-M7, M10-M12), single process, fp64 where exact."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from megamoe.config import MPOEMoEConfig
 from megamoe.moe import LayerShape, build_moe
-from megamoe.moe.mpo import MPOShape, apply_chain, auto_shape, decompose, reconstruct
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.variants.mpo import MPOEMoEConfig
+from megamoe.variants.mpo.operators import MPOShape, apply_chain, auto_shape, decompose, reconstruct
 
 T5_WI = MPOShape(i=(4, 4, 8, 6, 4), j=(3, 4, 4, 4, 4))
 D, FFN = 16, 24
@@ -208,7 +208,7 @@ def test_unit_gate_and_input_scaling_agree_for_relu_free_experts():
 
 
 def test_parameter_ratio_against_switch():
-    from megamoe.moe.sizing import mpoe_parameter_report
+    from megamoe.variants.mpo.sizing import mpoe_parameter_report
 
     t5 = {"fc1": [list(T5_WI.i), list(T5_WI.j)], "fc2": [list(T5_WI.j), list(T5_WI.i)]}
     for experts, want in ((16, 7.10), (8, 4.92)):

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from megamoe.config import PEERMoEConfig
 from megamoe.moe import LayerShape, build_moe
 from megamoe.moe.layer import TokenInfo
-from megamoe.moe.product_keys import MaskedBatchNorm, product_key_topk
-from megamoe.moe.variants.peer import PEERTables, _SingletonExperts
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.variants.peer import PEERMoEConfig
+from megamoe.variants.peer.layer import PEERTables, _SingletonExperts
+from megamoe.variants.peer.product_keys import MaskedBatchNorm, product_key_topk
 
 D = 16
 

@@ -1,1 +1,0 @@
-"""One file per MoE variant; megamoe.moe.VARIANTS lists them."""
