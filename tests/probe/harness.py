@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megamoe.utils import free_port  # stdlib only: the probe imports no torch
+
 HERE = Path(__file__).resolve().parents[2]  # the checkout this probe is in
 CORPUS = Path("data") / "shakespeare-train.jsonl.gz"  # under the probed checkout
 VOCAB = 500  # megatron pads the embedding to 512: ids 500-511 are padding rows, 512+ are outside it
 TIMEOUT_S = 150
 SETTLE_S = 45  # after a signal: how long every process of the launch gets to end
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

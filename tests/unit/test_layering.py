@@ -216,3 +216,20 @@ def test_no_shell_strings(path):
 def test_the_shell_scan_catches_a_shell_string():
     assert shell_string_calls("import os, subprocess\nos.system(x)\nsubprocess.run(x, shell=True)\n") == [
         "line 2: os.system", "line 3: subprocess.run"]
+
+
+def test_reading_a_config_imports_no_torch():
+    """The config layer reads the variant registry (every variant's config class and checks) without torch: tools
+    that only plan or check a config start in a fraction of a second."""
+    import subprocess
+
+    code = ("import sys; from megamoe import config, variants; "
+            "cfg = config.load(None, ['data.data_path=[x]', 'data.tokenizer_model=t', 'model.num_layers=2', "
+            "'model.hidden_size=64', 'model.num_attention_heads=4', 'train.train_iters=1', 'moe.variant=mpo', "
+            "'moe.num_experts=4']); "
+            "config.validate(cfg, config.Environment(world_size=1, cuda_available=False, tokenizer_vocab_size=None, "
+            "check_files=False)); "
+            "print(sorted(variants.VARIANTS), type(cfg.moe).__name__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["MPOEMoEConfig", "False"], out.stdout
