@@ -233,3 +233,57 @@ def test_reading_a_config_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == ["MPOEMoEConfig", "False"], out.stdout
+
+
+# Where a built-in variant may be named in the library besides its own folder and the registry: the HF custom code
+# shipped with exports (self-contained: it cannot import megamoe) and the variant's own benchmark.
+NAMED_ELSEWHERE = {"dynamic": {"megamoe/hf/remote/"}, "peer": {"megamoe/hf/remote/", "megamoe/studies/bench_peer.py"},
+                   "cartesian": {"megamoe/hf/remote/"}, "mpo": {"megamoe/hf/remote/", "megamoe/studies/bench_mpo.py"}}
+
+
+def variant_mentions(source: str, key: str, class_names: set[str]) -> list[int]:
+    """Lines of code naming a variant: its classes, its key as a string ('peer', "moe.variant=peer"), or an import
+    of its modules. Comments and docstrings do not count."""
+    import io
+    import re
+    import tokenize
+
+    tree = ast.parse(source)
+    docstrings = {node.body[0].lineno for node in ast.walk(tree) if isinstance(
+        node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body and isinstance(
+        node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+    def names_it(tok: tokenize.TokenInfo) -> bool:
+        if tok.type == tokenize.NAME:
+            return tok.string in class_names
+        return tok.type == tokenize.STRING and tok.start[0] not in docstrings and bool(
+            re.fullmatch(rf"[rbfu]*(['\"]){key}\1", tok.string) or re.search(rf"variant=\W?{key}\b", tok.string))
+
+    lines = [tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline) if names_it(tok)]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and re.search(rf"\.variants\.{key}(\.|$)", node.module):
+            lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("key", sorted(NAMED_ELSEWHERE))
+def test_a_variant_is_named_only_in_its_folder(key):
+    """A variant is one plug-in: nothing else in the library branches on it (docs/architecture.md)."""
+    from megamoe import variants
+
+    variant = variants.VARIANTS[key]
+    layer = variants.resolve(variant.layer)
+    classes = {variant.config.__name__, layer.__name__}
+    found = []
+    for path in modules():
+        rel = str(path.relative_to(ROOT))
+        if rel.startswith((f"megamoe/variants/{key}/", "megamoe/variants/__init__.py", *NAMED_ELSEWHERE[key])):
+            continue
+        found += [f"{rel}:{n}" for n in variant_mentions(path.read_text(), key, classes)]
+    assert not found, f"moe.variant={key} is named outside its folder: {found}"
+
+
+def test_the_mention_scan_sees_names_and_not_prose():
+    source = ('x = "peer"\n"""PEER in prose."""\nfrom megamoe.variants.peer.layer import PEERMoE\n'
+              'y = "moe.variant=peer"\n')
+    assert variant_mentions(source, "peer", {"PEERMoE"}) == [1, 3, 4, 3]
