@@ -1,9 +1,14 @@
-"""Tokenize a corpus into a Megatron indexed dataset, training the sentencepiece model first if asked.
+"""Tokenize a corpus into a Megatron indexed dataset, training the tokenizer first if asked.
 
   python tools/preprocess_data.py --input data/shakespeare-train.jsonl.gz --output-prefix data/processed/shakespeare \
-      --train-tokenizer --vocab-size 4000 [--tokenizer-type unigram] [--special-tokens <a> <b>] [--workers 4]
-writes data/processed/shakespeare.model (the tokenizer) and data/processed/shakespeare_text_document.{bin,idx}
-(megatron.core.datasets' format: Megatron-LM's tools read them). Prints documents, tokens and tokens/s.
+      --train-tokenizer --vocab-size 4000 [--tokenizer-type HuggingFaceTokenizer] [--special-tokens <a> <b>] \
+      [--workers 4]
+writes data/processed/shakespeare.model (a sentencepiece tokenizer; with --tokenizer-type HuggingFaceTokenizer a
+byte-level BPE, shakespeare.tokenizer.json) and data/processed/shakespeare_text_document.{bin,idx}
+(megatron.core.datasets' format: Megatron-LM's tools read them). Trained tokenizers are lossless: line breaks,
+tabs, indentation and every character survive encode + decode (--normalize: the older, normalising sentencepiece
+model). With --tokenizer-model, an existing tokenizer: a sentencepiece .model, or a tokenizer.json (or a directory
+holding one) with --tokenizer-type HuggingFaceTokenizer. Prints documents, tokens and tokens/s.
 Inspect the result with tools/inspect_dataset.py; blend several with data.data_path=[w1, prefix1, w2, prefix2].
 """
 
@@ -17,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from megamoe import cli
 from megamoe.data import preprocess
+from megamoe.data.tokenizer import TOKENIZER_TYPES, tokenizer_problem
+
+LEGACY_ALGORITHMS = ("bpe", "unigram")
 
 MIN_VOCAB = 8  # pad, unk, bos, eos, <mask> and a few pieces (sentencepiece refuses fewer)
 
@@ -27,21 +35,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-prefix", required=True, help="output path prefix")
     parser.add_argument("--json-keys", default="text", help="JSON field holding the document text")
     tok = parser.add_mutually_exclusive_group(required=True)
-    tok.add_argument("--tokenizer-model", help="an existing sentencepiece .model file")
+    tok.add_argument("--tokenizer-model", help="an existing tokenizer: a sentencepiece .model, or a tokenizer.json or "
+                                               "a directory holding one (HuggingFaceTokenizer)")
     tok.add_argument("--train-tokenizer", action="store_true",
-                     help="train a sentencepiece model on the input first (<output-prefix>.model)")
+                     help="train a tokenizer on the input first (<output-prefix>.model or .tokenizer.json)")
+    parser.add_argument("--tokenizer-type", choices=[*TOKENIZER_TYPES, *LEGACY_ALGORITHMS],
+                        default="SentencePieceTokenizer", help="Megatron-LM's tokenizer names (default %(default)s)")
     parser.add_argument("--vocab-size", type=int, default=4000, help="vocabulary of a trained tokenizer")
-    parser.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default="bpe")
+    parser.add_argument("--tokenizer-algorithm", choices=["bpe", "unigram"], default="bpe",
+                        help="a trained sentencepiece model's algorithm (a Hugging Face one is a byte-level BPE)")
+    parser.add_argument("--normalize", action="store_true",
+                        help="train a sentencepiece model that normalises text (NFKC, whitespace collapsed, line "
+                             "breaks lost) instead of a lossless one")
     parser.add_argument("--special-tokens", nargs="*", default=[], help="extra pieces a trained tokenizer never splits")
     parser.add_argument("--no-byte-fallback", action="store_true",
                         help="a trained tokenizer maps unknown characters to <unk> instead of UTF-8 bytes")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     args = parser.parse_args(argv)
+    if args.tokenizer_type in LEGACY_ALGORITHMS:  # before Megatron's names, --tokenizer-type was the algorithm
+        args.tokenizer_algorithm, args.tokenizer_type = args.tokenizer_type, "SentencePieceTokenizer"
+    if args.normalize and args.tokenizer_type == "HuggingFaceTokenizer":
+        parser.error("--normalize applies to sentencepiece training; a byte-level BPE keeps every byte")
     if args.workers < 1:
         parser.error(f"--workers {args.workers} must be >= 1")
-    for path in [*args.input, *([args.tokenizer_model] if args.tokenizer_model else [])]:
+    for path in args.input:
         if not Path(path).is_file():
             parser.error(f"'{path}' {'is a directory' if Path(path).is_dir() else 'does not exist'}; give a file")
+    if args.tokenizer_model and (problem := tokenizer_problem(args.tokenizer_model, args.tokenizer_type)):
+        parser.error(f"--tokenizer-model {problem}")
     if args.train_tokenizer and args.vocab_size < MIN_VOCAB:
         parser.error(f"--vocab-size {args.vocab_size} must be at least {MIN_VOCAB} (the special pieces and bytes)")
     try:
@@ -51,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             err = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
         return cli.fail("preprocess_data", f"{err}; nothing was written")
     if args.train_tokenizer:
-        print(f"tokenizer: {model} ({args.vocab_size} {args.tokenizer_type} pieces)")
+        kind = "byte-level BPE" if args.tokenizer_type == "HuggingFaceTokenizer" else args.tokenizer_algorithm
+        print(f"tokenizer: {model} ({args.vocab_size} {kind} pieces)")
     print(f"dataset: {report.prefix}.bin/.idx  {report.documents:,} documents, {report.tokens:,} tokens in "
           f"{report.seconds:.1f} s = {report.tokens_per_s:,.0f} tokens/s with {args.workers} worker(s)")
     if report.skipped_lines:
@@ -62,14 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> tuple[str, preprocess.EncodeReport]:
     """The tokenizer (trained if asked) and the dataset, published together only when both are complete."""
     with preprocess.Staging() as staging:
-        model = args.tokenizer_model
+        model = final_model = args.tokenizer_model
         if args.train_tokenizer:
-            model = preprocess.train_tokenizer(args.input, args.output_prefix, args.vocab_size, args.tokenizer_type,
-                                               args.json_keys, tuple(args.special_tokens), not args.no_byte_fallback,
-                                               staging=staging)
-        final_model = args.output_prefix + ".model" if args.train_tokenizer else model
+            model = preprocess.train_tokenizer(args.input, args.output_prefix, args.vocab_size,
+                                               args.tokenizer_algorithm, args.json_keys, tuple(args.special_tokens),
+                                               not args.no_byte_fallback, staging, args.tokenizer_type, args.normalize)
+            final_model = preprocess.published_name(model, staging)
         report = preprocess.encode_corpus(args.input, model, args.output_prefix, args.json_keys, workers=args.workers,
-                                          progress=sys.stderr.isatty(), staging=staging, tokenizer_name=final_model)
+                                          progress=sys.stderr.isatty(), staging=staging, tokenizer_name=final_model,
+                                          tokenizer_type=args.tokenizer_type)
     return final_model, report
 
 

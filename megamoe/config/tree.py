@@ -182,7 +182,10 @@ class DataConfig:
     """Dataset prefixes (without .bin/.idx), Megatron style: [prefix] or [weight1, prefix1, weight2, prefix2, ...]
     for a weighted blend."""
     tokenizer_model: str
-    """The sentencepiece model the data was tokenized with."""
+    """The tokenizer the data was tokenized with: a sentencepiece .model (SentencePieceTokenizer), or a
+    tokenizer.json or a directory holding one (HuggingFaceTokenizer)."""
+    tokenizer_type: Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"] = "SentencePieceTokenizer"
+    """What data.tokenizer_model is (Megatron-LM's --tokenizer-type names)."""
     seq_length: int = 1024
     """Tokens per training sample."""
     split: str = "969,30,1"

@@ -275,10 +275,13 @@ def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer
               "give the validation split a share or set train.eval_iters=0")
     if not check_files:
         return
-    if not Path(data.tokenizer_model).is_file() or tokenizer_vocab_size is None:
-        what = "is a directory" if Path(data.tokenizer_model).is_dir() else "does not exist"
-        _fail(f"data.tokenizer_model: '{data.tokenizer_model}' {what}; point it at the .model file "
-              "written by tools/preprocess_data.py")
+    hugging_face = data.tokenizer_type == "HuggingFaceTokenizer"
+    path = Path(data.tokenizer_model)
+    if not (path.exists() if hugging_face else path.is_file()) or tokenizer_vocab_size is None:
+        what = "is a directory" if path.is_dir() else "does not exist"
+        want = "a tokenizer.json or a directory holding one" if hugging_face else "the .model file"
+        _fail(f"data.tokenizer_model: '{data.tokenizer_model}' {what}; point it at {want} written by "
+              f"tools/preprocess_data.py (data.tokenizer_type={data.tokenizer_type})")
     if model.vocab_size is not None and model.vocab_size != tokenizer_vocab_size:
         _fail(f"model.vocab_size={model.vocab_size} disagrees with the tokenizer "
               f"'{data.tokenizer_model}' ({tokenizer_vocab_size} tokens); remove model.vocab_size or use the "

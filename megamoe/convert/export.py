@@ -58,7 +58,7 @@ def merged_state_dict(tag_dir: Path, model: torch.nn.Module) -> dict[str, torch.
 
 def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
     """Write the HF directory of the latest checkpoint under `load_dir`; returns it."""
-    from megamoe.data.tokenizer import spm_vocab_size
+    from megamoe.data.tokenizer import vocab_size as tokenizer_size
 
     tag_dir = checkpoint.latest_tag_dir(load_dir)
     out = Path(out_dir)
@@ -67,7 +67,7 @@ def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
     checkpoint.verify_for_use(tag_dir, cfg)
     kind = custom.export_format(cfg)
     tokenizer_model = Path(cfg.data.tokenizer_model)
-    vocab_size = spm_vocab_size(tokenizer_model)
+    vocab_size = tokenizer_size(tokenizer_model, cfg.data.tokenizer_type)
     if vocab_size is None:
         raise FileNotFoundError(f"the run's tokenizer {tokenizer_model} is missing; the export ships it")
     merged = merged_state_dict(tag_dir, one_process_model(cfg, vocab_size))
@@ -82,7 +82,7 @@ def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
         state = native.to_hf(merged, native.arch(cfg, vocab_size))
     hf_model = hf_model_from(hf_cfg, build, state)
     hf_model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
-    save_tokenizer(tokenizer_model, out)
+    save_tokenizer(tokenizer_model, cfg.data.tokenizer_type, out)
     get_logger().info(f"exported {tag_dir} as {type(hf_model).__name__} to {out}"
                       + (" (custom code: load with trust_remote_code=True)" if kind == "megamoe" else ""))
     return out
@@ -116,18 +116,48 @@ def hf_model_from(hf_cfg, build, state: dict[str, torch.Tensor]):
     return hf_model.eval()
 
 
-def save_tokenizer(tokenizer_model: Path, out: Path) -> None:
-    """The sentencepiece model with a Llama tokenizer config (megamoe adds no BOS, as in pre-training; the
-    `<mask>` piece of megamoe's tokenizers is the mask token, for encoders)."""
-    from megamoe.data.tokenizer import MASK_PIECE, spm_mask_id
+def save_tokenizer(tokenizer_model: Path, tokenizer_type: str, out: Path) -> None:
+    """The run's tokenizer as a `tokenizer.json` that encodes exactly as training did (same ids for any text), loaded
+    by AutoTokenizer as a PreTrainedTokenizerFast; a sentencepiece model also ships as `tokenizer.model` (what
+    megamoe's import reads). No BOS is added, as in pre-training; the end-of-document token is the EOS; the `<mask>`
+    piece of megamoe's tokenizers is the mask token, for encoders."""
+    from megamoe.data.tokenizer import MASK_PIECE, HuggingFaceTokenizer, tokenizer_file
 
-    shutil.copy(tokenizer_model, out / "tokenizer.model")
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
-    if spm_mask_id(tokenizer_model) is not None:
-        special["mask_token"] = MASK_PIECE
+    if tokenizer_type == "HuggingFaceTokenizer":
+        shutil.copy(tokenizer_file(tokenizer_model), out / "tokenizer.json")
+        tokenizer = HuggingFaceTokenizer(out / "tokenizer.json")
+        pieces = {"eos_token": tokenizer.eod, "pad_token": tokenizer.pad, "mask_token": tokenizer.mask}
+        special = {name: tokenizer.id_to_piece(i) for name, i in pieces.items() if i is not None}
+    else:
+        shutil.copy(tokenizer_model, out / "tokenizer.model")
+        (out / "tokenizer.json").write_text(sentencepiece_as_tokenizer_json(tokenizer_model))
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+        if HuggingFaceTokenizer(out / "tokenizer.json").mask is not None:
+            special["mask_token"] = MASK_PIECE
+    # split_special_tokens: a special token's text inside a document is text, as in training (sentencepiece never
+    # matches its control pieces in text; the user-defined <mask> stays whole through the tokenizer's own rules).
+    split = tokenizer_type == "SentencePieceTokenizer"
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, **special,
-        "legacy": False}, indent=2))
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+        "split_special_tokens": split, **special}, indent=2))
+
+
+def sentencepiece_as_tokenizer_json(model: Path) -> str:
+    """A sentencepiece model as a `tokenizers` JSON that follows the model's own settings (normaliser, dummy
+    prefix, byte fallback, user-defined pieces), built by transformers' converter."""
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    if proto.trainer_spec.model_type == 2:  # BPE: merges are derived from the pieces and their scores
+        vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    else:
+        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
+    if tokenizer is None:
+        raise ValueError(f"{model}: a sentencepiece model of type {proto.trainer_spec.model_type} has no Hugging "
+                         "Face equivalent; train a bpe or unigram model")
+    return tokenizer.to_str()
 
 
 def import_hf(hf_dir: str, save_dir: str, base_config: str | None, overrides: list[str]) -> Path:

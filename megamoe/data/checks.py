@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megamoe.utils import file_sha256
+from megamoe.data.tokenizer import tokenizer_sha256
 
 IDX_MAGIC = b"MMIDIDX\x00\x00"
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
@@ -96,7 +96,8 @@ def require_bin_intact(dataset: IndexedDataset) -> None:
                             "belongs to another index; rerun preprocessing (or restore the file)")
 
 
-def check_indexed_dataset(prefix: str, tokenizer_model: str, vocab_size: int) -> IndexedDataset:
+def check_indexed_dataset(prefix: str, tokenizer_model: str, vocab_size: int,
+                          tokenizer_type: str = "SentencePieceTokenizer") -> IndexedDataset:
     """The dataset `prefix` if training may read it with this tokenizer (DataFileError otherwise): an intact
     index and .bin, made with this tokenizer (when recorded), every id a token of it."""
     dataset = read_index(prefix)
@@ -105,7 +106,7 @@ def check_indexed_dataset(prefix: str, tokenizer_model: str, vocab_size: int) ->
                             f"{vocab_size} ids")
     meta = _read_sidecar(prefix)
     if meta is not None and (meta.get("vocab_size") != vocab_size
-                             or meta.get("tokenizer_sha256") != file_sha256(tokenizer_model)):
+                             or meta.get("tokenizer_sha256") != tokenizer_sha256(tokenizer_model, tokenizer_type)):
         raise DataFileError(f"{prefix} was tokenized with {meta.get('tokenizer_model')} ({meta.get('vocab_size')} "
                             f"pieces), not data.tokenizer_model={tokenizer_model} ({vocab_size} pieces): use that "
                             "tokenizer or re-tokenize")

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megamoe.config import Layout, RunConfig, parse_data_path
 from megamoe.data.checks import DataFileError, IndexedDataset, dataset_fingerprint, read_index, require_bin_intact
-from megamoe.data.tokenizer import spm_mask_id
+from megamoe.data.tokenizer import mask_id
 from megamoe.parallel.groups import ParallelGroups
 
 
@@ -80,8 +80,8 @@ def build_datasets(cfg: RunConfig, layout: Layout, tokenizer) -> Datasets:
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, dataset_cfg).build()
     valid = valid if num_valid else None
     if cfg.model.objective == "masked_lm":
-        mask_id = spm_mask_id(cfg.data.tokenizer_model)
-        train, valid = (None if d is None else MaskedLMDataset(d, mask_id, tokenizer.vocab_size,
+        mask = mask_id(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+        train, valid = (None if d is None else MaskedLMDataset(d, mask, tokenizer.vocab_size,
                                                                cfg.data.mlm_probability, cfg.train.seed + i)
                         for i, d in enumerate((train, valid)))
     return Datasets(train=train, valid=valid, files=tuple(read_index(prefix) for prefix in prefixes))

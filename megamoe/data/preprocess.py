@@ -1,7 +1,13 @@
-"""Corpus -> sentencepiece model -> Megatron indexed dataset (.bin/.idx) via megatron.core.datasets.
+"""Corpus -> tokenizer -> Megatron indexed dataset (.bin/.idx) via megatron.core.datasets.
 
 Files are those of Megatron-LM's tools/preprocess_data.py: `<output_prefix>_<json_key>_document.{bin,idx}`,
 one document per JSON line, end-of-document token appended.
+
+Tokenizers megamoe trains are lossless by default: decode(encode(text)) == text for any UTF-8 text, line breaks,
+tabs, runs of spaces and code included. A sentencepiece model (`<prefix>.model`) keeps the text unnormalised and
+spells characters it has no piece for (a line break, a rare symbol) as UTF-8 bytes; a Hugging Face byte-level BPE
+(`<prefix>.tokenizer.json`) works on bytes throughout. `normalize=True` trains the sentencepiece model the older way
+(NFKC, runs of whitespace collapsed, line breaks lost), for those who want it.
 """
 
 from __future__ import annotations
@@ -23,11 +29,17 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from megamoe.data.tokenizer import MASK_PIECE, spm_vocab_size, tokenizer_identity
+from megamoe.data.tokenizer import MASK_PIECE, load_tokenizer, tokenizer_identity, vocab_size
 from megamoe.utils import make_directory
 
 # Fixed special ids: pad 0, unk 1, bos 2, eos 3 (the end-of-document token).
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
+SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
+"""The pieces of those ids in a trained Hugging Face tokenizer (sentencepiece's own names)."""
+LOSSLESS_SENTENCEPIECE = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False,
+                          "add_dummy_prefix": False, "allow_whitespace_only_pieces": True}
+"""Sentencepiece options that keep every character: no normalisation, whitespace kept as it is (runs of spaces
+may be pieces: indentation), no space added in front (decode would drop a leading one)."""
 
 
 @dataclass
@@ -122,41 +134,65 @@ class Staging:
 
 def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, model_type: str = "bpe",
                     json_key: str = "text", special_tokens: tuple[str, ...] = (), byte_fallback: bool = True,
-                    staging: Staging | None = None) -> str:
-    """Train a sentencepiece model on the documents of `inputs`; returns the .model path to use now: the final one,
-    or under `staging` (published with the rest of its block) the temporary one.
+                    staging: Staging | None = None, tokenizer_type: str = "SentencePieceTokenizer",
+                    normalize: bool = False) -> str:
+    """Train a tokenizer on the documents of `inputs`; returns its path to use now: the final one, or under
+    `staging` (published with the rest of its block) the temporary one.
 
-    Ids 0-3 are pad, unk, bos, eos (EOD); `<mask>` and `special_tokens` are single pieces never split. Lines
-    that are not text are left out here; encode_corpus counts and reports them."""
+    SentencePieceTokenizer: `<model_prefix>.model` of `model_type` (bpe, unigram). HuggingFaceTokenizer:
+    `<model_prefix>.tokenizer.json`, a byte-level BPE. Ids 0-3 are pad, unk, bos, eos (EOD); `<mask>` and
+    `special_tokens` are single pieces never split. Lines that are not text are left out here; encode_corpus counts
+    and reports them."""
     if staging is None:
         with Staging() as own:
-            train_tokenizer(inputs, model_prefix, vocab_size, model_type, json_key, special_tokens, byte_fallback, own)
-        return model_prefix + ".model"
+            staged = train_tokenizer(inputs, model_prefix, vocab_size, model_type, json_key, special_tokens,
+                                     byte_fallback, own, tokenizer_type, normalize)
+            return published_name(staged, own)
     stats = ReadStats()
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as corpus:
         for path in inputs:
             for doc in read_documents(path, json_key, stats):
-                corpus.write(doc.replace("\n", " ") + "\n")
+                corpus.write(_training_lines(doc, normalize))
     try:
         stats.require_text(inputs)
         if stats.documents == 0:
             raise ValueError(f"no documents to train the tokenizer on in {inputs} (empty or blank)")
+        if tokenizer_type == "HuggingFaceTokenizer":
+            model = staging.path(model_prefix + ".tokenizer.json")
+            _train_byte_level_bpe(corpus.name, model, vocab_size, special_tokens)
+            return model
         model = staging.path(model_prefix + ".model")
         staging.path(model_prefix + ".vocab")  # sentencepiece writes it beside the model, under the same stem
         _train_sentencepiece(corpus.name, model.removesuffix(".model"), vocab_size, model_type, byte_fallback,
-                             special_tokens)
+                             special_tokens, normalize)
     finally:
         os.unlink(corpus.name)
     return model
 
 
+def published_name(staged: str, staging: Staging) -> str:
+    """The published name of a file written under `staging`."""
+    return str(next(final for temporary, final in staging.pairs if str(temporary) == staged))
+
+
+def _training_lines(doc: str, normalize: bool) -> str:
+    """Sentencepiece reads one sentence per line: a document's lines train separately (line breaks themselves are
+    spelled as bytes), keeping each line's indentation; normalised training joins them with spaces (as before)."""
+    if normalize:
+        return doc.replace("\n", " ") + "\n"
+    return "".join(line + "\n" for line in doc.split("\n") if line.strip())
+
+
 def _train_sentencepiece(corpus: str, model_prefix: str, vocab_size: int, model_type: str, byte_fallback: bool,
-                         special_tokens: tuple[str, ...]) -> None:
+                         special_tokens: tuple[str, ...], normalize: bool) -> None:
+    if not normalize and not byte_fallback:
+        raise ValueError("a lossless sentencepiece tokenizer needs byte fallback (characters it has no piece for are "
+                         "spelled as bytes); drop --no-byte-fallback, or pass --normalize for a lossy one")
     try:
         spm.SentencePieceTrainer.train(input=corpus, model_prefix=model_prefix, vocab_size=vocab_size,
                                        model_type=model_type, character_coverage=1.0, byte_fallback=byte_fallback,
                                        user_defined_symbols=[MASK_PIECE, *special_tokens], minloglevel=2,
-                                       **SPECIAL_IDS)
+                                       **SPECIAL_IDS, **({} if normalize else LOSSLESS_SENTENCEPIECE))
     except RuntimeError as err:  # sentencepiece reports a bad size as "Internal: ... <= N."
         if limit := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(err)):
             raise ValueError(f"--vocab-size {vocab_size} is too large for this corpus: sentencepiece can make at "
@@ -164,6 +200,25 @@ def _train_sentencepiece(corpus: str, model_prefix: str, vocab_size: int, model_
                              "text") from None
         raise ValueError(f"sentencepiece could not train a {vocab_size}-piece {model_type} tokenizer: "
                          f"{str(err).splitlines()[0]}") from None
+
+
+def _train_byte_level_bpe(corpus: str, path: str, vocab_size: int, special_tokens: tuple[str, ...]) -> None:
+    """A byte-level BPE (GPT-2's scheme, as Llama 3 and Qwen use) through the `tokenizers` library: every text is
+    its bytes, so nothing is ever unknown or lost; pieces never cross the pre-tokenizer's word boundaries."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [*SPECIAL_PIECES, MASK_PIECE, *special_tokens]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(specials) + len(alphabet):
+        raise ValueError(f"--vocab-size {vocab_size} is too small for a byte-level BPE: it needs the {len(alphabet)} "
+                         f"bytes and {len(specials)} special tokens; use at least {len(specials) + len(alphabet) + 1}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tokenizer.train([corpus], trainer)
+    tokenizer.save(path)
 
 
 @dataclass
@@ -183,11 +238,9 @@ class EncodeReport:
 _WORKER_TOKENIZER = None
 
 
-def _load_worker_tokenizer(tokenizer_model: str) -> None:
+def _load_worker_tokenizer(tokenizer_model: str, tokenizer_type: str) -> None:
     global _WORKER_TOKENIZER
-    from megamoe.data.tokenizer import load_tokenizer
-
-    _WORKER_TOKENIZER = load_tokenizer(tokenizer_model)
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_model, tokenizer_type)
 
 
 def _encode_batch(docs: list[str]) -> list[list[int]]:
@@ -209,7 +262,8 @@ def _batches(inputs: list[str], json_key: str, size: int, stats: ReadStats) -> I
 
 def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str, json_key: str = "text",
                   workers: int = 1, batch_documents: int = 256, progress: bool = False,
-                  staging: Staging | None = None, tokenizer_name: str | None = None) -> EncodeReport:
+                  staging: Staging | None = None, tokenizer_name: str | None = None,
+                  tokenizer_type: str = "SentencePieceTokenizer") -> EncodeReport:
     """Tokenize every document (EOD appended) into `<output_prefix>_<json_key>_document`, in input order.
 
     `workers` processes tokenize batches of `batch_documents` documents while this one writes them (Megatron's
@@ -221,7 +275,7 @@ def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str, j
     if staging is None:
         with Staging() as own:
             return encode_corpus(inputs, tokenizer_model, output_prefix, json_key, workers, batch_documents, progress,
-                                 own, tokenizer_name)
+                                 own, tokenizer_name, tokenizer_type)
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from megamoe.data.checks import bin_stamp, sidecar_path
@@ -229,10 +283,11 @@ def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str, j
     start = time.perf_counter()
     bin_path, idx_path = staging.path(prefix + ".bin"), staging.path(prefix + ".idx")
     sidecar = staging.path(sidecar_path(prefix))
-    dtype = np.uint16 if spm_vocab_size(tokenizer_model) < 65_536 else np.int32
+    dtype = np.uint16 if vocab_size(tokenizer_model, tokenizer_type) < 65_536 else np.int32
     builder = IndexedDatasetBuilder(bin_path, dtype=dtype)
     stats, written = ReadStats(), Written()
-    with _tokenized(_batches(inputs, json_key, batch_documents, stats), tokenizer_model, workers) as encoded, \
+    with _tokenized(_batches(inputs, json_key, batch_documents, stats), tokenizer_model, tokenizer_type,
+                    workers) as encoded, \
             _progress_bar(progress) as bar:
         for docs_ids in encoded:
             for ids in docs_ids:
@@ -244,7 +299,8 @@ def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str, j
     if written.documents == 0:
         raise ValueError(f"no documents in {inputs} (empty, or every line blank): nothing to write")
     builder.finalize(idx_path)
-    meta = {**tokenizer_identity(tokenizer_model), "tokenizer_model": str(tokenizer_name or tokenizer_model),
+    meta = {**tokenizer_identity(tokenizer_model, tokenizer_type),
+            "tokenizer_model": str(tokenizer_name or tokenizer_model),
             "documents": written.documents, "tokens": written.tokens, "min_id": written.min_id,
             "max_id": written.max_id, **bin_stamp(Path(bin_path)), "skipped_lines": stats.skipped_lines,
             "first_skipped": stats.first_skipped}
@@ -271,18 +327,19 @@ class Written:
 
 
 @contextlib.contextmanager
-def _tokenized(batches: Iterator[list[str]], tokenizer_model: str, workers: int):
+def _tokenized(batches: Iterator[list[str]], tokenizer_model: str, tokenizer_type: str, workers: int):
     """Token ids per batch, in order: in this process (workers=1) or a pool of `workers` processes."""
     if workers <= 1:
-        _load_worker_tokenizer(tokenizer_model)
+        _load_worker_tokenizer(tokenizer_model, tokenizer_type)
         yield map(_encode_batch, batches)
         return
     # fork where there is one: the workers inherit the loaded tokenizer instead of importing megatron again
     # (seconds each); nothing in this process has started threads yet (no torch op has run).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     if method == "fork":
-        _load_worker_tokenizer(tokenizer_model)
-    initializer, initargs = (None, ()) if method == "fork" else (_load_worker_tokenizer, (tokenizer_model,))
+        _load_worker_tokenizer(tokenizer_model, tokenizer_type)
+    initializer, initargs = ((None, ()) if method == "fork"
+                             else (_load_worker_tokenizer, (tokenizer_model, tokenizer_type)))
     with multiprocessing.get_context(method).Pool(workers, initializer, initargs) as pool:
         yield pool.imap(_encode_batch, batches, chunksize=1)
 

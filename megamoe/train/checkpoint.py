@@ -173,7 +173,8 @@ def write_run_records(staging: Path, cfg: RunConfig) -> None:
     from megamoe.data.tokenizer import tokenizer_identity
 
     (staging / "config.yaml").write_text(dump(cfg))
-    (staging / integrity.TOKENIZER_RECORD).write_text(json.dumps(tokenizer_identity(cfg.data.tokenizer_model)))
+    identity = tokenizer_identity(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+    (staging / integrity.TOKENIZER_RECORD).write_text(json.dumps(identity))
 
 
 def require_finite_weights(model: torch.nn.Module, iteration: int) -> None:

@@ -54,7 +54,7 @@ def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
     before the engine exists, so DeepSpeed's master weights start from them.
     """
     groups = initialize(cfg.parallel, cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
     model = build_model(cfg, tokenizer.vocab_size, groups)
     log_parameter_count(model)
     tag_dir = checkpoint.latest_tag_dir(cfg.checkpoint.load, cfg.checkpoint.save)

@@ -36,7 +36,7 @@ def check_run(cfg: RunConfig, data_cache: str) -> Path | None:
     require_save_directory(cfg, tag)
     if tag is not None:
         require_same_model(tag, cfg)
-        require_same_tokenizer(tag, cfg.data.tokenizer_model)
+        require_same_tokenizer(tag, cfg.data.tokenizer_model, cfg.data.tokenizer_type)
         if not (cfg.checkpoint.finetune or integrity.is_weights_only(tag)):
             report_schedule_changes(tag, cfg)
     return tag
@@ -146,12 +146,12 @@ def require_same_model(tag: Path, cfg: RunConfig) -> None:
                           "run)")
 
 
-def require_same_tokenizer(tag: Path, tokenizer_model: str) -> None:
+def require_same_tokenizer(tag: Path, tokenizer_model: str, tokenizer_type: str = "SentencePieceTokenizer") -> None:
     """CheckpointError if the checkpoint recorded another tokenizer: the embedding rows would mean other pieces."""
     record = integrity.read_json(tag / integrity.TOKENIZER_RECORD)
     if record is None:
         return  # written before megamoe recorded it
-    now = tokenizer_identity(tokenizer_model)
+    now = tokenizer_identity(tokenizer_model, tokenizer_type)
     if record.get("tokenizer_sha256") != now["tokenizer_sha256"]:
         raise CheckpointError(f"data.tokenizer_model={tokenizer_model} ({now['vocab_size']} pieces) is not the "
                               f"tokenizer {tag} was trained with ({record.get('tokenizer_model')}, "

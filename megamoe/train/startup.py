@@ -10,7 +10,7 @@ import torch
 
 from megamoe.config import ConfigError, Environment, Layout, RunConfig, parse_data_path, validate
 from megamoe.data.loader import cache_dir
-from megamoe.data.tokenizer import spm_mask_id, spm_vocab_size
+from megamoe.data.tokenizer import mask_id, vocab_size
 from megamoe.parallel.launch import discover_ranks
 from megamoe.train import preflight
 from megamoe.utils import get_logger, global_rank
@@ -19,11 +19,13 @@ from megamoe.utils import get_logger, global_rank
 def environment(cfg: RunConfig) -> Environment:
     """Facts validation needs: world size from the launcher's environment, CUDA, the tokenizer's size."""
     try:
-        vocab_size, mask_id = spm_vocab_size(cfg.data.tokenizer_model), spm_mask_id(cfg.data.tokenizer_model)
-    except ValueError as err:  # a file that is not a sentencepiece model
-        raise ConfigError(f"data.tokenizer_model: {err}") from None
+        data = cfg.data
+        size, mask = vocab_size(data.tokenizer_model, data.tokenizer_type), mask_id(data.tokenizer_model,
+                                                                                    data.tokenizer_type)
+    except ValueError as err:  # a file that is not a tokenizer of data.tokenizer_type
+        raise ConfigError(f"data.tokenizer_model: {err} (data.tokenizer_type={cfg.data.tokenizer_type})") from None
     return Environment(world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda_available=torch.cuda.is_available(),
-                       tokenizer_vocab_size=vocab_size, tokenizer_has_mask=mask_id is not None)
+                       tokenizer_vocab_size=size, tokenizer_has_mask=mask is not None)
 
 
 def check(cfg: RunConfig) -> Layout:
@@ -49,7 +51,8 @@ def check_data_files(cfg: RunConfig, env: Environment, layout: Layout) -> None:
     prefixes, weights = parse_data_path(cfg.data.data_path)
     for prefix, weight in zip(prefixes, weights or [1.0], strict=False):
         try:
-            dataset = check_indexed_dataset(prefix, cfg.data.tokenizer_model, env.tokenizer_vocab_size)
+            dataset = check_indexed_dataset(prefix, cfg.data.tokenizer_model, env.tokenizer_vocab_size,
+                                            cfg.data.tokenizer_type)
             warnings = check_splits(dataset, cfg.data.split, cfg.data.seq_length)
         except DataFileError as err:
             raise ConfigError(f"data.data_path: {err}") from None

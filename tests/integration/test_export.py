@@ -89,15 +89,18 @@ def _export_and_compare(load: str, out: str) -> dict:
 
 
 def _tokenizer_agrees(out: str, tokenizer_model: str) -> bool:
-    """The exported tokenizer encodes as the run's sentencepiece model, and names its <mask> piece."""
+    """The exported tokenizer encodes as the run's sentencepiece model (multi-line text, indentation, scripts,
+    literal special pieces) and names its <mask> piece."""
     import sentencepiece
     from transformers import AutoTokenizer
 
     from megamoe.data.tokenizer import spm_mask_id
+    from tests.unit.test_tokenizers import HOSTILE
 
     hf_tok, spm = AutoTokenizer.from_pretrained(out), sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
-    text = "To be, or not to be: that is the question."
-    return hf_tok(text)["input_ids"] == spm.encode(text) and hf_tok.mask_token_id == spm_mask_id(tokenizer_model)
+    texts = ["To be, or not to be: that is the question.", "Line one\n  indented two\n\tTabbed", HOSTILE]
+    return (all(hf_tok(text)["input_ids"] == spm.encode(text) for text in texts)
+            and hf_tok.mask_token_id == spm_mask_id(tokenizer_model))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -123,8 +123,8 @@ def test_trained_tokenizer_keeps_special_tokens_and_falls_back_to_bytes(tiny_dat
     user = processor.piece_to_id("<|user|>")
     assert user != processor.unk_id() and user in processor.encode("hi <|user|> there")
     assert processor.unk_id() not in processor.encode("€ 漢")  # bytes, not <unk>
-    plain = spm.SentencePieceProcessor(model_file=train_tokenizer(
-        [tiny_data["corpus"]], str(tmp_path / "plain"), vocab_size=400, byte_fallback=False))
+    plain = spm.SentencePieceProcessor(model_file=train_tokenizer(  # lossless models need byte fallback
+        [tiny_data["corpus"]], str(tmp_path / "plain"), vocab_size=400, byte_fallback=False, normalize=True))
     assert plain.unk_id() in plain.encode("漢")
 
 
