@@ -6,11 +6,12 @@
                       --config configs/tiny-dense.yaml [section.key=value ...]
                   deepspeed --num_gpus 2 launchers/pretrain.py --config runs/imported/finetune.yaml \\
                       [parallel.tensor_model_parallel_size=2 ...]
-Dense models are LlamaForCausalLM, top-k MoE models MixtralForCausalLM or, with a gated shared expert,
-Qwen2MoeForCausalLM; DA-MoE, PEER, CartesianMoE, MPOE and encoders are megamoe's HF custom code
-(MegamoeForCausalLM / MegamoeForMaskedLM, loaded with trust_remote_code=True). The directory holds
-config.json, model.safetensors, generation_config.json, tokenizer.model + tokenizer_config.json (and the custom
-code's .py files). Export merges the shards of any TP/PP/EP layout from the checkpoint files alone, in one
+Dense models are LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases, Qwen3ForCausalLM with q/k norms), top-k
+MoE models MixtralForCausalLM, Qwen3MoeForCausalLM (q/k norms) or, with a gated shared expert, Qwen2MoeForCausalLM;
+DA-MoE, PEER, CartesianMoE, MPOE and encoders are megamoe's HF custom code (MegamoeForCausalLM /
+MegamoeForMaskedLM, loaded with trust_remote_code=True). The directory holds config.json, model.safetensors,
+generation_config.json, tokenizer.json + tokenizer_config.json (and tokenizer.model for a sentencepiece tokenizer,
+the custom code's .py files). Export merges the shards of any TP/PP/EP layout from the checkpoint files alone, in one
 process. Import writes a weights-only checkpoint (iteration 0) that any TP/PP/EP layout loads, plus
 finetune.yaml: the model from config.json; data, train and parallel from --config and the overrides.
 Settings the other side cannot express are refused with the reason.
@@ -30,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.parser(__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--load", help="megamoe -> HF: a run's checkpoint directory (its 'latest' tag is read)")
-    source.add_argument("--load-hf", help="HF -> megamoe: a Llama, Mixtral, Qwen2-MoE or megamoe directory with "
-                        "tokenizer.model")
+    source.add_argument("--load-hf", help="HF -> megamoe: a Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE or "
+                        "megamoe directory with tokenizer.model or tokenizer.json")
     parser.add_argument("--save", required=True, help="the directory to write")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="megamoe -> HF: dtype of the saved weights")

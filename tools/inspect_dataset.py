@@ -1,7 +1,7 @@
 """Describe a Megatron indexed dataset: documents, tokens, document lengths and one decoded document.
 
   python tools/inspect_dataset.py data/processed/shakespeare_text_document \\
-      [--tokenizer-model data/processed/shakespeare.model] [--sample 0] [--sample-tokens 64] [--json]
+      [--tokenizer-model data/processed/shakespeare.model | <tokenizer.json>] [--sample 0] [--sample-tokens 64] [--json]
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from megamoe import cli
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser(__doc__)
     parser.add_argument("prefix", help="the dataset prefix (without .bin/.idx)")
-    parser.add_argument("--tokenizer-model", help="a sentencepiece .model to decode the sample with")
+    parser.add_argument("--tokenizer-model", help="a sentencepiece .model, or a tokenizer.json (or its "
+                        "directory), to decode the sample with")
     parser.add_argument("--sample", type=int, default=0, help="the document to show")
     parser.add_argument("--sample-tokens", type=int, default=64, help="how many of its tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     for path in (args.prefix + ".bin", args.prefix + ".idx", args.tokenizer_model):
-        if path is not None and not Path(path).is_file():
+        if path is not None and not Path(path).exists():
             parser.error(f"'{path}' does not exist")
     from megamoe.data.checks import read_index
     from megamoe.data.preprocess import describe_dataset

@@ -1,4 +1,4 @@
-"""Tokenize a corpus into a Megatron indexed dataset, training the tokenizer first if asked.
+"""Tokenize a corpus into Megatron indexed datasets, training the tokenizer first if asked.
 
   python tools/preprocess_data.py --input data/shakespeare-train.jsonl.gz --output-prefix data/processed/shakespeare \
       --train-tokenizer --vocab-size 4000 [--tokenizer-type HuggingFaceTokenizer] [--special-tokens <a> <b>] \
@@ -8,8 +8,20 @@ byte-level BPE, shakespeare.tokenizer.json) and data/processed/shakespeare_text_
 (megatron.core.datasets' format: Megatron-LM's tools read them). Trained tokenizers are lossless: line breaks,
 tabs, indentation and every character survive encode + decode (--normalize: the older, normalising sentencepiece
 model). With --tokenizer-model, an existing tokenizer: a sentencepiece .model, or a tokenizer.json (or a directory
-holding one) with --tokenizer-type HuggingFaceTokenizer. Prints documents, tokens and tokens/s.
-Inspect the result with tools/inspect_dataset.py; blend several with data.data_path=[w1, prefix1, w2, prefix2].
+holding one) with --tokenizer-type HuggingFaceTokenizer.
+
+Inputs are .jsonl, .jsonl.gz or .txt files (a line is a document; --json-keys a b: one dataset per key,
+<prefix>_a_document and <prefix>_b_document) or directories: a tree of text or source files, each file one document
+kept byte for byte, e.g. a code base:
+
+  python tools/preprocess_data.py --input ~/src/project --include '*.py' '*.md' --output-prefix data/processed/code \
+      --tokenizer-model data/processed/shakespeare.model
+
+Files over --max-file-bytes, not UTF-8, binary, empty or exact duplicates of one read before are skipped and
+counted; hidden entries (.git, .venv) below the directory are left out. The end-of-document token is appended to
+every document (Megatron-LM's --append-eod, on by default here; --no-append-eod turns it off). Prints documents,
+tokens, tokens/s and what was skipped. Inspect the result with tools/inspect_dataset.py; blend several with
+data.data_path=[w1, prefix1, w2, prefix2].
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from megamoe import cli
 from megamoe.data import preprocess
+from megamoe.data.corpus import DEFAULT_MAX_FILE_BYTES, Corpus
 from megamoe.data.tokenizer import TOKENIZER_TYPES, tokenizer_problem
 
 LEGACY_ALGORITHMS = ("bpe", "unigram")
@@ -31,9 +44,17 @@ MIN_VOCAB = 8  # pad, unk, bos, eos, <mask> and a few pieces (sentencepiece refu
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser(__doc__)
-    parser.add_argument("--input", nargs="+", required=True, help=".jsonl, .jsonl.gz or .txt files")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help=".jsonl, .jsonl.gz or .txt files, or directories of text or source files")
     parser.add_argument("--output-prefix", required=True, help="output path prefix")
-    parser.add_argument("--json-keys", default="text", help="JSON field holding the document text")
+    parser.add_argument("--json-keys", nargs="+", default=["text"],
+                        help="JSON fields holding document text: one dataset per key (default: text)")
+    parser.add_argument("--include", nargs="+", default=[],
+                        help="a directory's files to read: name or relative-path patterns (default: all files)")
+    parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
+                        help="a directory's larger files are skipped (default %(default)s; 0: no limit)")
+    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                        help="end every document with the end-of-document token (default: on)")
     tok = parser.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer-model", help="an existing tokenizer: a sentencepiece .model, or a tokenizer.json or "
                                                "a directory holding one (HuggingFaceTokenizer)")
@@ -58,15 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--normalize applies to sentencepiece training; a byte-level BPE keeps every byte")
     if args.workers < 1:
         parser.error(f"--workers {args.workers} must be >= 1")
-    for path in args.input:
-        if not Path(path).is_file():
-            parser.error(f"'{path}' {'is a directory' if Path(path).is_dir() else 'does not exist'}; give a file")
+    if args.max_file_bytes < 0:
+        parser.error(f"--max-file-bytes {args.max_file_bytes} must be >= 0 (0: no limit)")
+    corpus = Corpus(tuple(args.input), tuple(args.json_keys), tuple(args.include), args.max_file_bytes)
+    if problem := corpus.problem():
+        parser.error(problem)
     if args.tokenizer_model and (problem := tokenizer_problem(args.tokenizer_model, args.tokenizer_type)):
         parser.error(f"--tokenizer-model {problem}")
     if args.train_tokenizer and args.vocab_size < MIN_VOCAB:
         parser.error(f"--vocab-size {args.vocab_size} must be at least {MIN_VOCAB} (the special pieces and bytes)")
     try:
-        model, report = run(args)
+        model, report = run(args, corpus)
     except (ValueError, OSError) as err:  # an empty corpus, a line that is not JSON, a file system refusing
         if isinstance(err, OSError) and err.strerror:  # not "[Errno 28] ..."
             err = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
@@ -74,25 +97,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_tokenizer:
         kind = "byte-level BPE" if args.tokenizer_type == "HuggingFaceTokenizer" else args.tokenizer_algorithm
         print(f"tokenizer: {model} ({args.vocab_size} {kind} pieces)")
-    print(f"dataset: {report.prefix}.bin/.idx  {report.documents:,} documents, {report.tokens:,} tokens in "
-          f"{report.seconds:.1f} s = {report.tokens_per_s:,.0f} tokens/s with {args.workers} worker(s)")
+    print(f"dataset: {', '.join(p + '.bin/.idx' for p in report.prefixes)}  {report.documents:,} documents, "
+          f"{report.tokens:,} tokens in {report.seconds:.1f} s = {report.tokens_per_s:,.0f} tokens/s with "
+          f"{args.workers} worker(s)")
+    stats = report.stats
+    if stats.files_kept or stats.skipped_files:
+        print(f"files: {stats.files_kept:,} kept, {sum(stats.skipped_files.values()):,} skipped"
+              + (f": {stats.skipped_summary()}" if stats.skipped_files else ""))
     if report.skipped_lines:
-        print(f"skipped {report.skipped_lines:,} input line(s) that are not UTF-8", file=sys.stderr)
+        print(f"skipped {report.skipped_lines:,} input line(s) that are not UTF-8 (the first at "
+              f"{stats.first_skipped})", file=sys.stderr)
     return 0
 
 
-def run(args: argparse.Namespace) -> tuple[str, preprocess.EncodeReport]:
-    """The tokenizer (trained if asked) and the dataset, published together only when both are complete."""
+def run(args: argparse.Namespace, corpus: Corpus) -> tuple[str, preprocess.EncodeReport]:
+    """The tokenizer (trained if asked) and the datasets, published together only when all are complete."""
     with preprocess.Staging() as staging:
         model = final_model = args.tokenizer_model
         if args.train_tokenizer:
-            model = preprocess.train_tokenizer(args.input, args.output_prefix, args.vocab_size,
-                                               args.tokenizer_algorithm, args.json_keys, tuple(args.special_tokens),
-                                               not args.no_byte_fallback, staging, args.tokenizer_type, args.normalize)
+            model = preprocess.train_tokenizer(corpus, args.output_prefix, args.vocab_size, args.tokenizer_algorithm,
+                                               tuple(args.special_tokens), not args.no_byte_fallback, staging,
+                                               args.tokenizer_type, args.normalize)
             final_model = preprocess.published_name(model, staging)
-        report = preprocess.encode_corpus(args.input, model, args.output_prefix, args.json_keys, workers=args.workers,
+        report = preprocess.encode_corpus(corpus, model, args.output_prefix, workers=args.workers,
                                           progress=sys.stderr.isatty(), staging=staging, tokenizer_name=final_model,
-                                          tokenizer_type=args.tokenizer_type)
+                                          tokenizer_type=args.tokenizer_type, append_eod=args.append_eod)
     return final_model, report
 
 

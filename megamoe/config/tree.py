@@ -43,6 +43,11 @@ class ModelConfig:
     """Separate input embedding and output projection (Llama). False ties them (GPT-2)."""
     add_bias_linear: bool = False
     """Biases in the linear layers (False for Llama/Mixtral)."""
+    add_qkv_bias: bool = False
+    """Biases on the query, key and value projections only (Qwen2, Qwen2-MoE)."""
+    qk_layernorm: bool = False
+    """Normalise each attention head's queries and keys (model.normalization, over the head dimension) before the
+    rotary embedding (Qwen3, Qwen3-MoE)."""
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
     hidden_dropout: float = 0.0

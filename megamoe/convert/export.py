@@ -58,6 +58,7 @@ def merged_state_dict(tag_dir: Path, model: torch.nn.Module) -> dict[str, torch.
 
 def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
     """Write the HF directory of the latest checkpoint under `load_dir`; returns it."""
+    from megamoe.data.tokenizer import special_token_ids
     from megamoe.data.tokenizer import vocab_size as tokenizer_size
 
     tag_dir = checkpoint.latest_tag_dir(load_dir)
@@ -71,18 +72,20 @@ def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
     if vocab_size is None:
         raise FileNotFoundError(f"the run's tokenizer {tokenizer_model} is missing; the export ships it")
     merged = merged_state_dict(tag_dir, one_process_model(cfg, vocab_size))
+    special_ids = special_token_ids(tokenizer_model, cfg.data.tokenizer_type)
     if kind == "megamoe":
-        hf_cfg, build = custom.hf_config(cfg, vocab_size, merged), custom.model_class(cfg)
+        hf_cfg, build = custom.hf_config(cfg, vocab_size, merged, special_ids), custom.model_class(cfg)
         state = custom.to_hf(merged, custom.arch(cfg, vocab_size))
     else:
         from transformers import AutoModelForCausalLM
 
-        hf_cfg = native.hf_config(cfg, vocab_size)
+        hf_cfg = native.hf_config(cfg, vocab_size, special_ids)
         build = functools.partial(AutoModelForCausalLM.from_config, dtype=torch.float32)
         state = native.to_hf(merged, native.arch(cfg, vocab_size))
     hf_model = hf_model_from(hf_cfg, build, state)
     hf_model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer_model, cfg.data.tokenizer_type, out)
+    warn_if_auto_tokenizer_differs(out, tokenizer_model, cfg.data.tokenizer_type)
     get_logger().info(f"exported {tag_dir} as {type(hf_model).__name__} to {out}"
                       + (" (custom code: load with trust_remote_code=True)" if kind == "megamoe" else ""))
     return out
@@ -127,7 +130,10 @@ def save_tokenizer(tokenizer_model: Path, tokenizer_type: str, out: Path) -> Non
         shutil.copy(tokenizer_file(tokenizer_model), out / "tokenizer.json")
         tokenizer = HuggingFaceTokenizer(out / "tokenizer.json")
         pieces = {"eos_token": tokenizer.eod, "pad_token": tokenizer.pad, "mask_token": tokenizer.mask}
-        special = {name: tokenizer.id_to_piece(i) for name, i in pieces.items() if i is not None}
+        # Only tokens the file already matches whole: transformers adds any other token named here as a special
+        # token, and a literal "<mask>" in a text would then encode otherwise than in training.
+        special = {name: tokenizer.id_to_piece(i) for name, i in pieces.items()
+                   if i is not None and tokenizer.is_added_token(i)}
     else:
         shutil.copy(tokenizer_model, out / "tokenizer.model")
         (out / "tokenizer.json").write_text(sentencepiece_as_tokenizer_json(tokenizer_model))
@@ -140,6 +146,31 @@ def save_tokenizer(tokenizer_model: Path, tokenizer_type: str, out: Path) -> Non
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
         "split_special_tokens": split, **special}, indent=2))
+
+
+TOKENIZER_PROBES = ("To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer",
+                    "def f(x):\n\tif x:\n        return  x  # two spaces\n\n\n    pass\r\n",
+                    "Ελληνικά, русский, 日本語, العربية, हिन्दी — emoji 😀👍🏽, NBSP\u00a0and\u2003em space",
+                    "Cafe\u0301 (a combining accent: NFC would merge it), ﬁ ligature, ① circled, ｆｕｌｌ width")
+"""Texts the exported AutoTokenizer must encode as the run's tokenizer does (whitespace, code, scripts, and
+characters a Unicode normaliser would change)."""
+
+
+def warn_if_auto_tokenizer_differs(out: Path, tokenizer_model: Path, tokenizer_type: str) -> None:
+    """Warn when transformers' AutoTokenizer, which picks its class from config.json's model_type and may rebuild
+    the tokenizer its own way (model_type qwen2 always gets Qwen's pre-tokenizer and NFC normaliser), encodes
+    TOKENIZER_PROBES otherwise than the run's tokenizer; PreTrainedTokenizerFast reads tokenizer.json as written."""
+    from transformers import AutoTokenizer
+
+    from megamoe.data.tokenizer import load_tokenizer
+
+    auto, trained = AutoTokenizer.from_pretrained(out), load_tokenizer(tokenizer_model, tokenizer_type)
+    differ = sum(auto(text)["input_ids"] != trained.tokenize(text) for text in TOKENIZER_PROBES)
+    if differ:
+        get_logger().warning(
+            f"{out}: AutoTokenizer loads this tokenizer as {type(auto).__name__}, which encodes {differ} of "
+            f"{len(TOKENIZER_PROBES)} probe texts otherwise than training did; load it with "
+            f"PreTrainedTokenizerFast.from_pretrained('{out}') for the ids the model was trained on")
 
 
 def sentencepiece_as_tokenizer_json(model: Path) -> str:
@@ -161,27 +192,28 @@ def sentencepiece_as_tokenizer_json(model: Path) -> str:
 
 
 def import_hf(hf_dir: str, save_dir: str, base_config: str | None, overrides: list[str]) -> Path:
-    """A weights-only megamoe checkpoint (iteration 0) and `finetune.yaml` from a Llama, Mixtral, Qwen2-MoE or
-    megamoe (custom code) directory holding a sentencepiece `tokenizer.model`. The run's other settings (data,
-    train, parallel) come from `base_config` and `overrides`; its model section from config.json. Any TP/EP layout
-    then loads the checkpoint (weights are re-cut at load time). No code from the directory is run."""
-    from megamoe.data.tokenizer import spm_vocab_size
-
+    """A weights-only megamoe checkpoint (iteration 0) and `finetune.yaml` from a directory of one of
+    native.FAMILIES or megamoe's custom code, with its tokenizer: a sentencepiece `tokenizer.model`, else a
+    `tokenizer.json`. The run's other settings (data, train, parallel) come from `base_config` and `overrides`; its
+    model section from config.json. Any TP/EP layout then loads the checkpoint (weights are re-cut at load time).
+    No code from the directory is run."""
     source = Path(hf_dir)
     integrity.require_new_directory(save_dir, "--save")
     if integrity.holds_checkpoints(source) or (source / integrity.MANIFEST).is_file():
         raise ValueError(f"--load-hf {source} is a megamoe checkpoint, not a Hugging Face directory; train from it "
                          "with checkpoint.load, or export it with --load")
-    tokenizer_model = source / "tokenizer.model"
-    if (vocab_size := spm_vocab_size(tokenizer_model)) is None:
-        raise FileNotFoundError(f"{source} has no tokenizer.model: megamoe trains with sentencepiece tokenizers")
+    tokenizer_model, tokenizer_type, vocab_size = _hf_tokenizer(source)
     hf_cfg = _read_hf_config(source)
+    if vocab_size > hf_cfg.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {vocab_size} tokens, more than the model's vocab_size "
+                         f"{hf_cfg.vocab_size}: its last ids would have no embedding row")
     if hf_cfg.vocab_size != vocab_size:
-        raise ValueError(f"{source}: vocab_size {hf_cfg.vocab_size} differs from tokenizer.model's {vocab_size}")
+        raise ValueError(f"{source}: vocab_size {hf_cfg.vocab_size} differs from the tokenizer's {vocab_size}; "
+                         "megamoe sizes the embedding by the tokenizer (rows beyond it are megatron's padding)")
     mapping = custom if hf_cfg.model_type == "megamoe" else native
     save = Path(save_dir)
-    paths = [f"data.tokenizer_model={tokenizer_model}", f"checkpoint.load={save}", f"checkpoint.save={save}",
-             f"logging.log_dir={save / 'logs'}"]
+    paths = [f"data.tokenizer_model={tokenizer_model}", f"data.tokenizer_type={tokenizer_type}",
+             f"checkpoint.load={save}", f"checkpoint.save={save}", f"logging.log_dir={save / 'logs'}"]
     cfg = config.load(base_config, [*paths, *mapping.run_overrides(hf_cfg), *overrides])
     mapping.check_exportable(cfg)  # what imports must export back
     model = one_process_model(cfg, vocab_size)
@@ -211,6 +243,20 @@ def import_hf(hf_dir: str, save_dir: str, base_config: str | None, overrides: li
     get_logger().info(f"imported {source} ({hf_cfg.model_type}) into {tag_dir}; train with --config "
                       f"{save / 'finetune.yaml'}")
     return tag_dir
+
+
+def _hf_tokenizer(source: Path) -> tuple[Path, str, int]:
+    """The directory's tokenizer file, its type and vocabulary size (ValueError in one line if it has none, or a
+    broken one)."""
+    from megamoe.data.tokenizer import tokenizer_problem, vocab_size
+
+    for name, kind in (("tokenizer.model", "SentencePieceTokenizer"), ("tokenizer.json", "HuggingFaceTokenizer")):
+        if (source / name).exists():
+            if problem := tokenizer_problem(source / name, kind):
+                raise ValueError(problem)
+            return source / name, kind, vocab_size(source / name, kind)
+    raise FileNotFoundError(f"{source} has neither tokenizer.model (sentencepiece) nor tokenizer.json: megamoe "
+                            "trains with the checkpoint's own tokenizer")
 
 
 def _read_hf_config(source: Path):

@@ -1,7 +1,8 @@
 """Corpus -> tokenizer -> Megatron indexed dataset (.bin/.idx) via megatron.core.datasets.
 
-Files are those of Megatron-LM's tools/preprocess_data.py: `<output_prefix>_<json_key>_document.{bin,idx}`,
-one document per JSON line, end-of-document token appended.
+Files are those of Megatron-LM's tools/preprocess_data.py: `<output_prefix>_<json_key>_document.{bin,idx}`, one
+dataset per JSON key, one document per JSON line (or per file of a directory: megamoe/data/corpus.py), the
+end-of-document token appended unless asked not to.
 
 Tokenizers megamoe trains are lossless by default: decode(encode(text)) == text for any UTF-8 text, line breaks,
 tabs, runs of spaces and code included. A sentencepiece model (`<prefix>.model`) keeps the text unnormalised and
@@ -13,15 +14,13 @@ spells characters it has no piece for (a line break, a rare symbol) as UTF-8 byt
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import multiprocessing
 import os
 import re
 import tempfile
 import time
-import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from megamoe.data.tokenizer import MASK_PIECE, load_tokenizer, tokenizer_identity, vocab_size
+from megamoe.data.corpus import Corpus, ReadStats
+from megamoe.data.tokenizer import MASK_PIECE, kind_of, load_tokenizer, tokenizer_identity, vocab_size
 from megamoe.utils import make_directory
 
 # Fixed special ids: pad 0, unk 1, bos 2, eos 3 (the end-of-document token).
@@ -40,68 +40,6 @@ LOSSLESS_SENTENCEPIECE = {"normalization_rule_name": "identity", "remove_extra_w
                           "add_dummy_prefix": False, "allow_whitespace_only_pieces": True}
 """Sentencepiece options that keep every character: no normalisation, whitespace kept as it is (runs of spaces
 may be pieces: indentation), no space added in front (decode would drop a leading one)."""
-
-
-@dataclass
-class ReadStats:
-    """What reading kept and skipped: lines that are not text (not UTF-8, or holding NUL bytes) are reported,
-    never silently mangled, and a file made mostly of them is refused (require_text)."""
-
-    documents: int = 0
-    skipped_lines: int = 0
-    first_skipped: str = ""
-    """path:line of the first one."""
-
-    def require_text(self, inputs: list[str]) -> None:
-        """ValueError when at least as many lines were skipped as kept: a binary file, not a corpus."""
-        if self.skipped_lines and self.skipped_lines >= self.documents:
-            raise ValueError(f"{self.skipped_lines} lines of {', '.join(map(str, inputs))} are not text (not UTF-8 or "
-                             f"holding NUL bytes, the first at {self.first_skipped}) against {self.documents} that "
-                             "are: this is not a text corpus (a binary file?)")
-
-
-def read_documents(path: str | Path, json_key: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
-    """Documents of a .jsonl, .jsonl.gz or .txt (one document per line) file; blank lines skipped, lines that
-    are not text skipped and counted in `stats`; a line that is not JSON (in .jsonl) is an error."""
-    path = Path(path)
-    try:
-        yield from _documents(path, json_key, stats if stats is not None else ReadStats())
-    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path} cannot be read to the end ({type(err).__name__}: {err}): a damaged or "
-                         "truncated file") from None
-
-
-def _documents(path: Path, json_key: str, stats: ReadStats) -> Iterator[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    is_json = ".jsonl" in path.name or ".json" in path.name
-    with opener(path, "rb") as lines:
-        for lineno, raw in enumerate(lines, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                line = "\0"
-            if "\0" in line:
-                stats.skipped_lines += 1
-                stats.first_skipped = stats.first_skipped or f"{path}:{lineno}"
-                continue
-            if not line.strip():
-                continue
-            text = _document(line, path, lineno, json_key) if is_json else line.rstrip("\r\n")  # Windows ends too
-            stats.documents += 1
-            yield text
-
-
-def _document(line: str, path: Path, lineno: int, json_key: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{lineno} is not JSON ({err.msg}); one JSON object per line, or use a .txt file "
-                         "for plain text") from None
-    if not isinstance(record, dict) or json_key not in record:
-        raise ValueError(f"{path}:{lineno} has no '{json_key}' field; pass --json-keys <field>")
-    if not isinstance(record[json_key], str):
-        raise ValueError(f"{path}:{lineno}: '{json_key}' is {type(record[json_key]).__name__}, not text")
-    return record[json_key]
 
 
 class Staging:
@@ -132,12 +70,11 @@ class Staging:
                 temporary.unlink(missing_ok=True)
 
 
-def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, model_type: str = "bpe",
-                    json_key: str = "text", special_tokens: tuple[str, ...] = (), byte_fallback: bool = True,
-                    staging: Staging | None = None, tokenizer_type: str = "SentencePieceTokenizer",
-                    normalize: bool = False) -> str:
-    """Train a tokenizer on the documents of `inputs`; returns its path to use now: the final one, or under
-    `staging` (published with the rest of its block) the temporary one.
+def train_tokenizer(inputs: Corpus | Sequence[str], model_prefix: str, vocab_size: int, model_type: str = "bpe",
+                    special_tokens: tuple[str, ...] = (), byte_fallback: bool = True, staging: Staging | None = None,
+                    tokenizer_type: str = "SentencePieceTokenizer", normalize: bool = False) -> str:
+    """Train a tokenizer on the documents of `inputs` (every JSON key's); returns its path to use now: the final
+    one, or under `staging` (published with the rest of its block) the temporary one.
 
     SentencePieceTokenizer: `<model_prefix>.model` of `model_type` (bpe, unigram). HuggingFaceTokenizer:
     `<model_prefix>.tokenizer.json`, a byte-level BPE. Ids 0-3 are pad, unk, bos, eos (EOD); `<mask>` and
@@ -145,28 +82,28 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, model
     and reports them."""
     if staging is None:
         with Staging() as own:
-            staged = train_tokenizer(inputs, model_prefix, vocab_size, model_type, json_key, special_tokens,
-                                     byte_fallback, own, tokenizer_type, normalize)
+            staged = train_tokenizer(inputs, model_prefix, vocab_size, model_type, special_tokens, byte_fallback, own,
+                                     tokenizer_type, normalize)
             return published_name(staged, own)
-    stats = ReadStats()
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as corpus:
-        for path in inputs:
-            for doc in read_documents(path, json_key, stats):
-                corpus.write(_training_lines(doc, normalize))
+    corpus, stats = Corpus.of(inputs), ReadStats()
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as lines:
+        for doc in corpus.texts(stats):
+            lines.write(_training_lines(doc, normalize))
     try:
-        stats.require_text(inputs)
+        stats.require_text(list(corpus.inputs))
         if stats.documents == 0:
-            raise ValueError(f"no documents to train the tokenizer on in {inputs} (empty or blank)")
+            raise ValueError(f"no documents to train the tokenizer on in {list(corpus.inputs)} (empty or blank"
+                             + (f"; skipped: {skipped}" if (skipped := stats.skipped_summary()) else "") + ")")
         if tokenizer_type == "HuggingFaceTokenizer":
             model = staging.path(model_prefix + ".tokenizer.json")
-            _train_byte_level_bpe(corpus.name, model, vocab_size, special_tokens)
+            _train_byte_level_bpe(lines.name, model, vocab_size, special_tokens)
             return model
         model = staging.path(model_prefix + ".model")
         staging.path(model_prefix + ".vocab")  # sentencepiece writes it beside the model, under the same stem
-        _train_sentencepiece(corpus.name, model.removesuffix(".model"), vocab_size, model_type, byte_fallback,
+        _train_sentencepiece(lines.name, model.removesuffix(".model"), vocab_size, model_type, byte_fallback,
                              special_tokens, normalize)
     finally:
-        os.unlink(corpus.name)
+        os.unlink(lines.name)
     return model
 
 
@@ -223,12 +160,22 @@ def _train_byte_level_bpe(corpus: str, path: str, vocab_size: int, special_token
 
 @dataclass
 class EncodeReport:
-    prefix: str
+    prefixes: tuple[str, ...]
+    """One dataset per JSON key, in --json-keys order."""
     documents: int
     tokens: int
+    """All datasets' together."""
     seconds: float
-    skipped_lines: int = 0
-    """Input lines that were not UTF-8 (skipped)."""
+    stats: ReadStats
+
+    @property
+    def prefix(self) -> str:
+        return self.prefixes[0]
+
+    @property
+    def skipped_lines(self) -> int:
+        """Input lines that were not UTF-8 (skipped)."""
+        return self.stats.skipped_lines
 
     @property
     def tokens_per_s(self) -> float:
@@ -236,77 +183,86 @@ class EncodeReport:
 
 
 _WORKER_TOKENIZER = None
+_WORKER_APPEND_EOD = True
 
 
-def _load_worker_tokenizer(tokenizer_model: str, tokenizer_type: str) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = load_tokenizer(tokenizer_model, tokenizer_type)
+def _load_worker_tokenizer(tokenizer_model: str, tokenizer_type: str, append_eod: bool) -> None:
+    global _WORKER_TOKENIZER, _WORKER_APPEND_EOD
+    _WORKER_TOKENIZER, _WORKER_APPEND_EOD = load_tokenizer(tokenizer_model, tokenizer_type), append_eod
 
 
-def _encode_batch(docs: list[str]) -> list[list[int]]:
-    tokenizer = _WORKER_TOKENIZER
-    return [tokenizer.tokenize(doc) + [tokenizer.eod] for doc in docs]
+def _encode_batch(records: list[dict[str, str]]) -> list[list[list[int]]]:
+    """Per record, per key (in order), the token ids."""
+    tokenizer, eod = _WORKER_TOKENIZER, [_WORKER_TOKENIZER.eod] if _WORKER_APPEND_EOD else []
+    return [[tokenizer.tokenize(text) + eod for text in record.values()] for record in records]
 
 
-def _batches(inputs: list[str], json_key: str, size: int, stats: ReadStats) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for path in inputs:
-        for doc in read_documents(path, json_key, stats):
-            batch.append(doc)
-            if len(batch) == size:
-                yield batch
-                batch = []
+def _batches(records: Iterator[dict[str, str]], size: int) -> Iterator[list[dict[str, str]]]:
+    batch: list[dict[str, str]] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == size:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
 
-def encode_corpus(inputs: list[str], tokenizer_model: str, output_prefix: str, json_key: str = "text",
-                  workers: int = 1, batch_documents: int = 256, progress: bool = False,
-                  staging: Staging | None = None, tokenizer_name: str | None = None,
-                  tokenizer_type: str = "SentencePieceTokenizer") -> EncodeReport:
-    """Tokenize every document (EOD appended) into `<output_prefix>_<json_key>_document`, in input order.
+def encode_corpus(inputs: Corpus | Sequence[str], tokenizer_model: str, output_prefix: str, workers: int = 1,
+                  batch_documents: int = 256, progress: bool = False, staging: Staging | None = None,
+                  tokenizer_name: str | None = None, tokenizer_type: str = "SentencePieceTokenizer",
+                  append_eod: bool = True) -> EncodeReport:
+    """Tokenize every document into `<output_prefix>_<json_key>_document`, one dataset per JSON key, in input order;
+    the end-of-document token appended (`append_eod`; without it, documents that tokenize to nothing are left out,
+    as Megatron-LM does).
 
     `workers` processes tokenize batches of `batch_documents` documents while this one writes them (Megatron's
     IndexedDatasetBuilder); `progress` shows a bar (documents done, tokens/s) on stderr. The files appear only
     when complete (Staging; under the caller's `staging`, with the rest of its block); `tokenizer_name` is the
     path recorded for the tokenizer (default: `tokenizer_model`).
     """
-    prefix = f"{output_prefix}_{json_key}_document"
+    corpus = Corpus.of(inputs)
     if staging is None:
         with Staging() as own:
-            return encode_corpus(inputs, tokenizer_model, output_prefix, json_key, workers, batch_documents, progress,
-                                 own, tokenizer_name, tokenizer_type)
+            return encode_corpus(corpus, tokenizer_model, output_prefix, workers, batch_documents, progress, own,
+                                 tokenizer_name, tokenizer_type, append_eod)
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from megamoe.data.checks import bin_stamp, sidecar_path
 
     start = time.perf_counter()
-    bin_path, idx_path = staging.path(prefix + ".bin"), staging.path(prefix + ".idx")
-    sidecar = staging.path(sidecar_path(prefix))
+    prefixes = tuple(f"{output_prefix}_{key}_document" for key in corpus.json_keys)
     dtype = np.uint16 if vocab_size(tokenizer_model, tokenizer_type) < 65_536 else np.int32
-    builder = IndexedDatasetBuilder(bin_path, dtype=dtype)
-    stats, written = ReadStats(), Written()
-    with _tokenized(_batches(inputs, json_key, batch_documents, stats), tokenizer_model, tokenizer_type,
-                    workers) as encoded, \
-            _progress_bar(progress) as bar:
-        for docs_ids in encoded:
-            for ids in docs_ids:
-                builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-                written.add(ids)
-            bar.update(len(docs_ids))
-            bar.set_postfix(tokens_per_s=f"{written.tokens / (time.perf_counter() - start):,.0f}", refresh=False)
-    stats.require_text(inputs)
-    if written.documents == 0:
-        raise ValueError(f"no documents in {inputs} (empty, or every line blank): nothing to write")
-    builder.finalize(idx_path)
-    meta = {**tokenizer_identity(tokenizer_model, tokenizer_type),
-            "tokenizer_model": str(tokenizer_name or tokenizer_model),
-            "documents": written.documents, "tokens": written.tokens, "min_id": written.min_id,
-            "max_id": written.max_id, **bin_stamp(Path(bin_path)), "skipped_lines": stats.skipped_lines,
-            "first_skipped": stats.first_skipped}
-    Path(sidecar).write_text(json.dumps(meta, indent=1))  # start-up refuses another tokenizer (data/checks.py)
-    return EncodeReport(prefix=prefix, documents=written.documents, tokens=written.tokens,
-                        seconds=time.perf_counter() - start, skipped_lines=stats.skipped_lines)
+    outputs = [(staging.path(prefix + ".bin"), staging.path(prefix + ".idx"), staging.path(sidecar_path(prefix)))
+               for prefix in prefixes]
+    builders = [IndexedDatasetBuilder(bin_path, dtype=dtype) for bin_path, _, _ in outputs]
+    stats, written = ReadStats(), [Written() for _ in prefixes]
+    with _tokenized(_batches(corpus.records(stats), batch_documents), tokenizer_model, tokenizer_type, workers,
+                    append_eod) as encoded, _progress_bar(progress) as bar:
+        for records_ids in encoded:
+            for per_key in records_ids:
+                for builder, counts, ids in zip(builders, written, per_key, strict=True):
+                    if ids:
+                        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+                        counts.add(ids)
+            bar.update(len(records_ids))
+            tokens = sum(w.tokens for w in written)
+            bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):,.0f}", refresh=False)
+    stats.require_text(list(corpus.inputs))
+    if any(w.documents == 0 for w in written):
+        skipped = f"; skipped: {summary}" if (summary := stats.skipped_summary()) else ""
+        raise ValueError(f"no documents in {list(corpus.inputs)} (empty, or every line blank{skipped}): nothing to "
+                         "write")
+    identity = tokenizer_identity(tokenizer_model, tokenizer_type)
+    for builder, counts, (bin_path, idx_path, sidecar) in zip(builders, written, outputs, strict=True):
+        builder.finalize(idx_path)
+        meta = {**identity, "tokenizer_model": str(tokenizer_name or tokenizer_model), "append_eod": append_eod,
+                "documents": counts.documents, "tokens": counts.tokens, "min_id": counts.min_id,
+                "max_id": counts.max_id, **bin_stamp(Path(bin_path)), "skipped_lines": stats.skipped_lines,
+                "first_skipped": stats.first_skipped, "skipped_files": dict(stats.skipped_files)}
+        Path(sidecar).write_text(json.dumps(meta, indent=1))  # start-up refuses another tokenizer (data/checks.py)
+    return EncodeReport(prefixes=prefixes, documents=stats.documents, tokens=sum(w.tokens for w in written),
+                        seconds=time.perf_counter() - start, stats=stats)
 
 
 @dataclass
@@ -327,19 +283,20 @@ class Written:
 
 
 @contextlib.contextmanager
-def _tokenized(batches: Iterator[list[str]], tokenizer_model: str, tokenizer_type: str, workers: int):
+def _tokenized(batches: Iterator[list[dict[str, str]]], tokenizer_model: str, tokenizer_type: str, workers: int,
+               append_eod: bool):
     """Token ids per batch, in order: in this process (workers=1) or a pool of `workers` processes."""
     if workers <= 1:
-        _load_worker_tokenizer(tokenizer_model, tokenizer_type)
+        _load_worker_tokenizer(tokenizer_model, tokenizer_type, append_eod)
         yield map(_encode_batch, batches)
         return
     # fork where there is one: the workers inherit the loaded tokenizer instead of importing megatron again
     # (seconds each); nothing in this process has started threads yet (no torch op has run).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     if method == "fork":
-        _load_worker_tokenizer(tokenizer_model, tokenizer_type)
+        _load_worker_tokenizer(tokenizer_model, tokenizer_type, append_eod)
     initializer, initargs = ((None, ()) if method == "fork"
-                             else (_load_worker_tokenizer, (tokenizer_model, tokenizer_type)))
+                             else (_load_worker_tokenizer, (tokenizer_model, tokenizer_type, append_eod)))
     with multiprocessing.get_context(method).Pool(workers, initializer, initargs) as pool:
         yield pool.imap(_encode_batch, batches, chunksize=1)
 
@@ -353,7 +310,7 @@ def _progress_bar(enabled: bool):
 def describe_dataset(prefix: str, tokenizer_model: str | None = None, sample: int = 0,
                      sample_tokens: int = 64) -> dict:
     """Documents, tokens and document lengths of an indexed dataset (read by megatron-core's IndexedDataset),
-    with document `sample`'s first `sample_tokens` ids, decoded when a tokenizer is given."""
+    with document `sample`'s first `sample_tokens` ids, decoded when a tokenizer (either kind) is given."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     dataset = IndexedDataset(prefix)
@@ -366,5 +323,5 @@ def describe_dataset(prefix: str, tokenizer_model: str | None = None, sample: in
            "doc_tokens_mean": round(float(lengths.mean()), 1), "doc_tokens_max": int(lengths.max()),
            "sample": sample, "sample_ids": ids}
     if tokenizer_model is not None:
-        out["sample_text"] = spm.SentencePieceProcessor(model_file=tokenizer_model).decode(ids)
+        out["sample_text"] = load_tokenizer(tokenizer_model, kind_of(tokenizer_model)).detokenize(ids)
     return out

@@ -22,6 +22,7 @@ MASK_PIECE = "<mask>"
 EOD_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]")
 """Tokens a tokenizer.json may use for end of document, in order of preference (its post-processor aside)."""
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]")
 
 
 def load_tokenizer(path: str | Path, kind: str = "SentencePieceTokenizer"):
@@ -62,6 +63,10 @@ class HuggingFaceTokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._tokenizer.id_to_token(token_id)
 
+    def is_added_token(self, token_id: int) -> bool:
+        """An added token (matched whole wherever it appears in a text), not a piece of the model's vocabulary."""
+        return token_id in self._tokenizer.get_added_tokens_decoder()
+
     @property
     def unique_identifiers(self) -> OrderedDict:
         """What megatron-core's dataset cache keys name the tokenizer by."""
@@ -88,6 +93,25 @@ def _special_id(tokenizer, file: Path, candidates: tuple[str, ...], required: st
         raise ValueError(f"'{file}' has no {required} token (one of {', '.join(candidates)}); add one to the "
                          "tokenizer or train one with tools/preprocess_data.py --train-tokenizer")
     return None
+
+
+def special_token_ids(path: str | Path, kind: str = "SentencePieceTokenizer") -> dict[str, int | None]:
+    """pad, bos and eos (the end-of-document token) ids as transformers' configs name them; None where the
+    tokenizer has none."""
+    if kind == "HuggingFaceTokenizer":
+        tokenizer = HuggingFaceTokenizer(path)
+        bos = _special_id(tokenizer._tokenizer, tokenizer.file, BOS_CANDIDATES, None)
+        return {"pad_token_id": tokenizer.pad, "bos_token_id": bos, "eos_token_id": tokenizer.eod}
+    processor = _processor(path)
+    ids = {"pad_token_id": processor.pad_id(), "bos_token_id": processor.bos_id(), "eos_token_id": processor.eos_id()}
+    return {name: (i if i >= 0 else None) for name, i in ids.items()}  # sentencepiece says -1 for none
+
+
+def kind_of(path: str | Path) -> str:
+    """The tokenizer type a file is by its name: a tokenizer.json (or a directory) is HuggingFaceTokenizer, anything
+    else a sentencepiece model (for tools that take a tokenizer without a type)."""
+    path = Path(path)
+    return "HuggingFaceTokenizer" if path.is_dir() or path.suffix == ".json" else "SentencePieceTokenizer"
 
 
 def tokenizer_problem(path: str | Path, kind: str) -> str | None:

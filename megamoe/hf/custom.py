@@ -22,7 +22,7 @@ TRAINING_ONLY = ("mask_step",)
 
 
 def export_format(cfg: RunConfig) -> str:
-    """'llama', 'mixtral' or 'qwen2_moe' where a native transformers class expresses the model, else 'megamoe'
+    """The model type of native.FAMILIES where a native transformers class expresses the model, else 'megamoe'
     (custom code); UnsupportedExport if neither can."""
     try:
         return native.check_exportable(cfg)
@@ -36,7 +36,8 @@ def check_exportable(cfg: RunConfig) -> None:
     model, moe = cfg.model, cfg.moe
     needs = {"model.normalization": (model.normalization, "RMSNorm"), "model.swiglu": (model.swiglu, True),
              "model.position_embedding_type": (model.position_embedding_type, "rope"),
-             "model.add_bias_linear": (model.add_bias_linear, False)}
+             "model.add_bias_linear": (model.add_bias_linear, False),
+             "model.add_qkv_bias": (model.add_qkv_bias, False), "model.qk_layernorm": (model.qk_layernorm, False)}
     for key, (value, want) in needs.items():
         if value != want:
             raise UnsupportedExport(f"{key}={value}: megamoe's HF export (native or custom code) needs {want}")
@@ -59,8 +60,9 @@ def moe_options(cfg: RunConfig, a: Arch, megatron: dict[str, Tensor]) -> dict:
     return moe
 
 
-def hf_config(cfg: RunConfig, vocab_size: int, megatron: dict[str, Tensor]):
-    """The MegamoeConfig of the exported model (auto_map added when the model is saved)."""
+def hf_config(cfg: RunConfig, vocab_size: int, megatron: dict[str, Tensor], special_ids: dict[str, int | None]):
+    """The MegamoeConfig of the exported model (auto_map added when the model is saved); `special_ids` as
+    native.hf_config takes them."""
     from megamoe.hf.remote.configuration_megamoe import MegamoeConfig
 
     a, model = arch(cfg, vocab_size), cfg.model
@@ -72,7 +74,7 @@ def hf_config(cfg: RunConfig, vocab_size: int, megatron: dict[str, Tensor]):
         initializer_range=model.init_method_std, is_causal=model.objective == "causal_lm",
         moe=moe_options(cfg, a, megatron) if cfg.moe.num_experts is not None else {},
         moe_layers=list(a.moe_layers), tie_word_embeddings=not model.untie_embeddings_and_output_weights,
-        dtype="bfloat16" if cfg.train.bf16 else "float32", **native.SPECIAL_TOKENS)
+        dtype="bfloat16" if cfg.train.bf16 else "float32", **special_ids)
 
 
 def model_class(cfg: RunConfig):

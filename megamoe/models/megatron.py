@@ -25,7 +25,7 @@ from megamoe import variants
 from megamoe.config import RunConfig
 from megamoe.config.validate import moe_layer_numbers
 from megamoe.models.moe_mlp import moe_mlp_spec
-from megamoe.models.norms import NORMS
+from megamoe.models.norms import HEAD_NORMS, NORMS
 from megamoe.moe import LayerShape
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.layout import stage_layer_numbers
@@ -47,6 +47,8 @@ def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
         gated_linear_unit=model.swiglu,
         activation_func=F.silu if model.swiglu else F.gelu,
         add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         init_method_std=model.init_method_std,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
@@ -104,7 +106,7 @@ def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlo
     may change the rest of the block (megamoe.variants: owns_pre_mlp_norm, megatron_spec).
     """
     norm = NORMS[cfg.model.normalization]
-    base = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    base = get_gpt_layer_local_spec(normalization=cfg.model.normalization, qk_layernorm=cfg.model.qk_layernorm)
     moe_layers = moe_layer_numbers(cfg.moe, cfg.model.num_layers)
     layers = []
     for layer_number in stage_layer_numbers(cfg.model.num_layers, groups.pp_size, groups.pp_rank):
@@ -113,6 +115,9 @@ def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlo
         spec.params = {**spec.params, "init_seed": cfg.train.seed, "global_layer_number": layer_number}
         spec.submodules.input_layernorm = norm
         spec.submodules.pre_mlp_layernorm = norm
+        if cfg.model.qk_layernorm:
+            attention = spec.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = HEAD_NORMS[cfg.model.normalization]
         if cfg.model.objective == "masked_lm":
             spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
         moe_params = {}

@@ -37,11 +37,12 @@ class _Norm(torch.nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.hidden_size, self.eps = hidden_size, eps
-        self.sequence_parallel = config.sequence_parallel and config.tensor_model_parallel_size > 1
+        # Under sequence parallelism each TP rank normalises other tokens: its weight gradient is a partial sum.
+        self.partial_grad = config.sequence_parallel and config.tensor_model_parallel_size > 1
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
 
     def _full_grad(self, param: torch.Tensor) -> torch.Tensor:
-        return copy_to_tensor_model_parallel_region(param) if self.sequence_parallel else param
+        return copy_to_tensor_model_parallel_region(param) if self.partial_grad else param
 
 
 class RMSNorm(_Norm):
@@ -69,3 +70,24 @@ class LayerNorm(_Norm):
 
 
 NORMS = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}
+
+
+class _HeadNorm:
+    """A norm over each attention head (model.qk_layernorm). Every tensor-parallel rank holds other heads, so its
+    weight gradient is a partial sum over TP whether or not the sequence is split (Megatron-LM all-reduces
+    q_layernorm / k_layernorm gradients in finalize_model_grads; here the sum is in the graph, as above)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__(config, hidden_size, eps)
+        self.partial_grad = config.tensor_model_parallel_size > 1
+
+
+class HeadRMSNorm(_HeadNorm, RMSNorm):
+    pass
+
+
+class HeadLayerNorm(_HeadNorm, LayerNorm):
+    pass
+
+
+HEAD_NORMS = {"RMSNorm": HeadRMSNorm, "LayerNorm": HeadLayerNorm}

@@ -119,7 +119,7 @@ def require_save_directory(cfg: RunConfig, tag: Path | None) -> None:
 # the MLP slot's shapes depend on the MoE settings too: its tensors are compared one by one when they load.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
               "normalization", "swiglu", "position_embedding_type", "untie_embeddings_and_output_weights",
-              "add_bias_linear")
+              "add_bias_linear", "add_qkv_bias", "qk_layernorm")
 
 
 def model_shape(run: dict) -> dict:

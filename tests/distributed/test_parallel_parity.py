@@ -1,4 +1,5 @@
-"""Parallel layouts against the single-process run: TP=2, DP=2, ZeRO 1/2/3, accumulation (5 steps, gloo).
+"""Parallel layouts against the single-process run: TP=2 (also with Qwen's attention: q/k/v biases and per-head
+q/k norms), DP=2, ZeRO 1/2/3, accumulation (5 steps, gloo).
 
 One spawn computes the single-process references (micro-batch 8; and 2 x 4 with accumulation); one 2-rank
 spawn runs every layout in turn (TP=2 with micro-batch 8; DP=2 with micro-batch 4 at ZeRO 0-3, fp32 and
@@ -15,12 +16,15 @@ from tests.helpers import spawn, tiny_config
 
 STEPS = 5
 COMMON = ["train.train_iters=5", "train.clip_grad=0.05"]
+QWEN_ATTENTION = ["model.qk_layernorm=true", "model.add_qkv_bias=true"]  # per-head norms: partial gradients under TP
 REFERENCES = [("reference", ["train.micro_batch_size=8"]),
-              ("gas2", ["train.micro_batch_size=4", "train.global_batch_size=8"])]
+              ("gas2", ["train.micro_batch_size=4", "train.global_batch_size=8"]),
+              ("qwen_attention", ["train.micro_batch_size=8", *QWEN_ATTENTION])]
 LAYOUTS = [
     ("tp2", ["train.micro_batch_size=8", "parallel.tensor_model_parallel_size=2"]),
     ("tp2_sp", ["train.micro_batch_size=8", "parallel.tensor_model_parallel_size=2",
                 "parallel.sequence_parallel=true"]),
+    ("tp2_qwen_attention", ["train.micro_batch_size=8", "parallel.tensor_model_parallel_size=2", *QWEN_ATTENTION]),
     ("dp2_zero0", ["train.micro_batch_size=4", "deepspeed.zero_stage=0"]),
     ("dp2_zero1", ["train.micro_batch_size=4", "deepspeed.zero_stage=1"]),
     ("dp2_zero2", ["train.micro_batch_size=4", "deepspeed.zero_stage=2"]),
@@ -88,9 +92,9 @@ def _assert_grads_match(grads: list[dict], reference: list[dict], tol: float = 1
     print(f"max rel gradient diff over {len(grads)} steps x {len(reference[0])} tensors: {worst:.2e}")
 
 
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2_zero0", "gas2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2_zero0", "gas2", "tp2_qwen_attention"])
 def test_layout_matches_single_process(results, layout):
-    ref, run = results["reference"], results[layout]
+    ref, run = results["qwen_attention" if layout.endswith("qwen_attention") else "reference"], results[layout]
     for name, tensor in ref["params0"].items():  # same starting point: the model is TP-size invariant
         torch.testing.assert_close(run["params0"][name], tensor, rtol=0, atol=0)
     _assert_losses_match(run["losses"], ref["losses"])

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megamoe.data.corpus import read_documents
 from megamoe.data.loader import MicroBatchSampler
-from megamoe.data.preprocess import encode_corpus, read_documents
+from megamoe.data.preprocess import encode_corpus
 from megamoe.data.tokenizer import load_tokenizer, spm_vocab_size
 from tests.helpers import ROOT
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from megamoe.data.preprocess import encode_corpus, read_documents, train_tokenizer
+from megamoe.data.corpus import read_documents
+from megamoe.data.preprocess import encode_corpus, train_tokenizer
 from megamoe.data.tokenizer import HuggingFaceTokenizer, load_tokenizer, mask_id, tokenizer_problem, vocab_size
 from tests.helpers import ROOT
 
