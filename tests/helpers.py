@@ -91,6 +91,16 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> 
     return [values[r] for r in range(world_size)]
 
 
+def load_tool(name: str):
+    """tools/<name>.py as a module (its main(argv) returns the exit status; argparse errors raise SystemExit)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"megamoe_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(data: dict[str, str], *overrides: str) -> config.RunConfig:
     """A 2-layer Llama-style GPT on the test corpus; no logging sinks, no checkpoints, no validation."""
     return config.load(None, tiny_overrides(data) + list(overrides))

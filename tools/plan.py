@@ -29,13 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
         if value < 1:
             parser.error(f"{flag} {value} must be >= 1")
-    from megamoe.data.tokenizer import spm_vocab_size
+    from megamoe.data.tokenizer import vocab_size as tokenizer_vocab_size
     from megamoe.moe import plan
 
     world = args.nodes * args.gpus_per_node
     try:
         cfg = config.load(args.config, args.overrides)
-        vocab = args.vocab_size or cfg.model.vocab_size or spm_vocab_size(cfg.data.tokenizer_model)
+        vocab = (args.vocab_size or cfg.model.vocab_size
+                 or tokenizer_vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type))
         if vocab is None:
             raise config.ConfigError(f"the tokenizer {cfg.data.tokenizer_model} is missing: pass --vocab-size")
         config.validate(cfg, config.Environment(world_size=world, cuda_available=True, tokenizer_vocab_size=vocab,

@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if stats.files_kept or stats.skipped_files:
         print(f"files: {stats.files_kept:,} kept, {sum(stats.skipped_files.values()):,} skipped"
               + (f": {stats.skipped_summary()}" if stats.skipped_files else ""))
+    if report.meta_symbol_documents:
+        print(f"warning: {report.meta_symbol_documents:,} document(s) hold U+2581 '\u2581', sentencepiece's own "
+              "space symbol, which decodes as a space; --tokenizer-type HuggingFaceTokenizer keeps it",
+              file=sys.stderr)
     if report.skipped_lines:
         print(f"skipped {report.skipped_lines:,} input line(s) that are not UTF-8 (the first at "
               f"{stats.first_skipped})", file=sys.stderr)

@@ -55,7 +55,8 @@ class ModelConfig:
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
     vocab_size: int | None = None
-    """Tokenizer vocabulary size. None: read from data.tokenizer_model; if set it must agree with it."""
+    """Rows of the embedding and output layer. None: the tokenizer's vocabulary (data.tokenizer_model). May exceed it,
+    never fall short: a Hugging Face checkpoint's padded vocabulary (Qwen's 151,936 rows for 151,665 tokens)."""
     make_vocab_size_divisible_by: int = 128
     """The embedding is padded to a multiple of this times the tensor-parallel size (Megatron's rule)."""
     objective: Literal["causal_lm", "masked_lm"] = "causal_lm"

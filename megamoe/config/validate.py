@@ -282,10 +282,10 @@ def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer
         want = "a tokenizer.json or a directory holding one" if hugging_face else "the .model file"
         _fail(f"data.tokenizer_model: '{data.tokenizer_model}' {what}; point it at {want} written by "
               f"tools/preprocess_data.py (data.tokenizer_type={data.tokenizer_type})")
-    if model.vocab_size is not None and model.vocab_size != tokenizer_vocab_size:
-        _fail(f"model.vocab_size={model.vocab_size} disagrees with the tokenizer "
-              f"'{data.tokenizer_model}' ({tokenizer_vocab_size} tokens); remove model.vocab_size or use the "
-              "tokenizer the data was made with")
+    if model.vocab_size is not None and model.vocab_size < tokenizer_vocab_size:
+        _fail(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer '{data.tokenizer_model}' "
+              f"({tokenizer_vocab_size} tokens): its last ids would have no embedding row; remove model.vocab_size "
+              "or use the tokenizer the data was made with")
 
 
 def moe_layer_numbers(moe: MoEConfig, num_layers: int) -> list[int]:

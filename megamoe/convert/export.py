@@ -71,6 +71,7 @@ def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
     vocab_size = tokenizer_size(tokenizer_model, cfg.data.tokenizer_type)
     if vocab_size is None:
         raise FileNotFoundError(f"the run's tokenizer {tokenizer_model} is missing; the export ships it")
+    vocab_size = cfg.model.vocab_size or vocab_size  # an imported padded vocabulary keeps its rows
     merged = merged_state_dict(tag_dir, one_process_model(cfg, vocab_size))
     special_ids = special_token_ids(tokenizer_model, cfg.data.tokenizer_type)
     if kind == "megamoe":
@@ -164,7 +165,10 @@ def warn_if_auto_tokenizer_differs(out: Path, tokenizer_model: Path, tokenizer_t
 
     from megamoe.data.tokenizer import load_tokenizer
 
-    auto, trained = AutoTokenizer.from_pretrained(out), load_tokenizer(tokenizer_model, tokenizer_type)
+    # trust_remote_code: a custom-code export's config.json names megamoe's own code, written here a moment ago
+    # (without it transformers would stop and ask on the terminal).
+    auto = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    trained = load_tokenizer(tokenizer_model, tokenizer_type)
     differ = sum(auto(text)["input_ids"] != trained.tokenize(text) for text in TOKENIZER_PROBES)
     if differ:
         get_logger().warning(
@@ -202,17 +206,16 @@ def import_hf(hf_dir: str, save_dir: str, base_config: str | None, overrides: li
     if integrity.holds_checkpoints(source) or (source / integrity.MANIFEST).is_file():
         raise ValueError(f"--load-hf {source} is a megamoe checkpoint, not a Hugging Face directory; train from it "
                          "with checkpoint.load, or export it with --load")
-    tokenizer_model, tokenizer_type, vocab_size = _hf_tokenizer(source)
+    tokenizer_model, tokenizer_type, tokens = _hf_tokenizer(source)
     hf_cfg = _read_hf_config(source)
-    if vocab_size > hf_cfg.vocab_size:
-        raise ValueError(f"{source}: the tokenizer has {vocab_size} tokens, more than the model's vocab_size "
+    if tokens > hf_cfg.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {tokens} tokens, more than the model's vocab_size "
                          f"{hf_cfg.vocab_size}: its last ids would have no embedding row")
-    if hf_cfg.vocab_size != vocab_size:
-        raise ValueError(f"{source}: vocab_size {hf_cfg.vocab_size} differs from the tokenizer's {vocab_size}; "
-                         "megamoe sizes the embedding by the tokenizer (rows beyond it are megatron's padding)")
+    vocab_size = hf_cfg.vocab_size  # may exceed the tokenizer's (Qwen pads its vocabulary): every row is kept
     mapping = custom if hf_cfg.model_type == "megamoe" else native
     save = Path(save_dir)
     paths = [f"data.tokenizer_model={tokenizer_model}", f"data.tokenizer_type={tokenizer_type}",
+             *([f"model.vocab_size={vocab_size}"] if vocab_size != tokens else []),
              f"checkpoint.load={save}", f"checkpoint.save={save}", f"logging.log_dir={save / 'logs'}"]
     cfg = config.load(base_config, [*paths, *mapping.run_overrides(hf_cfg), *overrides])
     mapping.check_exportable(cfg)  # what imports must export back

@@ -108,7 +108,8 @@ def upcycle(load_dir: str, save_dir: str, overrides: Sequence[str]) -> Path:
     one_process = dataclasses.replace(target, parallel=config.ParallelConfig())
     startup.check(one_process)  # the target must be a valid run (its own layout is checked when it runs)
     groups = initialize(one_process.parallel, one_process.train.seed)
-    vocab = load_tokenizer(target.data.tokenizer_model, target.data.tokenizer_type).vocab_size
+    tokenizer = load_tokenizer(target.data.tokenizer_model, target.data.tokenizer_type)
+    vocab = target.model.vocab_size or tokenizer.vocab_size  # an imported padded vocabulary keeps its rows
     model = build_model(one_process, vocab, groups)
     upcycled = upcycle_model(model, deepspeed.fp32_module_weights(tag, config.load(tag / "config.yaml")))
     tag_dir = checkpoint.save_weights_only(model, one_process, save, groups)

@@ -5,10 +5,11 @@ dataset per JSON key, one document per JSON line (or per file of a directory: me
 end-of-document token appended unless asked not to.
 
 Tokenizers megamoe trains are lossless by default: decode(encode(text)) == text for any UTF-8 text, line breaks,
-tabs, runs of spaces and code included. A sentencepiece model (`<prefix>.model`) keeps the text unnormalised and
-spells characters it has no piece for (a line break, a rare symbol) as UTF-8 bytes; a Hugging Face byte-level BPE
-(`<prefix>.tokenizer.json`) works on bytes throughout. `normalize=True` trains the sentencepiece model the older way
-(NFKC, runs of whitespace collapsed, line breaks lost), for those who want it.
+tabs, runs of spaces and code included (sentencepiece's one exception: its own whitespace symbol U+2581 in a
+text decodes as a space; documents holding it are counted and reported). A sentencepiece model (`<prefix>.model`)
+keeps the text unnormalised and spells characters it has no piece for (a line break, a rare symbol) as UTF-8 bytes;
+a Hugging Face byte-level BPE (`<prefix>.tokenizer.json`) works on bytes throughout. `normalize=True` trains the
+sentencepiece model the older way (NFKC, runs of whitespace collapsed, line breaks lost), for those who want it.
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ class EncodeReport:
     """All datasets' together."""
     seconds: float
     stats: ReadStats
+    meta_symbol_documents: int = 0
+    """Documents holding U+2581, which a sentencepiece tokenizer decodes as a space (not lossless for them)."""
 
     @property
     def prefix(self) -> str:
@@ -237,7 +240,10 @@ def encode_corpus(inputs: Corpus | Sequence[str], tokenizer_model: str, output_p
                for prefix in prefixes]
     builders = [IndexedDatasetBuilder(bin_path, dtype=dtype) for bin_path, _, _ in outputs]
     stats, written = ReadStats(), [Written() for _ in prefixes]
-    with _tokenized(_batches(corpus.records(stats), batch_documents), tokenizer_model, tokenizer_type, workers,
+    records, meta_symbol = corpus.records(stats), [0]
+    if tokenizer_type == "SentencePieceTokenizer":
+        records = _counting_meta_symbol(records, meta_symbol)
+    with _tokenized(_batches(records, batch_documents), tokenizer_model, tokenizer_type, workers,
                     append_eod) as encoded, _progress_bar(progress) as bar:
         for records_ids in encoded:
             for per_key in records_ids:
@@ -262,7 +268,18 @@ def encode_corpus(inputs: Corpus | Sequence[str], tokenizer_model: str, output_p
                 "first_skipped": stats.first_skipped, "skipped_files": dict(stats.skipped_files)}
         Path(sidecar).write_text(json.dumps(meta, indent=1))  # start-up refuses another tokenizer (data/checks.py)
     return EncodeReport(prefixes=prefixes, documents=stats.documents, tokens=sum(w.tokens for w in written),
-                        seconds=time.perf_counter() - start, stats=stats)
+                        seconds=time.perf_counter() - start, stats=stats, meta_symbol_documents=meta_symbol[0])
+
+
+SENTENCEPIECE_SPACE = "\u2581"
+"""U+2581 (LOWER ONE EIGHTH BLOCK): sentencepiece writes spaces as this symbol, so the symbol itself in a text
+decodes as a space."""
+
+
+def _counting_meta_symbol(records: Iterator[dict[str, str]], count: list[int]) -> Iterator[dict[str, str]]:
+    for record in records:
+        count[0] += any(SENTENCEPIECE_SPACE in text for text in record.values())
+        yield record
 
 
 @dataclass

@@ -47,8 +47,8 @@ class HuggingFaceTokenizer:
         try:
             self._tokenizer = Tokenizer.from_file(str(self.file))
         except Exception as err:  # tokenizers raises its own Exception subclass with serde's message
-            raise ValueError(f"'{self.file}' is not a Hugging Face tokenizer.json ({str(err).splitlines()[0]}); "
-                             "point data.tokenizer_model at a tokenizer.json or a directory holding one") from None
+            raise ValueError(f"'{self.file}' is not a Hugging Face tokenizer.json ({str(err).splitlines()[0]}): a "
+                             "damaged or truncated file, or another format") from None
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.eod = _special_id(self._tokenizer, self.file, EOD_CANDIDATES, "end-of-document")
         self.pad = _special_id(self._tokenizer, self.file, PAD_CANDIDATES, None)

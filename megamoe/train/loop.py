@@ -55,7 +55,7 @@ def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
     """
     groups = initialize(cfg.parallel, cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
-    model = build_model(cfg, tokenizer.vocab_size, groups)
+    model = build_model(cfg, cfg.model.vocab_size or tokenizer.vocab_size, groups)  # an imported padded vocabulary
     log_parameter_count(model)
     tag_dir = checkpoint.latest_tag_dir(cfg.checkpoint.load, cfg.checkpoint.save)
     checkpoint.verify_for_use(tag_dir, cfg)

@@ -1,7 +1,8 @@
 """Hugging Face families both ways, built offline from transformers' own config and model classes with a
 `tokenizer.json` trained here (no tokenizer.model, as Qwen and OLMoE checkpoints ship): import -> logits equal to
 transformers' (fp32, ≤ 1e-4) in one process, under TP=2 and, for MoE families, EP=2 -> 10 training steps at TP=2
--> export to the family's own class, whose logits equal the trained model's and whose tokenizer is the imported one.
+-> export to the family's own class, whose logits equal the trained model's and whose tokenizer is the imported one;
+a dense import upcycles into a top-2 MoE with the same logits.
 A family megatron-core cannot express is refused in one line naming the feature."""
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ FAMILIES = {  # model_type: (transformers config class, its settings beyond TINY
                   ("tp2", "ep2")),
     "qwen3_moe": ("Qwen3MoeConfig", {**MOE, "num_experts": 4, "norm_topk_prob": True}, ("tp2", "ep2")),  # q/k norm
 }
+PADDED_VOCAB = {"qwen2_moe": 40, "qwen3_moe": 40}
+"""Embedding rows beyond the tokenizer's, as Qwen checkpoints have (151,936 rows for 151,665 tokens)."""
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
            "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 LAYOUTS = {"tp2": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
@@ -74,7 +77,8 @@ def hf_directory(family: str, data: dict, out: Path) -> Path:
 
     tokenizer = HuggingFaceTokenizer(data["tokenizer"])
     config_class, settings, _ = FAMILIES[family]
-    cfg = getattr(transformers, config_class)(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad,
+    cfg = getattr(transformers, config_class)(vocab_size=tokenizer.vocab_size + PADDED_VOCAB.get(family, 0),
+                                              pad_token_id=tokenizer.pad,
                                               eos_token_id=tokenizer.eod, **TINY, **settings)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -126,7 +130,7 @@ def _logits_then_train(load: str, layout: list[str], data: dict, steps: int, sav
     model = trainer.engine.module.eval()
     with torch.no_grad():
         logits = model(TOKENS, torch.arange(24).expand(2, 24), causal_mask(24, TOKENS.device))
-        vocab = vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+        vocab = cfg.model.vocab_size or vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
         logits = gather_from_tensor_model_parallel_region(logits)[..., :vocab]
     model.train()
     batches = iter(build_loader(trainer.datasets.train, 0, cfg, trainer.groups))
@@ -134,6 +138,12 @@ def _logits_then_train(load: str, layout: list[str], data: dict, steps: int, sav
     if save:
         checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
     return {"logits": logits if dist.get_rank() == 0 else None, "losses": losses}
+
+
+def _upcycle(load: str, save: str) -> None:
+    from megamoe.convert import upcycle
+
+    upcycle.upcycle(load, save, ["moe.num_experts=4", "moe.router_topk=2", "train.train_iters=2"])
 
 
 def _export_and_score(load: str, out: str) -> dict:
@@ -147,7 +157,7 @@ def _export_and_score(load: str, out: str) -> dict:
     export.export_hf(load, out)
     tag = checkpoint.latest_tag_dir(load)
     cfg = config.load(tag / "config.yaml")
-    vocab = vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+    vocab = cfg.model.vocab_size or vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
     model = export.one_process_model(cfg, vocab)
     merged = export.merged_state_dict(tag, model)
     own = model.state_dict()
@@ -189,6 +199,10 @@ def test_family_imports_trains_and_exports(hf_data, tmp_path, family):
         row[layout] = got["logits"] - want
         if steps:
             losses = got["losses"]
+    if "num_experts" not in str(FAMILIES[family][1]):  # a dense import upcycles into a top-2 MoE of FFN copies,
+        spawn(_upcycle, 1, str(imported), str(tmp_path / "upcycled"))  # whose output is the dense model's
+        row["upcycled"] = spawn(_logits_then_train, 1, str(tmp_path / "upcycled"), [], hf_data, 0, None)[0][
+            "logits"] - want
     exported = spawn(_export_and_score, 1, str(trained), str(tmp_path / "exported"))[0]
     texts = [*read_documents(hf_data["corpus"]), HOSTILE]
     mismatches = tokenizer_mismatches(tmp_path / "exported", hf_data["tokenizer"], texts)
@@ -201,6 +215,30 @@ def test_family_imports_trains_and_exports(hf_data, tmp_path, family):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert exported["class"] == CLASSES[family] and exported["logits_diff"] <= 1e-4
     assert mismatches == 0
+
+
+@pytest.mark.parametrize("case", ["no tokenizer", "corrupt tokenizer.json", "tokenizer larger than the model"])
+def test_an_unusable_hugging_face_directory_is_one_line_and_writes_nothing(hf_data, tmp_path, capsys, case):
+    from tests.helpers import load_tool
+
+    source = hf_directory("llama", hf_data["bpe"], tmp_path / "hf")
+    if case == "no tokenizer":
+        (source / "tokenizer.json").unlink()
+        expected = f"{source} has neither tokenizer.model (sentencepiece) nor tokenizer.json"
+    elif case == "corrupt tokenizer.json":
+        (source / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')
+        expected = f"'{source / 'tokenizer.json'}' is not a Hugging Face tokenizer.json"
+    else:
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] - 10}))
+        expected = (f"{source}: the tokenizer has {config['vocab_size']} tokens, more than the model's vocab_size "
+                    f"{config['vocab_size'] - 10}: its last ids would have no embedding row")
+    capsys.readouterr()  # transformers' progress bars while the directory was written
+    code = load_tool("convert_checkpoint").main(["--load-hf", str(source), "--save", str(tmp_path / "imported"),
+                                                 "--config", str(ROOT / "configs" / "tiny-dense.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"megamoe: convert_checkpoint: {expected}"), err
+    assert not (tmp_path / "imported").exists()
 
 
 def test_olmoe_is_refused_naming_its_whole_width_query_key_norm(hf_data, tmp_path):

@@ -70,7 +70,7 @@ MISTAKES = [
      r"untie_embeddings_and_output_weights=false with pipeline parallelism: .* on different stages"),
     (["train.global_batch_size=12"], 1, r"train.global_batch_size=12 is not a multiple of micro_batch_size x "
                                         r"data-parallel size = 8 x 1 = 8"),
-    (["model.vocab_size=1000"], 1, r"model.vocab_size=1000 disagrees with the tokenizer .* \(512 tokens\)"),
+    (["model.vocab_size=500"], 1, r"model.vocab_size=500 is smaller than the tokenizer .* \(512 tokens\)"),
     (["data.tokenizer_model=/nonexistent/spm.model"], 1, r"data.tokenizer_model: '/nonexistent/spm.model' does not"),
     (["data.data_path=[/nonexistent/corpus_text_document]"], 1,
      r"data.data_path: '/nonexistent/corpus_text_document.bin' does not exist"),

@@ -4,7 +4,6 @@ key), --no-append-eod, several workers; bad inputs are one line and write nothin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from megamoe.data.corpus import Corpus, ReadStats
 from megamoe.data.tokenizer import load_tokenizer
-from tests.helpers import ROOT
+from tests.helpers import load_tool
 
 CODE = {  # relative path -> bytes: what a small code base holds
     "pkg/__init__.py": b'"""A package."""\n',
@@ -26,13 +25,6 @@ CODE = {  # relative path -> bytes: what a small code base holds
     "pkg/.hidden/secret.py": b"SECRET = 1\n",  # hidden: left out
     "README.md": b"# Project\n\nSome prose.\n",  # not matched by *.py
 }
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("preprocess_data_tool", ROOT / "tools" / "preprocess_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write_tree(root: Path) -> Path:
@@ -67,9 +59,10 @@ def test_a_directory_is_read_file_by_file_byte_for_byte_with_skips_counted(tmp_p
 def test_the_tool_turns_a_code_base_into_a_dataset(tiny_data, tmp_path, capsys, workers):
     source = _write_tree(tmp_path / "src")
     out = tmp_path / "code"
-    assert _tool().main(["--input", str(source), "--include", "*.py", "--max-file-bytes", "1000", "--output-prefix",
-                         str(out), "--train-tokenizer", "--vocab-size", "300", "--tokenizer-type",
-                         "HuggingFaceTokenizer", "--workers", str(workers)]) == 0
+    assert load_tool("preprocess_data").main([
+        "--input", str(source), "--include", "*.py", "--max-file-bytes", "1000", "--output-prefix", str(out),
+        "--train-tokenizer", "--vocab-size", "300", "--tokenizer-type", "HuggingFaceTokenizer",
+        "--workers", str(workers)]) == 0
     printed = capsys.readouterr().out
     assert "3 documents" in printed and "files: 3 kept, 5 skipped: 1 binary" in printed, printed
     tokenizer = load_tokenizer(f"{out}.tokenizer.json", "HuggingFaceTokenizer")
@@ -86,8 +79,9 @@ def test_several_json_keys_give_one_dataset_each_and_eod_is_optional(tiny_data, 
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "docs"
-    assert _tool().main(["--input", str(source), "--json-keys", "title", "text", "--output-prefix", str(out),
-                         "--tokenizer-model", tiny_data["tokenizer"], "--no-append-eod"]) == 0
+    assert load_tool("preprocess_data").main([
+        "--input", str(source), "--json-keys", "title", "text", "--output-prefix", str(out),
+        "--tokenizer-model", tiny_data["tokenizer"], "--no-append-eod"]) == 0
     assert "docs_title_document.bin/.idx, " in capsys.readouterr().out
     tokenizer = load_tokenizer(tiny_data["tokenizer"])
     for key in ("title", "text"):  # Megatron-LM's naming: <prefix>_<key>_document
@@ -120,10 +114,10 @@ def test_bad_corpus_inputs_are_one_line_and_write_nothing(tiny_data, tmp_path, c
     }[case]
     code = None
     try:
-        code = _tool().main(["--input", *argv, "--output-prefix", out])
+        code = load_tool("preprocess_data").main(["--input", *argv, "--output-prefix", out])
     except SystemExit as exit_:
         code = exit_.code
     err = capsys.readouterr().err.strip().splitlines()  # argparse's usage, then the error in one line
     assert code == 2 and expected in err[-1], err
-    assert err[-1].startswith(("megamoe: preprocess_data: ", "__main__.py: error: ")), err
+    assert err[-1].startswith("megamoe: preprocess_data: ") or ": error: " in err[-1], err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

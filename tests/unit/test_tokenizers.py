@@ -131,3 +131,18 @@ def _losses(data: dict, overrides: list[str], steps: int) -> list[float]:
     from tests.helpers import train_steps
 
     return train_steps(data, overrides, steps)["losses"]
+
+
+def test_sentencepieces_own_space_symbol_is_the_one_loss_and_is_reported(trained, tmp_path):
+    """U+2581 is how sentencepiece writes a space: in a text it decodes as a space. The byte-level BPE keeps it;
+    encoding a corpus with sentencepiece counts the documents that hold it."""
+    text = 'SPIECE_UNDERLINE = "\u2581"  # sentencepiece\'s space'
+    sentencepiece = load_tokenizer(trained["SentencePieceTokenizer"])
+    assert sentencepiece.detokenize(sentencepiece.tokenize(text)) == text.replace("\u2581", " ")
+    bpe = load_tokenizer(trained["HuggingFaceTokenizer"], "HuggingFaceTokenizer")
+    assert bpe.detokenize(bpe.tokenize(text)) == text
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in (text, "plain", text + "\nagain")))
+    counts = {kind: encode_corpus([str(corpus)], trained[kind], str(tmp_path / kind), tokenizer_type=kind
+                                  ).meta_symbol_documents for kind in KINDS}
+    assert counts == {"SentencePieceTokenizer": 2, "HuggingFaceTokenizer": 0}

@@ -45,11 +45,11 @@ def _k_histogram(path: Path) -> list[float]:
 
 @torch.no_grad()
 def token_importance(trainer, sentences: list[str]) -> list[list[tuple[str, float, int]]]:
-    """(piece, importance, experts) of every token of each sentence, at the first DA-MoE layer (evaluation)."""
-    import sentencepiece
+    """(token text, importance, experts) of every token of each sentence, at the first DA-MoE layer (evaluation)."""
+    from megamoe.data.tokenizer import load_tokenizer
 
     engine = trainer.engine
-    tokenizer = sentencepiece.SentencePieceProcessor(model_file=trainer.cfg.data.tokenizer_model)
+    tokenizer = load_tokenizer(trainer.cfg.data.tokenizer_model, trainer.cfg.data.tokenizer_type)
     layer = next(m for m in engine.module.modules() if isinstance(m, DynamicMoE))
     seen = {}
 
@@ -63,11 +63,11 @@ def token_importance(trainer, sentences: list[str]) -> list[list[tuple[str, floa
     out = []
     try:
         for sentence in sentences:
-            ids = tokenizer.encode(sentence)
+            ids = tokenizer.tokenize(sentence)
             tokens = torch.tensor([ids], device=engine.device)
             mask = causal_mask(len(ids), engine.device) if is_causal(trainer.cfg) else None
             engine(tokens, torch.arange(len(ids), device=engine.device)[None], mask)
-            pieces = [tokenizer.id_to_piece(i) for i in ids]
+            pieces = [tokenizer.detokenize([i]) for i in ids]
             out.append([(p, round(float(s), 3), int(k)) for p, s, k in zip(pieces, seen["s"], seen["k"], strict=True)])
     finally:
         handle.remove()
