@@ -23,6 +23,7 @@ MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 FAMILIES = {  # model_type: (transformers config class, its settings beyond TINY, layouts beyond one process)
     "llama": ("LlamaConfig", {}, ("tp2",)),
     "qwen2": ("Qwen2Config", {}, ("tp2",)),  # biases on q, k and v
+    "qwen3": ("Qwen3Config", {}, ("tp2",)),  # per-head q/k norms
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, ("tp2", "ep2")),
     "qwen2_moe": ("Qwen2MoeConfig", {**MOE, "num_experts": 4, "shared_expert_intermediate_size": 48,
                                      "mlp_only_layers": [0], "qkv_bias": True, "norm_topk_prob": False},
@@ -31,7 +32,8 @@ FAMILIES = {  # model_type: (transformers config class, its settings beyond TINY
 }
 PADDED_VOCAB = {"qwen2_moe": 40, "qwen3_moe": 40}
 """Embedding rows beyond the tokenizer's, as Qwen checkpoints have (151,936 rows for 151,665 tokens)."""
-CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
+CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+           "mixtral": "MixtralForCausalLM",
            "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 LAYOUTS = {"tp2": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
            "ep2": ["parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=2"]}
