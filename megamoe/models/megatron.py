@@ -30,28 +30,22 @@ from megamoe.moe import LayerShape
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.layout import stage_layer_numbers
 
+SAME_NAMED = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "normalization",
+              "add_bias_linear", "add_qkv_bias", "qk_layernorm", "init_method_std", "hidden_dropout",
+              "attention_dropout")
+"""The model settings megatron-core's TransformerConfig takes under megamoe's own names."""
+
 
 def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
     """megatron-core's TransformerConfig for `cfg` (parameters created in fp32; DeepSpeed casts for bf16)."""
     model, par = cfg.model, cfg.parallel
     tp = par.tensor_model_parallel_size
     return TransformerConfig(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
+        **{name: getattr(model, name) for name in SAME_NAMED},
         ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        kv_channels=model.kv_channels,
-        normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=model.swiglu,
         activation_func=F.silu if model.swiglu else F.gelu,
-        add_bias_linear=model.add_bias_linear,
-        add_qkv_bias=model.add_qkv_bias,
-        qk_layernorm=model.qk_layernorm,
-        init_method_std=model.init_method_std,
-        hidden_dropout=model.hidden_dropout,
-        attention_dropout=model.attention_dropout,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         sequence_parallel=par.sequence_parallel and tp > 1,
