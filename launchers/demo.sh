@@ -3,6 +3,17 @@
 # (CPU + gloo without a GPU) through the deepspeed launcher. Extra arguments are config overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for arg in "$@"; do  # help before anything is deleted or launched (the launcher would print it once per rank)
+  case "$arg" in
+    -h|--help)
+      echo "usage: launchers/demo.sh [section.key=value ...]"
+      echo "Tokenizes data/shakespeare-train.jsonl.gz once, then trains configs/tiny-dense.yaml on 2 processes"
+      echo "(a fresh runs/tiny-dense each time). The overrides are launchers/pretrain.py's:"
+      echo
+      exec python launchers/pretrain.py --help
+      ;;
+  esac
+done
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 if [ ! -f data/processed/shakespeare_text_document.idx ]; then
   python tools/preprocess_data.py --input data/shakespeare-train.jsonl.gz \

@@ -207,9 +207,9 @@ def _check_train(train: TrainConfig, cuda_available: bool) -> None:
         _fail(f"learning rates must satisfy 0 <= train.min_lr <= train.lr and lr > 0; got lr={train.lr}, "
               f"min_lr={train.min_lr}")
     decay_iters = train.lr_decay_iters or train.train_iters
-    if not 0 <= train.lr_warmup_iters <= decay_iters:
-        _fail(f"train.lr_warmup_iters={train.lr_warmup_iters} must be between 0 and the decay length "
-              f"{decay_iters} (train.lr_decay_iters, default train.train_iters)")
+    if not 0 <= train.lr_warmup_iters < decay_iters:  # megatron's scheduler asserts warm-up < decay
+        _fail(f"train.lr_warmup_iters={train.lr_warmup_iters} must be at least 0 and less than the decay length "
+              f"{decay_iters} (train.lr_decay_iters, default train.train_iters); lower the warm-up or train longer")
     if train.bf16 and train.fp16:
         _fail("train.bf16 and train.fp16 are both true; choose one precision")
     if train.fp16 and not cuda_available:

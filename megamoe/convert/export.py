@@ -85,6 +85,8 @@ def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
         state = native.to_hf(merged, native.arch(cfg, vocab_size))
     hf_model = hf_model_from(hf_cfg, build, state)
     hf_model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    for weights in out.glob("*.safetensors"):  # written through a private temporary file (mode 0600)
+        weights.chmod((out / "config.json").stat().st_mode & 0o777)
     save_tokenizer(tokenizer_model, cfg.data.tokenizer_type, out)
     warn_if_auto_tokenizer_differs(out, tokenizer_model, cfg.data.tokenizer_type)
     get_logger().info(f"exported {tag_dir} as {type(hf_model).__name__} to {out}"
@@ -114,9 +116,9 @@ def hf_model_from(hf_cfg, build, state: dict[str, torch.Tensor]):
     if hf_cfg.tie_word_embeddings:
         hf_model.tie_weights()
     if hasattr(hf_model, "generate"):
+        # No max_length: transformers warns on every generate() whose max_new_tokens a saved max_length overrides.
         hf_model.generation_config = GenerationConfig(
-            bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id, pad_token_id=hf_cfg.pad_token_id,
-            max_length=hf_cfg.max_position_embeddings)
+            bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id, pad_token_id=hf_cfg.pad_token_id)
     return hf_model.eval()
 
 

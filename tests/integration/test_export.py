@@ -83,7 +83,13 @@ def _export_and_compare(load: str, out: str) -> dict:
         got = hf(tokens).logits
         generated = hf.generate(tokens[:1, :5], max_new_tokens=4, do_sample=False).shape[1] if causal else None
     params = {n for n, _ in model.named_parameters()}
+    import json
+    from pathlib import Path
+
+    modes = {path.name: path.stat().st_mode & 0o777 for path in Path(out).iterdir() if path.is_file()}
+    generation = json.loads((Path(out) / "generation_config.json").read_text()) if causal else {}
     return {"merged": {k: v for k, v in merged.items() if k in params}, "class": type(hf).__name__,
+            "modes": modes, "generation": generation,
             "logits_diff": (ref - got).abs().max().item(), "logits_std": ref.std().item(), "generated": generated,
             "tokenizer": _tokenizer_agrees(out, cfg.data.tokenizer_model)}
 
@@ -116,6 +122,8 @@ def test_export_equals_the_trained_model(tiny_data, tmp_path, name):
     assert got["logits_diff"] <= 1e-4
     assert got["generated"] == 9
     assert got["tokenizer"]
+    assert len(set(got["modes"].values())) == 1, got["modes"]  # the weights as readable as the other files
+    assert "max_length" not in got["generation"]  # would make transformers warn on every generate()
 
 
 @pytest.mark.parametrize("name", sorted(CUSTOM))

@@ -106,3 +106,14 @@ def test_robustness_option_applies_in_evaluation_to_the_chosen_scope():
     want = logits.topk(3, dim=-1).indices[:, 1:].sort(dim=-1).values.reshape(-1)
     got = dropped.moe_b.route(u, TokenInfo())[0].expert_N
     assert torch.equal(got, want)  # sub-layer B takes ranks 2 and 3
+
+
+def test_top1_trains_its_routers_from_the_lm_loss():
+    """Top-1 gates with the chosen expert's probability (router_pre_softmax=true; the renormalised weight would be
+    1 and give the routers no gradient, so that combination is refused by the config)."""
+    layer = make_cartesian(router_topk=1, router_pre_softmax=True, aux_loss_coeff=0.0)
+    h = torch.randn(32, D)
+    layer(h).square().sum().backward()
+    norms = [layer.moe_a.router.weight.grad.norm().item(), layer.moe_b.router.weight.grad.norm().item()]
+    print(f"router gradient norms from the output alone (A, B): {norms}")
+    assert all(norm > 1e-3 for norm in norms)

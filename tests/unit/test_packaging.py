@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from tests.helpers import ROOT
 
@@ -106,3 +109,21 @@ def test_shell_scripts_pass_shellcheck():
     proc = subprocess.run([_beside_python("shellcheck"), "--shell=bash", *map(str, scripts)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_demo_help_prints_once_and_deletes_nothing(tmp_path):
+    """launchers/demo.sh --help: the help once (not once per launched rank), and the last demo's outputs kept."""
+    import os
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "launchers", repo / "launchers")
+    shutil.copytree(ROOT / "megamoe", repo / "megamoe", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "runs" / "tiny-dense").mkdir(parents=True)
+    (repo / "runs" / "tiny-dense" / "metrics.jsonl").write_text("{}\n")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(repo / "launchers" / "demo.sh"), "--help"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("usage: launchers/demo.sh") == 1 and proc.stdout.count("usage: pretrain.py") == 1
+    assert (repo / "runs" / "tiny-dense" / "metrics.jsonl").is_file()

@@ -1,9 +1,10 @@
 """CartesianMoE (arXiv:2410.16077): Cartesian-product routing through two sequential sub-expert layers.
 
 A token passes sub-layer A, then sub-layer B; each is a top-k MoE with its own RMSNorm, fp32 router
-(renormalised for k > 1), half-width SwiGLU experts and a shared expert mixed by softmax(Linear(d, 2)) with bias
-(DeepSpeed's Residual-MoE coefficient). The composite experts FFN_B o FFN_A form the Cartesian product of the
-two sets (docs/variants.md §5.2):
+(renormalised for k > 1; top-1 gates with the chosen expert's probability, router_pre_softmax=true, as the
+authors' code does: a renormalised top-1 weight is always 1 and is refused), half-width SwiGLU experts and a shared
+expert mixed by softmax(Linear(d, 2)) with bias (DeepSpeed's Residual-MoE coefficient). The composite experts
+FFN_B o FFN_A form the Cartesian product of the two sets (docs/variants.md §5.2):
     yA = moe_a(norm_a(h));  yB = moe_b(norm_b(h + yA));  the block adds yA + yB to h.
 The layer spec replaces the block's pre-MLP norm by IdentityOp, so this layer receives h (exact with
 hidden_dropout = 0, the LLaMA setting). Each sub-layer goes through the shared dispatcher (two sequential

@@ -64,6 +64,12 @@ def check_dynamic(moe: DynamicMoEConfig, cfg: RunConfig) -> None:
     if causal and moe.budget == "batch":
         fail("moe.budget=batch matches the mean K over each micro-batch, so a token's K depends on later tokens; "
              "with causal attention (model.objective=causal_lm) use moe.budget=running or none")
+    if moe.importance_mode == "predicted" and moe.budget == "batch":
+        # The batch budget ranks the whole micro-batch's attention importance (every TP slice), which the predictor
+        # replaces: K would follow the attention target in training and have no scores at evaluation.
+        fail("moe.budget=batch with moe.importance_mode=predicted: the batch budget ranks the attention importance "
+             "of the whole micro-batch, which the predictor replaces; use moe.budget=running or none with the "
+             "predictor, or importance_mode=attention_received (masked_lm) with the batch budget")
     if not 0 <= moe.k_min <= moe.k_max or moe.k_max < 1 or moe.k_max > moe.num_experts:
         fail(f"moe.k_min={moe.k_min}, moe.k_max={moe.k_max} must satisfy 0 <= k_min <= k_max <= "
              f"moe.num_experts={moe.num_experts} and k_max >= 1")

@@ -32,7 +32,9 @@ class MPOEMoEConfig(TopKMoEConfig):
     router_bias: bool = True
     """Switch's router is a Linear(d, E) with bias."""
     router_gate: Literal["weights", "unit_st"] = "unit_st"
-    """Value-1 straight-through gate (the released code's default)."""
+    """Value-1 straight-through gate p / stopgrad(p) on the expert's output. A named deviation: the released code
+    scales the expert's input, which gives the same values but, with SwiGLU or GELU experts, another router gradient
+    (docs/variants.md §6)."""
     mpo_num_tensors: int = 5
     """Local tensors n per matrix (odd; the central one is number (n+1)/2)."""
     mpo_shapes: dict[str, list[list[int]]] | None = None

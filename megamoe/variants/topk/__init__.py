@@ -5,7 +5,6 @@ The family's base: CartesianMoE and MPOE extend its config and layer.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,8 +52,9 @@ def check_topk(moe: TopKMoEConfig, cfg: RunConfig) -> None:
              f"moe.router_topk=1 and moe.router_pre_softmax=true (got {moe.router_topk}, {moe.router_pre_softmax}); "
              "use moe.router_gate=weights for other routers")
     if moe.router_topk == 1 and not moe.router_pre_softmax:
-        warnings.warn("moe.router_topk=1 with router_pre_softmax=false gives every token weight 1 and the router "
-                      "no gradient from the LM loss; Switch uses moe.router_pre_softmax=true", stacklevel=3)
+        fail("moe.router_topk=1 with moe.router_pre_softmax=false weights each token's expert by a softmax over one "
+             "logit, always 1: the router would get no gradient from the LM loss; set moe.router_pre_softmax=true "
+             "(the chosen expert's probability: Switch, and the CartesianMoE authors' top-1 gate)")
 
 
 def topk_layer_params(moe: TopKMoEConfig, model: ModelConfig, num_local: int) -> tuple[int, int]:
