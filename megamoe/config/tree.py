@@ -257,6 +257,9 @@ class LoggingConfig:
     """W&B project."""
     wandb_exp_name: str | None = None
     """W&B run name. None: the last component of log_dir."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device (or one rank's CPU share) for the MFU shown in the log. None: the device's dense
+    bf16 peak from megamoe's table on CUDA, a float32 GEMM timed once on a CPU (megamoe/train/flops.py)."""
 
 
 @dataclass(kw_only=True, frozen=True)

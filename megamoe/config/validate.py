@@ -77,6 +77,8 @@ def _check_paths(cfg: RunConfig) -> None:
     for key, value in paths.items():
         if value is not None and not value.strip():
             _fail(f"{key}={value!r} is empty; give a path" + ("" if key in REQUIRED_PATHS else " (or null)"))
+    if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
+        _fail(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (one device's peak), or null")
 
 
 REQUIRED_PATHS = ("logging.log_dir", "data.tokenizer_model")

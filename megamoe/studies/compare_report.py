@@ -99,6 +99,18 @@ def write_outputs(results: list[RunResult], meta: dict, out_dir: Path) -> None:
     _plots(results, out_dir)
 
 
+def objective_of(run: RunResult) -> str:
+    return "masked LM" if "model.objective=masked_lm" in run.overrides else "causal LM"
+
+
+def seed_band(runs: list[RunResult]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps every seed evaluated at, and the mean, min and max validation loss over the seeds there."""
+    curves = [dict(run.curve) for run in runs]
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    losses = [[c[step] for c in curves] for step in steps]
+    return steps, [statistics.mean(x) for x in losses], [min(x) for x in losses], [max(x) for x in losses]
+
+
 def _plots(results: list[RunResult], out_dir: Path) -> None:
     import matplotlib
 
@@ -106,12 +118,19 @@ def _plots(results: list[RunResult], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     v = by_variant(results)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, runs in v.items():
-        steps, losses = zip(*runs[0].curve, strict=True) if runs[0].curve else ((), ())
-        ax.plot(steps, losses, label=name)
-    ax.set(xlabel="step", ylabel="validation loss", title=f"validation loss (seed {results[0].seed})")
-    ax.legend(fontsize=8)
+    # Causal-LM and masked-LM losses measure different things: one panel each.
+    panels = {objective: names for objective in ("causal LM", "masked LM")
+              if (names := [n for n, runs in v.items() if objective_of(runs[0]) == objective])}
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    seeds = sorted({r.seed for r in results})
+    for ax, (objective, names) in zip(axes[0], panels.items(), strict=True):
+        for name in names:
+            steps, mean, low, high = seed_band(v[name])
+            (line,) = ax.plot(steps, mean, label=name)
+            if len(v[name]) > 1:
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+        ax.set(xlabel="step", ylabel="validation loss", title=f"{objective}: mean over seeds {seeds} (band: min-max)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "loss_curves.png", dpi=120)
     plt.close(fig)

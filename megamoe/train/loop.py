@@ -28,7 +28,16 @@ from megamoe.train.deepspeed import (
     grad_norm_before_step,
     skip_if_not_finite,
 )
-from megamoe.train.metrics import ExpertLoadLog, MetricsWriter, collect_moe_metrics, gather_over_pipeline, moe_layers
+from megamoe.train.flops import Ledger
+from megamoe.train.metrics import (
+    ExpertLoadLog,
+    MetricsWriter,
+    collect_moe_metrics,
+    gather_over_pipeline,
+    memory_gib,
+    moe_layers,
+    write_loss_curve,
+)
 from megamoe.train.optim import apply_hyperparameters
 from megamoe.train.preemption import Preempted, StopRequests, announce_requeue
 from megamoe.train.watchdog import StallWatchdog
@@ -69,6 +78,11 @@ def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
         checkpoint.require_finite_loaded(engine.module, tag_dir)
         apply_hyperparameters(base_optimizer(engine), engine.lr_scheduler, cfg.train)
     return Trainer(cfg=cfg, layout=layout, groups=groups, engine=engine, datasets=datasets, progress=progress)
+
+
+def model_vocab_size(cfg: RunConfig) -> int:
+    """Rows of the embedding: model.vocab_size (an imported padded vocabulary), else the tokenizer's."""
+    return cfg.model.vocab_size or load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type).vocab_size
 
 
 def log_parameter_count(model: torch.nn.Module) -> None:
@@ -258,6 +272,8 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
     tokens_per_step = layout.global_batch_size * cfg.data.seq_length
     do_eval = trainer.datasets.valid is not None
     skips = SkippedSteps(cfg.train.max_skipped_steps, trainer.progress.skipped_steps)
+    ledger = Ledger.of(cfg, model_vocab_size(cfg), dist.get_world_size()) if metrics.enabled else None
+    started, first_step = time.perf_counter(), trainer.progress.iteration
     while trainer.progress.iteration < cfg.train.train_iters:
         start = time.perf_counter()
         values = train_step(trainer, batches)
@@ -270,7 +286,12 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
         if step % cfg.train.log_interval == 0 or last:
             moe_values, loads = collect_moe_metrics(trainer.engine.module, trainer.groups)
             expert_load.add(step, loads)
-            metrics.log(step, {**values, "train/tokens_per_s": tokens_per_step / step_s, "train/step_s": step_s,
+            elapsed = time.perf_counter() - started
+            throughput = ledger.values(tokens_per_step / step_s) if ledger is not None else {}
+            metrics.log(step, {**values, "train/tokens_per_s": tokens_per_step / step_s, **throughput,
+                               "train/step_s": step_s, "train/memory_gib": memory_gib(trainer.engine.device),
+                               "train/elapsed_s": elapsed,
+                               "train/eta_s": elapsed / (step - first_step) * (cfg.train.train_iters - step),
                                "train/consumed_samples": trainer.progress.consumed_samples, **moe_values})
         if do_eval and (step % cfg.train.eval_interval == 0 or last):
             validate(step)
@@ -314,23 +335,32 @@ def run(cfg: RunConfig, layout: Layout) -> None:
     """Train `cfg` on the processes of this launch (the config is already validated for it)."""
     with StallWatchdog(cfg.parallel.step_timeout_minutes) as watchdog:  # the set-up counts as the first step
         trainer = build_trainer(cfg, layout)
-        metrics, expert_load = MetricsWriter(cfg), ExpertLoadLog(cfg.logging.log_dir)
+        resumed = trainer.progress.iteration
+        metrics = MetricsWriter(cfg, layout, resume_step=resumed)
+        expert_load = ExpertLoadLog(cfg.logging.log_dir, resume_step=resumed)
         try:
             with StopRequests() as stop:
                 perplexity = train(trainer, metrics, expert_load, stop, watchdog)
+            get_logger().info(summary(trainer.progress.iteration, perplexity))
         except Preempted as stopped:
             get_logger().warning(f"{stopped}; exiting with {stopped.exit_code}"
                                  + (" for a requeue" if stopped.saved else ""))
             raise
         finally:
-            metrics.close()
-            expert_load.write_heatmap()
-    summary = f"done: {trainer.progress.iteration} steps"
+            pictures = [p for p in (expert_load.write_heatmap(), write_loss_curve(cfg.logging.log_dir)) if p]
+            if pictures:
+                get_logger().info(f"pictures: {', '.join(map(str, pictures))}")
+            metrics.close()  # last: console.log keeps the lines above
+    destroy()  # before exit, as torch asks: NCCL's teardown at interpreter shutdown can hang
+
+
+def summary(steps: int, perplexity: dict[int, float]) -> str:
+    """The run's last line: steps done and the validation perplexity from the first to the last evaluation."""
+    out = f"done: {steps} steps"
     if perplexity:
         (first, ppl_first), (last, ppl_last) = min(perplexity.items()), max(perplexity.items())
-        summary += f"; validation perplexity {ppl_first:.1f} at step {first} -> {ppl_last:.1f} at step {last}"
-    get_logger().info(summary)
-    destroy()  # before exit, as torch asks: NCCL's teardown at interpreter shutdown can hang
+        out += f"; validation perplexity {ppl_first:.1f} at step {first} -> {ppl_last:.1f} at step {last}"
+    return out
 
 
 def evaluate_checkpoint(cfg: RunConfig, layout: Layout) -> dict[str, float]:

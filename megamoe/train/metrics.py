@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import secrets
+import time
 from pathlib import Path
 
 import torch
@@ -26,44 +29,78 @@ def _wandb_mode() -> str:
     return "online" if has_key else "offline"
 
 
-class MetricsWriter:
-    """log(step, {"train/loss": ...}) fans out to every enabled sink; other ranks do nothing."""
+CLOCK = ("train/elapsed_s", "train/eta_s")
+"""Shown as h:mm:ss after the step on the console; plain seconds in the files."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+
+class MetricsWriter:
+    """log(step, {"train/loss": ...}) fans out to every enabled sink; other ranks do nothing.
+
+    At start log_dir receives the resolved config.yaml, the generated deepspeed.json (with a layout) and console.log
+    (a copy of megamoe's console lines). A run resumed at step N (`resume_step`) keeps the records of steps up to N
+    in metrics.jsonl (the steps it replays are logged again, once) and continues the W&B run whose id log_dir keeps
+    (wandb_run_id); a run starting at step 0 starts both afresh."""
+
+    def __init__(self, cfg: RunConfig, layout=None, resume_step: int = 0) -> None:
         self.enabled = global_rank() == 0
         self.tensorboard = self.wandb_run = None
+        self.total = cfg.train.train_iters
         if not self.enabled:
             return
         log: LoggingConfig = cfg.logging
         self.log_dir = Path(log.log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._write_run_files(cfg, layout)
+        keep_records_up_to(self.log_dir / "metrics.jsonl", resume_step)
         self.jsonl = (self.log_dir / "metrics.jsonl").open("a")
         if log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(self.log_dir / "tensorboard"))
+            self.tensorboard.add_hparams(flat_hparams(yaml.safe_load(dump(cfg))), {}, run_name=".")
         if log.wandb:
-            self.wandb_run = self._start_wandb(cfg)
+            self.wandb_run = self._start_wandb(cfg, resume_step)
 
-    def _start_wandb(self, cfg: RunConfig):
+    def _write_run_files(self, cfg: RunConfig, layout) -> None:
+        (self.log_dir / "config.yaml").write_text(dump(cfg))
+        if layout is not None:
+            from megamoe.train.deepspeed import to_deepspeed_config
+
+            (self.log_dir / "deepspeed.json").write_text(json.dumps(to_deepspeed_config(cfg, layout), indent=1))
+        logger = get_logger()
+        console = str((self.log_dir / "console.log").resolve())
+        if not any(getattr(h, "baseFilename", None) == console for h in logger.handlers):
+            handler = logging.FileHandler(console)
+            handler.setFormatter(logger.handlers[0].formatter)
+            logger.addHandler(handler)
+            self.console_handler = handler
+
+    def _start_wandb(self, cfg: RunConfig, resume_step: int):
         import wandb
 
-        log = cfg.logging
+        log, id_file = cfg.logging, self.log_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if resume_step > 0 and id_file.is_file() else secrets.token_hex(6)
+        id_file.write_text(run_id)
         return wandb.init(project=log.wandb_project, name=log.wandb_exp_name or self.log_dir.name,
-                          dir=str(self.log_dir), mode=_wandb_mode(), config=yaml.safe_load(dump(cfg)))
+                          dir=str(self.log_dir), mode=_wandb_mode(), config=yaml.safe_load(dump(cfg)), id=run_id,
+                          resume="allow")
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
         self.jsonl.flush()
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
-        shown = {k: v for k, v in values.items() if "/layer" not in k}  # per-layer values: files and dashboards
-        get_logger().info(f"step {step:>6} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
+        # per-layer values: files and dashboards
+        shown = {k: v for k, v in values.items() if "/layer" not in k and k not in CLOCK}
+        clock = (f" | {_hms(values['train/elapsed_s'])} elapsed, ETA {_hms(values['train/eta_s'])}"
+                 if all(k in values for k in CLOCK) else "")
+        get_logger().info(f"step {step:>6}/{self.total}{clock} | "
+                          + " | ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
 
     def close(self) -> None:
         if not self.enabled:
@@ -73,6 +110,58 @@ class MetricsWriter:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+        if getattr(self, "console_handler", None) is not None:
+            get_logger().removeHandler(self.console_handler)
+            self.console_handler.close()
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Drop the records of `path` (JSON lines with a "step") after `step`, or all of them at step 0: the steps a
+    resumed run replays are logged again by it."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if step > 0 and _step_of(line) <= step]
+    if len(kept) != len(lines):
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", math.inf)
+    except ValueError:  # a line cut by a kill mid-write
+        return math.inf
+
+
+def flat_hparams(tree: dict, prefix: str = "") -> dict:
+    """A nested config as TensorBoard hparams: dotted keys, scalar values (lists and None as text)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flat_hparams(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory on CUDA; this process's resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:  # not Linux: the peak instead
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _fmt(value: float) -> str:
@@ -172,10 +261,15 @@ def layer_metrics(prefix: str, sums: dict[str, torch.Tensor], k_max: torch.Tenso
 class ExpertLoadLog:
     """Expert load per layer over training: expert_load.jsonl while training, expert_load.png at the end."""
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, resume_step: int = 0) -> None:
         self.enabled = global_rank() == 0
         self.path = Path(log_dir) / "expert_load.jsonl"
         self.history: dict[str, list[tuple[int, list[float]]]] = {}
+        if self.enabled:  # the steps a resumed run replays are recorded again by it
+            keep_records_up_to(self.path, resume_step)
+            for record in map(json.loads, self.path.read_text().splitlines() if self.path.is_file() else []):
+                for layer, share in record["load"].items():
+                    self.history.setdefault(layer, []).append((record["step"], share))
 
     def add(self, step: int, loads: dict[str, list[float]]) -> None:
         if not self.enabled or not loads:
@@ -187,26 +281,66 @@ class ExpertLoadLog:
             self.history.setdefault(layer, []).append((step, share))
 
     def write_heatmap(self) -> Path | None:
-        """One panel per MoE layer: steps left to right, experts top to bottom, colour = share of copies."""
+        """One panel per MoE layer: steps left to right, experts top to bottom, colour = share of copies on one
+        scale for every layer, white at 1/E (balanced), red above, blue below. At most 16 inches tall."""
         if not self.enabled or not self.history:
             return None
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import TwoSlopeNorm
 
         layers = sorted(self.history, key=lambda label: (len(label.rstrip("ab")), label))  # layer2 before layer10
-        fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.6 * len(layers)), squeeze=False)
+        experts = len(self.history[layers[0]][0][1])
+        highest = max(max(share) for layer in layers for _, share in self.history[layer])
+        norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0 / experts, vmax=max(highest, 2.0 / experts))
+        height = min(1.2 + 1.2 * len(layers), MAX_FIGURE_INCHES)
+        fig, axes = plt.subplots(len(layers), 1, figsize=(9, height), squeeze=False, sharex=True)
         for ax, layer in zip(axes[:, 0], layers, strict=True):
             steps, shares = zip(*self.history[layer], strict=True)
-            image = ax.imshow(torch.tensor(shares).T.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+            image = ax.imshow(torch.tensor(shares).T.numpy(), aspect="auto", cmap="RdBu_r", norm=norm,
+                              interpolation="nearest",
                               extent=(steps[0] - 0.5, steps[-1] + 0.5, len(shares[0]) - 0.5, -0.5))
-            ax.set_ylabel(f"{layer}\nexpert")
-            fig.colorbar(image, ax=ax, label="share of copies")
+            ax.set_ylabel(layer, rotation=0, ha="right", va="center", fontsize=8)
+            ax.set_yticks([])
         axes[-1, 0].set_xlabel("step")
-        fig.suptitle("expert load")
-        fig.tight_layout()
+        bar = fig.colorbar(image, ax=axes[:, 0].tolist(), label="share of the layer's expert copies")
+        bar.set_ticks([0.0, 1.0 / experts, norm.vmax])
+        bar.set_ticklabels(["0", f"1/E = {1.0 / experts:.3f}\n(balanced)", f"{norm.vmax:.3f}"])
+        fig.suptitle(f"expert load: {len(layers)} MoE layers x {experts} experts (rows), over training")
         out = self.path.with_suffix(".png")
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out
+
+
+MAX_FIGURE_INCHES = 16.0
+"""Pictures stay under 1,600 pixels tall at 100 dpi, whatever the number of layers."""
+
+
+def write_loss_curve(log_dir: str) -> Path | None:
+    """loss.png from metrics.jsonl: the training loss at every logged step and the validation loss."""
+    path = Path(log_dir) / "metrics.jsonl"
+    if global_rank() != 0 or not path.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, style in (("train/loss", "-"), ("valid/loss", "o-")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(f"loss: {Path(log_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(log_dir) / "loss.png"
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -119,11 +119,11 @@ def test_demo_help_prints_once_and_deletes_nothing(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "launchers", repo / "launchers")
     shutil.copytree(ROOT / "megamoe", repo / "megamoe", ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "runs" / "tiny-dense").mkdir(parents=True)
-    (repo / "runs" / "tiny-dense" / "metrics.jsonl").write_text("{}\n")
+    (repo / "runs" / "tiny-moe").mkdir(parents=True)
+    (repo / "runs" / "tiny-moe" / "metrics.jsonl").write_text("{}\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(repo / "launchers" / "demo.sh"), "--help"], capture_output=True, text=True,
                           timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("usage: launchers/demo.sh") == 1 and proc.stdout.count("usage: pretrain.py") == 1
-    assert (repo / "runs" / "tiny-dense" / "metrics.jsonl").is_file()
+    assert (repo / "runs" / "tiny-moe" / "metrics.jsonl").is_file()
