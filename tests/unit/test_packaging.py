@@ -1,4 +1,5 @@
-"""Install metadata: pins agree everywhere; the README and CI say the same commands."""
+"""Install metadata: pins agree everywhere, every imported package is declared; the README and CI say the same
+commands."""
 
 from __future__ import annotations
 
@@ -10,9 +11,38 @@ from pathlib import Path
 from tests.helpers import ROOT
 
 
+def project() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
 def setup_pins() -> dict[str, str]:
-    text = (ROOT / "setup.py").read_text()
-    return dict(re.findall(r'"([a-z0-9-]+)==([0-9.]+)"', text))
+    requirements = [*project()["dependencies"], *sum(project()["optional-dependencies"].values(), [])]
+    return dict(re.findall(r"^([a-z0-9-]+)==([0-9.]+)", "\n".join(requirements), re.MULTILINE))
+
+
+DISTRIBUTION = {"yaml": "pyyaml", "megatron": "megatron-core", "PEER_pytorch": "peer-pytorch"}
+"""Import names that differ from their distribution's."""
+NEVER_DECLARED = {"apex": "NVIDIA apex: optional, built from source; the PyPI 'apex' is another package"}
+
+
+def test_every_imported_package_is_declared():
+    """Each third-party package megamoe imports (at any depth) is a dependency or an extra's."""
+    import ast
+
+    declared = {re.match(r"[A-Za-z0-9_.-]+", r)[0].lower().replace("_", "-")
+                for r in [*project()["dependencies"], *sum(project()["optional-dependencies"].values(), [])]}
+    imported = set()
+    for path in (ROOT / "megamoe").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            imported |= {name.split(".")[0] for name in names}
+    third_party = imported - set(sys.stdlib_module_names) - {"megamoe"} - NEVER_DECLARED.keys()
+    undeclared = {n for n in third_party if DISTRIBUTION.get(n, n).lower().replace("_", "-") not in declared}
+    assert not undeclared, f"imported but not declared in pyproject.toml: {sorted(undeclared)}"
+    assert {"tqdm", "tokenizers", "matplotlib"} <= third_party  # the scan sees imports inside functions
 
 
 def test_dockerfile_pins_equal_setup_py():
@@ -23,7 +53,7 @@ def test_dockerfile_pins_equal_setup_py():
 
 
 def test_no_pypi_apex_anywhere():
-    for path in [ROOT / "setup.py", ROOT / "tools" / "install.sh", ROOT / ".ci" / "run",
+    for path in [ROOT / "pyproject.toml", ROOT / "setup.py", ROOT / "tools" / "install.sh", ROOT / ".ci" / "run",
                  ROOT / "docker" / "Dockerfile"]:
         for line in path.read_text().splitlines():
             assert not re.search(r"pip install[^#]*\s[\"']?apex\b", line), f"{path.name}: {line}"
@@ -57,11 +87,19 @@ def test_dev_install_brings_everything_the_tests_import():
     import importlib.metadata as metadata
     import sys
 
-    installed = set()
-    for text in metadata.requires("megamoe"):  # e.g. 'transformers~=5.23; extra == "dev"'
-        name, _, marker = text.partition(";")
-        if not marker or 'extra == "dev"' in marker:
-            installed.add(re.match(r"[A-Za-z0-9._-]+", name).group().lower())
+    def requirements(extra: str | None) -> set[str]:
+        """Distributions `.[extra]` installs (the core ones for None), through extras naming other extras."""
+        out = set()
+        for text in metadata.requires("megamoe"):  # e.g. 'transformers~=5.25.0; extra == "hf"'
+            name, _, marker = text.partition(";")
+            if (not marker) if extra is None else f'extra == "{extra}"' in marker:
+                if (inner := re.match(r"\s*megamoe\[([^\]]+)\]", name)) is not None:  # dev = megamoe[hf,...]
+                    out |= set().union(*(requirements(e.strip()) for e in inner[1].split(",")))
+                else:
+                    out.add(re.match(r"[A-Za-z0-9._-]+", name).group().lower())
+        return out
+
+    installed = requirements(None) | requirements("dev")
     distributions = metadata.packages_distributions()
     missing = set()
     for path in (ROOT / "tests").rglob("*.py"):
@@ -74,7 +112,7 @@ def test_dev_install_brings_everything_the_tests_import():
                 dists = {d.lower() for d in distributions.get(top, [top])}
                 if not dists & installed:
                     missing.add(f"{path.relative_to(ROOT)} imports {top}")
-    assert not missing, f"not in setup.py's core or dev requirements: {sorted(missing)}"
+    assert not missing, f"not in pyproject.toml's core or dev requirements: {sorted(missing)}"
 
 
 def _beside_python(tool: str) -> str:
