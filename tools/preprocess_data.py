@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from megamoe import cli
 from megamoe.data import preprocess
 from megamoe.data.corpus import DEFAULT_MAX_FILE_BYTES, Corpus
-from megamoe.data.tokenizer import TOKENIZER_TYPES, tokenizer_problem
+from megamoe.data.tokenizer import TOKENIZER_TYPES, kind_of, tokenizer_problem
 
 LEGACY_ALGORITHMS = ("bpe", "unigram")
 
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     tok.add_argument("--train-tokenizer", action="store_true",
                      help="train a tokenizer on the input first (<output-prefix>.model or .tokenizer.json)")
     parser.add_argument("--tokenizer-type", choices=[*TOKENIZER_TYPES, *LEGACY_ALGORITHMS],
-                        default="SentencePieceTokenizer", help="Megatron-LM's tokenizer names (default %(default)s)")
+                        help="Megatron-LM's tokenizer names (default: what --tokenizer-model is, by its name: a "
+                             ".json or a directory is HuggingFaceTokenizer; for training SentencePieceTokenizer)")
     parser.add_argument("--vocab-size", type=int, default=4000, help="vocabulary of a trained tokenizer")
     parser.add_argument("--tokenizer-algorithm", choices=["bpe", "unigram"], default="bpe",
                         help="a trained sentencepiece model's algorithm (a Hugging Face one is a byte-level BPE)")
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tokenizer_type in LEGACY_ALGORITHMS:  # before Megatron's names, --tokenizer-type was the algorithm
         args.tokenizer_algorithm, args.tokenizer_type = args.tokenizer_type, "SentencePieceTokenizer"
+    if args.tokenizer_type is None:
+        args.tokenizer_type = kind_of(args.tokenizer_model) if args.tokenizer_model else "SentencePieceTokenizer"
     if args.normalize and args.tokenizer_type == "HuggingFaceTokenizer":
         parser.error("--normalize applies to sentencepiece training; a byte-level BPE keeps every byte")
     if args.workers < 1:

@@ -4,8 +4,9 @@ A .jsonl line is one document per JSON key asked for (Megatron-LM's `--json-keys
 line is one document. A directory is a tree of text or source files, each file one document kept byte for byte
 (multi-line, indentation, line ends): the files whose name or relative path matches an include pattern, walked in
 sorted order, hidden entries (.git, .venv, ...) below the given directory left out. A file is skipped, and counted
-under its reason, when it is over the size limit, not UTF-8, binary (NUL bytes), empty, or an exact duplicate (same
-bytes, by SHA-256) of a file read before it.
+under its reason, when it is over the size limit, not UTF-8, binary (NUL bytes), empty, unreadable, not a regular
+file (a broken link, a FIFO), or an exact duplicate (same bytes, by SHA-256) of a file read before it, in any of the
+directories given.
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ class Corpus:
 
     def records(self, stats: ReadStats) -> Iterator[dict[str, str]]:
         """One record per document, {json key: text}, in input order."""
+        seen: set[bytes] = set()  # SHA-256 of the directories' files read so far
         for path in map(Path, self.inputs):
             if path.is_dir():
-                yield from ({self.json_keys[0]: text} for text in self._directory_documents(path, stats))
+                yield from ({self.json_keys[0]: text} for text in self._directory_documents(path, stats, seen))
             else:
                 yield from read_records(path, self.json_keys, stats)
 
@@ -120,13 +122,19 @@ class Corpus:
                         fnmatch.fnmatch(name, p) or fnmatch.fnmatch(relative, p) for p in self.include)):
                     yield path
 
-    def _directory_documents(self, root: Path, stats: ReadStats) -> Iterator[str]:
-        seen: set[bytes] = set()
+    def _directory_documents(self, root: Path, stats: ReadStats, seen: set[bytes]) -> Iterator[str]:
         for path in self._files(root):
-            if self.max_file_bytes and path.stat().st_size > self.max_file_bytes:
-                stats.skip_file(path, "too large")
+            if not path.is_file():  # a broken link, a FIFO (reading one would block), a socket
+                stats.skip_file(path, "not a regular file")
                 continue
-            data = path.read_bytes()
+            try:
+                if self.max_file_bytes and path.stat().st_size > self.max_file_bytes:
+                    stats.skip_file(path, "too large")
+                    continue
+                data = path.read_bytes()
+            except OSError:  # no permission, vanished while walking
+                stats.skip_file(path, "unreadable")
+                continue
             digest = hashlib.sha256(data).digest()
             if (reason := _file_problem(data, digest in seen)) is not None:
                 stats.skip_file(path, reason)

@@ -87,10 +87,11 @@ def train_tokenizer(inputs: Corpus | Sequence[str], model_prefix: str, vocab_siz
                                      tokenizer_type, normalize)
             return published_name(staged, own)
     corpus, stats = Corpus.of(inputs), ReadStats()
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as lines:
-        for doc in corpus.texts(stats):
-            lines.write(_training_lines(doc, normalize))
-    try:
+    lines = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8")  # noqa: SIM115 - closed below, unlinked in finally
+    try:  # the copy of the corpus goes whatever fails, reading included
+        with lines:
+            for doc in corpus.texts(stats):
+                lines.write(_training_lines(doc, normalize))
         stats.require_text(list(corpus.inputs))
         if stats.documents == 0:
             raise ValueError(f"no documents to train the tokenizer on in {list(corpus.inputs)} (empty or blank"

@@ -37,7 +37,9 @@ def load_tokenizer(path: str | Path, kind: str = "SentencePieceTokenizer"):
 
 class HuggingFaceTokenizer:
     """A `tokenizers.Tokenizer` with megatron-core's tokenizer attributes. Text is encoded without the
-    post-processor's special tokens (BOS): documents are separated by `eod` alone, as in pre-training."""
+    post-processor's special tokens (BOS): documents are separated by `eod` alone, as in pre-training. A special
+    token's text inside a document ("</s>" in an HTML page) is text, as with sentencepiece: only preprocessing puts
+    the end-of-document id between documents."""
 
     def __init__(self, path: str | Path) -> None:
         from tokenizers import Tokenizer
@@ -49,6 +51,7 @@ class HuggingFaceTokenizer:
         except Exception as err:  # tokenizers raises its own Exception subclass with serde's message
             raise ValueError(f"'{self.file}' is not a Hugging Face tokenizer.json ({str(err).splitlines()[0]}): a "
                              "damaged or truncated file, or another format") from None
+        self._tokenizer.encode_special_tokens = True  # literal special-token text is encoded as text
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.eod = _special_id(self._tokenizer, self.file, EOD_CANDIDATES, "end-of-document")
         self.pad = _special_id(self._tokenizer, self.file, PAD_CANDIDATES, None)
@@ -105,6 +108,15 @@ def special_token_ids(path: str | Path, kind: str = "SentencePieceTokenizer") ->
     processor = _processor(path)
     ids = {"pad_token_id": processor.pad_id(), "bos_token_id": processor.bos_id(), "eos_token_id": processor.eos_id()}
     return {name: (i if i >= 0 else None) for name, i in ids.items()}  # sentencepiece says -1 for none
+
+
+def sentencepiece_special_pieces(path: str | Path) -> dict[str, str]:
+    """bos, eos, unk and pad pieces of a sentencepiece model as transformers names them; only those it has (a
+    Llama 2 model has no pad)."""
+    processor = _processor(path)
+    ids = {"bos_token": processor.bos_id(), "eos_token": processor.eos_id(), "unk_token": processor.unk_id(),
+           "pad_token": processor.pad_id()}
+    return {name: processor.id_to_piece(i) for name, i in ids.items() if i >= 0}
 
 
 def kind_of(path: str | Path) -> str:

@@ -34,7 +34,7 @@ from megamoe.train.metrics import (
     MetricsWriter,
     collect_moe_metrics,
     gather_over_pipeline,
-    memory_gib,
+    largest_memory_gib,
     moe_layers,
     write_loss_curve,
 )
@@ -289,7 +289,7 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
             elapsed = time.perf_counter() - started
             throughput = ledger.values(tokens_per_step / step_s) if ledger is not None else {}
             metrics.log(step, {**values, "train/tokens_per_s": tokens_per_step / step_s, **throughput,
-                               "train/step_s": step_s, "train/memory_gib": memory_gib(trainer.engine.device),
+                               "train/step_s": step_s, "train/memory_gib": largest_memory_gib(trainer.engine.device),
                                "train/elapsed_s": elapsed,
                                "train/eta_s": elapsed / (step - first_step) * (cfg.train.train_iters - step),
                                "train/consumed_samples": trainer.progress.consumed_samples, **moe_values})
@@ -347,11 +347,23 @@ def run(cfg: RunConfig, layout: Layout) -> None:
                                  + (" for a requeue" if stopped.saved else ""))
             raise
         finally:
-            pictures = [p for p in (expert_load.write_heatmap(), write_loss_curve(cfg.logging.log_dir)) if p]
-            if pictures:
-                get_logger().info(f"pictures: {', '.join(map(str, pictures))}")
-            metrics.close()  # last: console.log keeps the lines above
+            try:
+                draw_pictures(cfg, expert_load)
+            finally:
+                metrics.close()  # last: console.log keeps the lines above
     destroy()  # before exit, as torch asks: NCCL's teardown at interpreter shutdown can hang
+
+
+def draw_pictures(cfg: RunConfig, expert_load: ExpertLoadLog) -> None:
+    """expert_load.png and loss.png (rank 0), named on the console. A picture that cannot be drawn is a warning:
+    it must not replace the error that may be ending the run, nor stop the sinks from closing."""
+    try:
+        pictures = [p for p in (expert_load.write_heatmap(), write_loss_curve(cfg.logging.log_dir)) if p]
+    except Exception as err:  # noqa: BLE001 - matplotlib, a full disk, a damaged metrics.jsonl line
+        get_logger().warning(f"pictures not drawn: {type(err).__name__}: {err}")
+        return
+    if pictures:
+        get_logger().info(f"pictures: {', '.join(map(str, pictures))}")
 
 
 def summary(steps: int, perplexity: dict[int, float]) -> str:

@@ -38,8 +38,9 @@ class MetricsWriter:
 
     At start log_dir receives the resolved config.yaml, the generated deepspeed.json (with a layout) and console.log
     (a copy of megamoe's console lines). A run resumed at step N (`resume_step`) keeps the records of steps up to N
-    in metrics.jsonl (the steps it replays are logged again, once) and continues the W&B run whose id log_dir keeps
-    (wandb_run_id); a run starting at step 0 starts both afresh."""
+    in metrics.jsonl (the steps it replays are logged again, once), purges TensorBoard's events after N, and
+    continues the W&B run whose id log_dir keeps (wandb_run_id; W&B itself keeps the first values it received for
+    the replayed steps and ignores the repeats); a run starting at step 0 starts all of them afresh."""
 
     def __init__(self, cfg: RunConfig, layout=None, resume_step: int = 0) -> None:
         self.enabled = global_rank() == 0
@@ -56,7 +57,8 @@ class MetricsWriter:
         if log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(self.log_dir / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(self.log_dir / "tensorboard"),
+                                             purge_step=resume_step + 1 if resume_step > 0 else None)
             self.tensorboard.add_hparams(flat_hparams(yaml.safe_load(dump(cfg))), {}, run_name=".")
         if log.wandb:
             self.wandb_run = self._start_wandb(cfg, resume_step)
@@ -129,10 +131,15 @@ def keep_records_up_to(path: Path, step: int) -> None:
 
 
 def _step_of(line: str) -> float:
+    record = _record(line)
+    return math.inf if record is None else record.get("step", math.inf)
+
+
+def _record(line: str) -> dict | None:
     try:
-        return json.loads(line).get("step", math.inf)
+        return json.loads(line)
     except ValueError:  # a line cut by a kill mid-write
-        return math.inf
+        return None
 
 
 def flat_hparams(tree: dict, prefix: str = "") -> dict:
@@ -151,6 +158,15 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def largest_memory_gib(device: torch.device) -> float:
+    """memory_gib of the rank that uses the most (a pipeline's last stage, a loaded expert rank): the number a job
+    is sized by. Collective over the world."""
+    value = torch.tensor([memory_gib(device)], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
 def memory_gib(device: torch.device) -> float:
     """Peak allocated accelerator memory on CUDA; this process's resident memory on a CPU."""
     if device.type == "cuda":
@@ -158,10 +174,12 @@ def memory_gib(device: torch.device) -> float:
     try:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except OSError:  # not Linux: the peak instead
+    except OSError:  # not Linux: the peak instead (KiB on Linux and BSD, bytes on macOS)
         import resource
+        import sys
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def _fmt(value: float) -> str:
@@ -329,7 +347,7 @@ def write_loss_curve(log_dir: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records = [record for line in path.read_text().splitlines() if (record := _record(line)) is not None]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key, style in (("train/loss", "-"), ("valid/loss", "o-")):
         points = [(r["step"], r[key]) for r in records if key in r]

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from megamoe.config import ConfigError, RunConfig, dump
+from megamoe.config import ConfigError, ModelConfig, RunConfig, dump
 from megamoe.data.tokenizer import tokenizer_identity
 from megamoe.train import integrity
 from megamoe.train.integrity import CheckpointError
@@ -127,7 +127,10 @@ def model_shape(run: dict) -> dict:
     FFN width too."""
     model = run.get("model", {})
     heads, hidden = model.get("num_attention_heads"), model.get("hidden_size")
-    defaults = {"num_query_groups": heads, "kv_channels": hidden // heads}
+    # A key a checkpoint's config.yaml lacks (written before the setting existed) had the setting's default value.
+    defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)
+                if field.default is not dataclasses.MISSING}
+    defaults |= {"num_query_groups": heads, "kv_channels": hidden // heads}
     shape = {key: model.get(key) if model.get(key) is not None else defaults.get(key) for key in SHAPE_KEYS}
     if model.get("position_embedding_type") == "learned_absolute":
         shape["max_position_embeddings"] = model.get("max_position_embeddings") or run.get("data", {}).get("seq_length")

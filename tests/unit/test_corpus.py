@@ -41,6 +41,20 @@ def _documents(prefix: str) -> list[list[int]]:
     return [dataset[i].tolist() for i in range(len(dataset))]
 
 
+def test_links_fifos_and_duplicates_across_directories_are_skipped_not_fatal(tmp_path):
+    import os
+
+    first, second = _write_tree(tmp_path / "a"), tmp_path / "b"
+    second.mkdir()
+    (second / "again.py").write_bytes(CODE["pkg/sub/util.py"])  # the same bytes as a file of the first directory
+    (second / "broken.py").symlink_to(tmp_path / "nowhere.py")
+    os.mkfifo(second / "pipe.py")  # reading it would block forever
+    stats = ReadStats()
+    texts = [r["text"] for r in Corpus((str(first), str(second)), include=("*.py",)).records(stats)]
+    assert len(texts) == 4 and stats.skipped_files["duplicate"] == 2  # copy_of_core.py, b/again.py
+    assert stats.skipped_files["not a regular file"] == 2
+
+
 def test_a_directory_is_read_file_by_file_byte_for_byte_with_skips_counted(tmp_path):
     corpus = Corpus((str(_write_tree(tmp_path / "src")),), include=("*.py",), max_file_bytes=1000)
     stats = ReadStats()

@@ -67,7 +67,10 @@ def test_a_hugging_face_tokenizer_has_megamoe_special_ids(trained, tmp_path):
         assert (tokenizer.pad, tokenizer.eod, tokenizer.mask) == (0, 3, 4)
         assert tokenizer.vocab_size == vocab_size(where, "HuggingFaceTokenizer") == 600
         assert mask_id(where, "HuggingFaceTokenizer") == 4
-        assert tokenizer.tokenize("<mask>") == [4] and tokenizer.tokenize("hello")[0] > 4
+        assert tokenizer.tokenize("hello")[0] > 4
+        # a special token's text in a document is text (as with sentencepiece): never the id itself
+        assert 4 not in tokenizer.tokenize("<mask>") and 3 not in tokenizer.tokenize("a </s> b")
+        assert tokenizer.detokenize(tokenizer.tokenize("a </s> b")) == "a </s> b"
 
 
 def test_a_broken_hugging_face_tokenizer_is_one_line(trained, tmp_path):

@@ -206,3 +206,17 @@ def test_ctrl_c_asks_for_a_stop_checkpoint_and_a_second_one_interrupts():
         with pytest.raises(KeyboardInterrupt):
             deliver(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_checkpoint_written_before_a_model_setting_existed_still_fits(tiny_data):
+    """config.yaml of an older checkpoint lacks model.add_qkv_bias and model.qk_layernorm: their defaults apply."""
+    import copy
+    import dataclasses
+
+    from megamoe.train.preflight import model_shape
+    from tests.helpers import tiny_config
+
+    run = dataclasses.asdict(tiny_config(tiny_data))
+    old = copy.deepcopy(run)
+    del old["model"]["add_qkv_bias"], old["model"]["qk_layernorm"]
+    assert model_shape(old) == model_shape(run)

@@ -96,6 +96,6 @@ def dynamic_layer_params(moe: DynamicMoEConfig, model: ModelConfig, num_local: i
 VARIANT = Variant(
     name="dynamic", config=DynamicMoEConfig, layer="megamoe.variants.dynamic.layer:DynamicMoE", check=check_dynamic,
     experts_per_token=mean_experts_per_token, layer_params=dynamic_layer_params,
-    ffn_madds=lambda moe, model: routed_ffn_madds(moe, model, moe.budget_k_mean),
+    ffn_madds=lambda moe, model: routed_ffn_madds(moe, model, mean_experts_per_token(moe)),
     megatron_spec="megamoe.variants.dynamic.megatron:layer_spec", upcycle_overrides=(),
     study="megamoe.variants.dynamic.study:STUDY")
