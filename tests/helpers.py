@@ -93,9 +93,15 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> 
 
 def load_tool(name: str):
     """tools/<name>.py as a module (its main(argv) returns the exit status; argparse errors raise SystemExit)."""
+    return load_script(f"tools/{name}.py")
+
+
+def load_script(relative: str):
+    """An entry point (tools/x.py, launchers/pretrain.py) as a module, without running it."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"megamoe_tool_{name}", ROOT / "tools" / f"{name}.py")
+    name = "megamoe_tool_" + Path(relative).stem if relative.startswith("tools/") else Path(relative).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
