@@ -1,7 +1,7 @@
-"""Print the configuration reference (markdown) from the config tree; README.md embeds its output.
+"""Print the configuration reference (markdown) from the config tree; docs/configuration.md embeds its output.
 
   python tools/config_reference.py            print it
-  python tools/config_reference.py --update   rewrite the README section between its markers
+  python tools/config_reference.py --update   rewrite docs/configuration.md between its markers
 """
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from megamoe import cli
 from megamoe.config.reference import markdown
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser(__doc__)
-    parser.add_argument("--update", action="store_true", help=f"rewrite {README.name} between the markers")
+    parser.add_argument("--update", action="store_true", help=f"rewrite docs/{REFERENCE.name} between the markers")
     args = parser.parse_args(argv)
     if not args.update:
         print(markdown())
         return 0
-    text = README.read_text()
+    text = REFERENCE.read_text()
     head, rest = text.split(BEGIN)
     _, tail = rest.split(END)
-    README.write_text(f"{head}{BEGIN}\n{markdown()}\n{END}{tail}")
+    REFERENCE.write_text(f"{head}{BEGIN}\n{markdown()}\n{END}{tail}")
     return 0
 
 

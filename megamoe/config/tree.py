@@ -1,8 +1,8 @@
 """The config tree: frozen dataclasses, one per YAML section. Defaults are the base; YAML files hold deltas.
 
 Field names follow Megatron-LM's command-line arguments where one exists (`--train-iters` is
-`train.train_iters`), grouped by section. Every field has a docstring; the README's configuration
-reference is generated from them (`tools/config_reference.py`).
+`train.train_iters`), grouped by section. Every field has a docstring; the configuration
+reference (docs/configuration.md) is generated from them (`tools/config_reference.py`).
 """
 
 from __future__ import annotations

@@ -66,11 +66,11 @@ def test_ci_runs_the_readme_commands():
     assert commands[1] in ci, f"CI does not run the README test command: {commands[1]}"
 
 
-def test_readme_config_reference_is_current():
+def test_the_configuration_reference_is_current():
     from megamoe.config.reference import markdown
 
-    readme = (ROOT / "README.md").read_text()
-    assert markdown() in readme, "run: python tools/config_reference.py --update"
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    assert markdown() in reference, "run: python tools/config_reference.py --update"
 
 
 def test_ruff_clean():
