@@ -62,7 +62,8 @@ def measure(size: str, run: str, overrides: list[str], data: tuple[str, str], ou
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"the {size} {run} run failed (exit {done.returncode}): {last}; its log is in {log_dir}")
+        raise RuntimeError(f"the {size} {run} run failed (exit {done.returncode}): {last} (its console.log, if it "
+                           f"got that far: {log_dir})")
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     kept = [r for r in records if "train/tokens_per_s" in r and r["step"] > warmup]
 
