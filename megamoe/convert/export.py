@@ -58,7 +58,7 @@ def merged_state_dict(tag_dir: Path, model: torch.nn.Module) -> dict[str, torch.
 
 def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
     """Write the HF directory of the latest checkpoint under `load_dir`; returns it."""
-    from megamoe.data.tokenizer import special_token_ids
+    from megamoe.data.tokenizer import embedding_rows, special_token_ids
     from megamoe.data.tokenizer import vocab_size as tokenizer_size
 
     tag_dir = checkpoint.latest_tag_dir(load_dir)
@@ -68,10 +68,9 @@ def export_hf(load_dir: str, out_dir: str, dtype: str = "float32") -> Path:
     checkpoint.verify_for_use(tag_dir, cfg)
     kind = custom.export_format(cfg)
     tokenizer_model = Path(cfg.data.tokenizer_model)
-    vocab_size = tokenizer_size(tokenizer_model, cfg.data.tokenizer_type)
-    if vocab_size is None:
+    if tokenizer_size(tokenizer_model, cfg.data.tokenizer_type) is None:
         raise FileNotFoundError(f"the run's tokenizer {tokenizer_model} is missing; the export ships it")
-    vocab_size = cfg.model.vocab_size or vocab_size  # an imported padded vocabulary keeps its rows
+    vocab_size = embedding_rows(cfg)
     merged = merged_state_dict(tag_dir, one_process_model(cfg, vocab_size))
     special_ids = special_token_ids(tokenizer_model, cfg.data.tokenizer_type)
     if kind == "megamoe":

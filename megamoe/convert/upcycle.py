@@ -91,7 +91,7 @@ def upcycle_model(model: torch.nn.Module, dense: dict[str, torch.Tensor]) -> lis
 
 def upcycle(load_dir: str, save_dir: str, overrides: Sequence[str]) -> Path:
     """Write the upcycled checkpoint of the dense checkpoint `load_dir` under `save_dir`; returns its tag dir."""
-    from megamoe.data.tokenizer import load_tokenizer
+    from megamoe.data.tokenizer import embedding_rows
     from megamoe.models.gpt import build_model
     from megamoe.parallel.initialize import initialize
     from megamoe.train import deepspeed, startup
@@ -108,9 +108,7 @@ def upcycle(load_dir: str, save_dir: str, overrides: Sequence[str]) -> Path:
     one_process = dataclasses.replace(target, parallel=config.ParallelConfig())
     startup.check(one_process)  # the target must be a valid run (its own layout is checked when it runs)
     groups = initialize(one_process.parallel, one_process.train.seed)
-    tokenizer = load_tokenizer(target.data.tokenizer_model, target.data.tokenizer_type)
-    vocab = target.model.vocab_size or tokenizer.vocab_size  # an imported padded vocabulary keeps its rows
-    model = build_model(one_process, vocab, groups)
+    model = build_model(one_process, embedding_rows(target), groups)
     upcycled = upcycle_model(model, deepspeed.fp32_module_weights(tag, config.load(tag / "config.yaml")))
     tag_dir = checkpoint.save_weights_only(model, one_process, save, groups)
     (save / "finetune.yaml").write_text(config.dump(target))

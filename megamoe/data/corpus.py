@@ -71,12 +71,11 @@ class Corpus:
     """A directory's files above this size are skipped; 0: no limit."""
 
     @classmethod
-    def of(cls, inputs: Corpus | list[str] | tuple[str, ...] | str, json_keys: str | tuple[str, ...] = "text"
-           ) -> Corpus:
+    def of(cls, inputs: Corpus | list[str] | tuple[str, ...] | str) -> Corpus:
+        """`inputs` as a Corpus: one already, or files and directories read with the defaults."""
         if isinstance(inputs, Corpus):
             return inputs
-        keys = (json_keys,) if isinstance(json_keys, str) else tuple(json_keys)
-        return cls(tuple(map(str, [inputs] if isinstance(inputs, (str, Path)) else inputs)), keys)
+        return cls(tuple(map(str, [inputs] if isinstance(inputs, (str, Path)) else inputs)))
 
     def problem(self) -> str | None:
         """What makes these inputs unusable (one line), checked before anything is read or written; None if fine."""

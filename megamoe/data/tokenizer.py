@@ -146,6 +146,12 @@ def vocab_size(path: str | Path, kind: str = "SentencePieceTokenizer") -> int | 
     return _processor(path).vocab_size() if Path(path).is_file() else None
 
 
+def embedding_rows(cfg) -> int | None:
+    """Rows of a run's embedding and output layer: model.vocab_size (an imported vocabulary padded beyond its
+    tokenizer, as Qwen ships), else the tokenizer's vocabulary (None when the tokenizer file is missing)."""
+    return cfg.model.vocab_size or vocab_size(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+
+
 def mask_id(path: str | Path, kind: str = "SentencePieceTokenizer") -> int | None:
     """Id of the <mask> piece (added by megamoe's tokenizer training), or None."""
     if not Path(path).exists():

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megamoe.config import Layout, RunConfig
 from megamoe.data.loader import Datasets, IntactBatches, blamed_on_changed_files, build_datasets, build_loader
-from megamoe.data.tokenizer import load_tokenizer
+from megamoe.data.tokenizer import embedding_rows, load_tokenizer
 from megamoe.models.gpt import build_model
 from megamoe.moe.losses import set_aux_loss_scale
 from megamoe.parallel.groups import ParallelGroups
@@ -64,7 +64,7 @@ def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
     """
     groups = initialize(cfg.parallel, cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
-    model = build_model(cfg, cfg.model.vocab_size or tokenizer.vocab_size, groups)  # an imported padded vocabulary
+    model = build_model(cfg, embedding_rows(cfg), groups)
     log_parameter_count(model)
     tag_dir = checkpoint.latest_tag_dir(cfg.checkpoint.load, cfg.checkpoint.save)
     checkpoint.verify_for_use(tag_dir, cfg)
@@ -78,11 +78,6 @@ def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
         checkpoint.require_finite_loaded(engine.module, tag_dir)
         apply_hyperparameters(base_optimizer(engine), engine.lr_scheduler, cfg.train)
     return Trainer(cfg=cfg, layout=layout, groups=groups, engine=engine, datasets=datasets, progress=progress)
-
-
-def model_vocab_size(cfg: RunConfig) -> int:
-    """Rows of the embedding: model.vocab_size (an imported padded vocabulary), else the tokenizer's."""
-    return cfg.model.vocab_size or load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type).vocab_size
 
 
 def log_parameter_count(model: torch.nn.Module) -> None:
@@ -272,7 +267,7 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
     tokens_per_step = layout.global_batch_size * cfg.data.seq_length
     do_eval = trainer.datasets.valid is not None
     skips = SkippedSteps(cfg.train.max_skipped_steps, trainer.progress.skipped_steps)
-    ledger = Ledger.of(cfg, model_vocab_size(cfg), dist.get_world_size()) if metrics.enabled else None
+    ledger = Ledger.of(cfg, embedding_rows(cfg), dist.get_world_size()) if metrics.enabled else None
     started, first_step = time.perf_counter(), trainer.progress.iteration
     while trainer.progress.iteration < cfg.train.train_iters:
         start = time.perf_counter()
