@@ -260,6 +260,12 @@ class LoggingConfig:
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device (or one rank's CPU share) for the MFU shown in the log. None: the device's dense
     bf16 peak from megamoe's table on CUDA, a float32 GEMM timed once on a CPU (megamoe/train/flops.py)."""
+    profile_steps: list[int] | None = None
+    """[first, last]: profile these optimizer steps (1-based, inclusive) with the PyTorch profiler: a trace and
+    the step's time by part (attention, routing, dispatch, experts, optimizer, ...) with its host syncs, under
+    log_dir/profile (docs/benchmarks.md). None: no profiling."""
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    """Global ranks that profile profile_steps."""
 
 
 @dataclass(kw_only=True, frozen=True)

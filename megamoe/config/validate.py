@@ -79,6 +79,14 @@ def _check_paths(cfg: RunConfig) -> None:
             _fail(f"{key}={value!r} is empty; give a path" + ("" if key in REQUIRED_PATHS else " (or null)"))
     if cfg.logging.peak_tflops is not None and not cfg.logging.peak_tflops > 0:
         _fail(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (one device's peak), or null")
+    _check_profile(cfg)
+
+
+def _check_profile(cfg: RunConfig) -> None:
+    steps = cfg.logging.profile_steps
+    if steps is not None and not (len(steps) == 2 and 1 <= steps[0] <= steps[1] <= cfg.train.train_iters):
+        _fail(f"logging.profile_steps={steps} must be [first, last] with 1 <= first <= last <= train.train_iters "
+              f"({cfg.train.train_iters}), or null")
 
 
 REQUIRED_PATHS = ("logging.log_dir", "data.tokenizer_model")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megamoe.moe import host
 from megamoe.moe.routing import Routing
 from megamoe.parallel.comm import all_to_all, exchange_counts
 from megamoe.parallel.experts import ExpertPlacement
@@ -83,13 +84,15 @@ class LocalDispatcher:
 
 
 def _rank_major_to_expert_major(counts_Pe: list[list[int]], device: torch.device) -> Tensor:
-    """Index that reorders rows received as [(src0, e0), (src0, e1), (src1, e0), ...] expert-major."""
+    """Index that reorders rows received as [(src0, e0), (src0, e1), (src1, e0), ...] expert-major (built on the
+    host from the split sizes the host already holds, then copied: no device value is read)."""
+    rows = sum(map(sum, counts_Pe))
     counts = torch.tensor(counts_Pe, dtype=torch.int64)
     start_Pe = (torch.cumsum(counts.flatten(), 0) - counts.flatten()).view_as(counts)
     length_eP, start_eP = counts.t().flatten(), start_Pe.t().flatten()
-    first_R = torch.repeat_interleave(start_eP, length_eP)
-    offset_R = torch.arange(int(length_eP.sum())) - torch.repeat_interleave(
-        torch.cumsum(length_eP, 0) - length_eP, length_eP)
+    first_R = torch.repeat_interleave(start_eP, length_eP, output_size=rows)
+    offset_R = torch.arange(rows) - torch.repeat_interleave(torch.cumsum(length_eP, 0) - length_eP, length_eP,
+                                                            output_size=rows)
     return (first_R + offset_R).to(device)
 
 
@@ -114,8 +117,8 @@ class AllToAllDispatcher:
             recv_Pe = send_Pe
         else:
             recv_E = exchange_counts(counts_E, self.group)
-            # Host sync: all_to_all_single takes split sizes as Python ints. The only sync of a dispatch.
-            send_E, recv_E = torch.stack([counts_E, recv_E]).tolist()
+            # all_to_all_single takes split sizes as Python ints: the one host read of a dispatch.
+            send_E, recv_E = host.read_on_host(torch.stack([counts_E, recv_E]), "split sizes of the all-to-all")
             send_Pe = [send_E[experts] for experts in self.rank_experts]
             recv_Pe = [recv_E[experts] for experts in self.rank_experts]
         send_splits, recv_splits = [sum(c) for c in send_Pe], [sum(c) for c in recv_Pe]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megamoe.moe import host
 from megamoe.parallel.comm import reduce_grad
 
 
@@ -110,7 +111,7 @@ class ExpertLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD: Tensor, fc1_eXD: Tensor, fc2_eDF: Tensor, counts_e: Tensor, swiglu: bool) -> Tensor:
-        bounds = _row_bounds(counts_e)  # host sync: the split sizes (the dispatcher already synced once)
+        bounds = _row_bounds(counts_e)
         # Outputs are preallocated uninitialised: rows no expert covers would come back as garbage.
         assert bounds[-1][1] == x_RD.shape[0], f"expert counts cover {bounds[-1][1]} of {x_RD.shape[0]} rows"
         h_RX = x_RD.new_empty(x_RD.shape[0], fc1_eXD.shape[1])
@@ -143,7 +144,7 @@ class ExpertLoop(torch.autograd.Function):
 
 
 def _row_bounds(counts_e: Tensor) -> list[tuple[int, int]]:
-    ends = torch.cumsum(counts_e, 0).tolist()
+    ends = host.read_on_host(torch.cumsum(counts_e, 0), "row range of each expert's GEMMs")
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
@@ -152,10 +153,13 @@ def _activation_and_grad(h_nX: Tensor, dact_nF: Tensor, swiglu: bool) -> tuple[T
     if not swiglu:
         return F.gelu(h_nX), torch.ops.aten.gelu_backward(dact_nF, h_nX)
     gate, up = h_nX.chunk(2, dim=-1)
-    sig, silu = torch.sigmoid(gate), F.silu(gate)  # F.silu: the very values the forward used
-    # d silu(g) / dg = sig(g) (1 + g (1 - sig(g)))
-    dgate = dact_nF * up * (sig * (1.0 + gate * (1.0 - sig)))
-    return silu * up, torch.cat([dgate, dact_nF * silu], dim=-1)
+    silu = F.silu(gate)  # the very values the forward used
+    dh_nX = torch.empty_like(h_nX)
+    width = gate.shape[-1]
+    # Written into the halves of one buffer (no concatenation); silu_backward is autograd's own formula.
+    torch.ops.aten.silu_backward.grad_input(dact_nF * up, gate, grad_input=dh_nX[:, :width])
+    torch.mul(dact_nF, silu, out=dh_nX[:, width:])
+    return silu * up, dh_nX
 
 
 class SharedExperts(torch.nn.Module):

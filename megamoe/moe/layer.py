@@ -29,6 +29,7 @@ from megamoe.moe.routing import Routing, apply_capacity, expert_capacity
 from megamoe.parallel.comm import all_reduce_sum
 from megamoe.parallel.experts import ExpertPlacement
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.profiling import region
 
 
 @dataclass(frozen=True)
@@ -145,17 +146,24 @@ class MoELayer(torch.nn.Module):
     def forward(self, x_TD: Tensor, tokens: TokenInfo | None = None) -> Tensor:
         """1. route 2. drop over capacity 3. send copies to expert owners 4. experts 5. combine 6. shared."""
         tokens = tokens or TokenInfo()
-        routing, router_loss = self.route(x_TD, tokens)
-        routing, dropped, pad_to = self._apply_capacity(routing)
-        x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, routing, pad_to)
-        out_TD = self.dispatcher.combine(self.experts(x_RD, counts_e), routing, meta)
+        with region("moe/route"):
+            routing, router_loss = self.route(x_TD, tokens)
+            routing, dropped, pad_to = self._apply_capacity(routing)
+        with region("moe/dispatch"):
+            x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, routing, pad_to)
+        with region("moe/experts"):
+            y_RD = self.experts(x_RD, counts_e)
+        with region("moe/combine"):
+            out_TD = self.dispatcher.combine(y_RD, routing, meta)
         if self.shared_experts is not None:
-            out_TD = self.shared_experts(x_TD, out_TD)
-        aux = self.aux_loss(routing, tokens)
-        if router_loss is not None:
-            self._add_stat("router_loss", router_loss.detach())
-            aux = aux + router_loss
-        self._record(routing, dropped)
+            with region("moe/shared experts"):
+                out_TD = self.shared_experts(x_TD, out_TD)
+        with region("moe/losses and statistics"):
+            aux = self.aux_loss(routing, tokens)
+            if router_loss is not None:
+                self._add_stat("router_loss", router_loss.detach())
+                aux = aux + router_loss
+            self._record(routing, dropped)
         return attach_aux_loss(out_TD, aux)
 
     def _apply_capacity(self, routing: Routing) -> tuple[Routing, Tensor, int | None]:
@@ -202,21 +210,26 @@ class MoELayer(torch.nn.Module):
 
     @torch.no_grad()
     def _record(self, routing: Routing, dropped: Tensor) -> None:
+        device = routing.token_N.device
         self._add_stat("tokens_per_expert", routing.tokens_per_expert())
-        self._add_stat("copies", torch.tensor(routing.token_N.numel()))
-        valid = routing.valid_T.sum() if routing.valid_T is not None else torch.tensor(routing.num_tokens)
+        self._add_stat("copies", torch.tensor(routing.token_N.numel(), device=device))
+        valid = (routing.valid_T.sum() if routing.valid_T is not None
+                 else torch.tensor(routing.num_tokens, device=device))
         self._add_stat("valid_tokens", valid)
         self._add_stat("dropped", dropped)
         copies_T = routing.copies_per_token()
-        k_max = (copies_T.max() if routing.token_N.numel() else torch.zeros((), device=copies_T.device)).float()
+        k_max = (copies_T.max() if routing.num_tokens else torch.zeros((), device=device)).float()
         self._stats["k_max"] = torch.maximum(self._stats.get("k_max", torch.zeros_like(k_max)), k_max)
         if self.K_HISTOGRAM:
-            valid_copies = copies_T if routing.valid_T is None else copies_T[routing.valid_T]
-            counts = torch.bincount(valid_copies.clamp(max=self.nominal_k), minlength=self.nominal_k + 1)
+            # Pads are counted with weight 0: no selection (and no host read) needed.
+            weight_T = torch.ones_like(copies_T) if routing.valid_T is None else routing.valid_T.long()
+            counts = torch.zeros(self.nominal_k + 1, dtype=torch.int64, device=device).index_add_(
+                0, copies_T.clamp(max=self.nominal_k), weight_T)
             self._add_stat("k_hist", counts)
         # Under sequence parallelism each rank's loss values are shares of the micro-batch's: count the
         # forward once per group, so summed losses / summed forwards is the mean per micro-batch.
-        self._add_stat("forwards", torch.tensor(1.0 / self.groups.tp_size if self.groups.sp_group else 1.0))
+        forwards = 1.0 / self.groups.tp_size if self.groups.sp_group else 1.0
+        self._add_stat("forwards", torch.tensor(forwards, device=device))
 
     def load_dense_ffn(self, dense: dict[str, Tensor]) -> None:
         """Upcycling: every routed expert starts as the dense FFN `dense` (megatron's MLP layout:

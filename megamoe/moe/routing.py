@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megamoe.moe.host import count_per_bin, where_true
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -35,10 +37,10 @@ class Routing:
 
     def copies_per_token(self) -> Tensor:
         """K_t for every token (0 for pads)."""
-        return torch.bincount(self.token_N, minlength=self.num_tokens)
+        return count_per_bin(self.token_N, self.num_tokens)
 
     def tokens_per_expert(self) -> Tensor:
-        return torch.bincount(self.expert_N, minlength=self.num_experts)
+        return count_per_bin(self.expert_N, self.num_experts)
 
     def routing_map(self) -> Tensor:
         """bool [T, E]: True where a copy exists."""
@@ -51,11 +53,14 @@ class Routing:
         out = torch.zeros(self.num_tokens, self.num_experts, dtype=self.weight_N.dtype, device=self.weight_N.device)
         return out.index_put((self.token_N, self.expert_N), self.weight_N, accumulate=True)
 
-    def select(self, keep_N: Tensor) -> Routing:
-        """The routing with only the copies where keep_N is True (order kept)."""
-        return Routing(token_N=self.token_N[keep_N], expert_N=self.expert_N[keep_N], weight_N=self.weight_N[keep_N],
-                       probs_TE=self.probs_TE, logits_TE=self.logits_TE, valid_T=self.valid_T,
-                       num_tokens=self.num_tokens, num_experts=self.num_experts)
+    def select(self, keep_N: Tensor, why: str) -> Routing:
+        """The routing with only the copies where keep_N is True (order kept); `why` names the host read of their
+        number (megamoe/moe/host.py)."""
+        index_N = where_true(keep_N, why)
+        return Routing(token_N=self.token_N[index_N], expert_N=self.expert_N[index_N],
+                       weight_N=self.weight_N.index_select(0, index_N), probs_TE=self.probs_TE,
+                       logits_TE=self.logits_TE, valid_T=self.valid_T, num_tokens=self.num_tokens,
+                       num_experts=self.num_experts)
 
 
 def routing_from_topk(expert_TK: Tensor, weight_TK: Tensor, num_experts: int, probs_TE: Tensor | None = None,
@@ -68,7 +73,9 @@ def routing_from_topk(expert_TK: Tensor, weight_TK: Tensor, num_experts: int, pr
     routing = Routing(token_N=token_N, expert_N=expert_TK.reshape(-1), weight_N=weight_TK.reshape(-1),
                       probs_TE=probs_TE, logits_TE=logits_TE, valid_T=valid_T, num_tokens=num_tokens,
                       num_experts=num_experts)
-    return routing if valid_T is None else routing.select(valid_T[token_N])
+    if valid_T is None:
+        return routing
+    return routing.select(valid_T[token_N], "copies of the tokens that are not padding")
 
 
 def topk_route(logits_TE: Tensor, k: int, pre_softmax: bool, valid_T: Tensor | None = None,
@@ -112,7 +119,7 @@ def apply_capacity(routing: Routing, capacity: int, policy: str) -> tuple[Routin
     rank_in_group = torch.arange(num_copies, device=order_N.device) - group_start_E[routing.expert_N[order_N]]
     keep_N = torch.zeros(num_copies, dtype=torch.bool, device=order_N.device)
     keep_N[order_N] = rank_in_group < capacity
-    return routing.select(keep_N), num_copies - keep_N.sum()
+    return routing.select(keep_N, "copies within the expert capacity"), num_copies - keep_N.sum()
 
 
 def variable_topk_route(logits_TE: Tensor, k_T: Tensor, k_max: int, renormalize: str,
@@ -140,7 +147,7 @@ def variable_topk_route(logits_TE: Tensor, k_T: Tensor, k_max: int, renormalize:
     expert_TK, sort_TK = expert_TK.sort(dim=1)
     weight_TK, keep_TK = weight_TK.gather(1, sort_TK), keep_TK.gather(1, sort_TK)
     token_N = torch.arange(logits_TE.shape[0], device=logits_TE.device).repeat_interleave(k_max)
-    keep_N = keep_TK.reshape(-1)
-    return Routing(token_N=token_N[keep_N], expert_N=expert_TK.reshape(-1)[keep_N],
-                   weight_N=weight_TK.reshape(-1)[keep_N], probs_TE=probs_TE, logits_TE=logits_TE, valid_T=valid_T,
-                   num_tokens=logits_TE.shape[0], num_experts=logits_TE.shape[1])
+    kept_N = where_true(keep_TK.reshape(-1), "copies of a variable number of experts per token")
+    return Routing(token_N=token_N[kept_N], expert_N=expert_TK.reshape(-1)[kept_N],
+                   weight_N=weight_TK.reshape(-1).index_select(0, kept_N), probs_TE=probs_TE, logits_TE=logits_TE,
+                   valid_T=valid_T, num_tokens=logits_TE.shape[0], num_experts=logits_TE.shape[1])

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megamoe.profiling import region
+
 
 @dataclass(eq=False)  # meters are told apart by identity: nested metered() blocks remove their own
 class TrafficMeter:
@@ -73,7 +75,8 @@ def all_to_all(x_RD: Tensor, output_splits: list[int], input_splits: list[int], 
     """Send input_splits[r] rows to rank r, receive output_splits[r] rows from rank r (Python ints)."""
     if group is None:
         return x_RD
-    return _AllToAll.apply(x_RD, output_splits, input_splits, group)
+    with region("moe/all_to_all"):
+        return _AllToAll.apply(x_RD, output_splits, input_splits, group)
 
 
 def exchange_counts(counts: Tensor, group) -> Tensor:
@@ -81,7 +84,8 @@ def exchange_counts(counts: Tensor, group) -> Tensor:
     if group is None:
         return counts
     out = torch.empty_like(counts)
-    dist.all_to_all_single(out, counts.contiguous(), group=group)
+    with region("moe/all_to_all"):
+        dist.all_to_all_single(out, counts.contiguous(), group=group)
     return out
 
 

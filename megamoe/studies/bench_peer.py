@@ -37,6 +37,7 @@ from torch import Tensor
 
 from megamoe.moe import LayerShape, build_moe
 from megamoe.parallel.groups import ParallelGroups
+from megamoe.train.flops import cpu_gemm_tflops, memory_bandwidth_gbs
 from megamoe.utils import GLIBC_REUSE
 from megamoe.variants.peer import PEERMoEConfig
 
@@ -118,6 +119,12 @@ class PEERRecord:
     megamoe_over_peer_pytorch_memory: float | None = None
     """Peak RSS ratio at this N."""
     megamoe_over_peer_pytorch_working_memory: float | None = None
+    flop_floor_s: float | None = None
+    """peer_flops at the GEMM peak measured on this machine for the case's threads (megamoe/train/flops.py)."""
+    memory_floor_s: float | None = None
+    """peer_bytes at this machine's measured memory bandwidth (a large copy, timed once and cached)."""
+    over_floor: float | None = None
+    """fwd_bwd_s / the larger of the two floors (megamoe's records)."""
     timing: dict[str, int] = field(default_factory=dict)
 
 
@@ -192,13 +199,41 @@ def measure(impl: str, num_experts: int, cfg: PEERBenchConfig) -> PEERRecord:
     seconds_I = time_fwd_bwd(layer, forward, x_TD, grad_TD, cfg)
     peak_bytes, hwm_bytes = peak_rss_bytes(), own_peak_bytes()
     median_s = statistics.median(seconds_I)
+    floors = floors_s(num_experts, cfg) if impl == "megamoe" else {}
     return _empty_record(
         impl, num_experts, cfg, fwd_bwd_s=median_s, fwd_bwd_min_s=min(seconds_I),
         per_token_us=1e6 * median_s / cfg.num_tokens, model_rss_gb=model_bytes / 1e9,
         peak_rss_gb=peak_bytes / 1e9, working_rss_gb=(peak_bytes - model_bytes) / 1e9,
         peak_hwm_gb=None if hwm_bytes is None else hwm_bytes / 1e9,
         num_params=sum(p.numel() for p in layer.parameters()), build_s=build_s, threads=torch.get_num_threads(),
-        thp=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1")
+        thp=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", **floors,
+        **({"over_floor": median_s / max(floors.values())} if floors else {}))
+
+
+def peer_flops(num_experts: int, cfg: PEERBenchConfig) -> float:
+    """FLOPs of one forward + backward that any implementation must do (2 per multiply-add, backward = 2x
+    forward): the query projection, both sub-key score products of every head, and each token's h*k experts (a
+    dot product with the down row and an axpy with the up row). The top-k selections and the k^2 candidate sums
+    are not GEMM work and are left out."""
+    t, d, h, k, d_k = cfg.num_tokens, cfg.hidden_size, cfg.num_heads, cfg.topk_per_head, cfg.key_dim
+    side = math.isqrt(num_experts)
+    madds = t * d * h * d_k + t * h * 2 * side * (d_k // 2) + t * h * k * 2 * d
+    return 2.0 * 3 * madds
+
+
+def peer_bytes(num_experts: int, cfg: PEERBenchConfig) -> float:
+    """Bytes one forward + backward must move through memory: each of the T*h*k copies gathers its down and up
+    rows in the forward and again in the backward, and scatter-adds into both gradient tables (read and write);
+    the two [N, D] gradient tables are written once (dense gradients, as DeepSpeed reduces them). fp32."""
+    row = cfg.hidden_size * 4
+    copies = cfg.num_tokens * cfg.num_heads * cfg.topk_per_head
+    return copies * row * 2 * (1 + 1 + 2) + 2 * num_experts * row
+
+
+def floors_s(num_experts: int, cfg: PEERBenchConfig) -> dict[str, float]:
+    """The case's FLOP floor and memory-traffic floor, in seconds, on this machine."""
+    return {"flop_floor_s": peer_flops(num_experts, cfg) / (cpu_gemm_tflops() * 1e12),
+            "memory_floor_s": peer_bytes(num_experts, cfg) / (memory_bandwidth_gbs() * 1e9)}
 
 
 def default_threads() -> int:
@@ -307,7 +342,7 @@ def add_ratios(records: list[PEERRecord]) -> None:
 def format_table(records: list[PEERRecord]) -> str:
     """Markdown: one row per case, the megamoe / PEER-pytorch ratios per N, the scaling verdict, the notes."""
     lines = ["| N | impl | fwd+bwd s | min s | us/token | x smallest N | model GB | peak GB | working GB | "
-             "threads | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "threads | FLOP floor s | memory floor s | x floor | note |", "|" + "---|" * 14]
     lines += [table_row(r) for r in records]
     notes = ["PEER-pytorch differs from megamoe's PEER:"] + [f"- {d}" for d in PEER_PYTORCH_DIFFERENCES]
     sections = [lines, ratio_table(records), scaling_verdict(records), notes]
@@ -317,10 +352,12 @@ def format_table(records: list[PEERRecord]) -> str:
 def table_row(r: PEERRecord) -> str:
     if r.error is not None:
         error = r.error.replace("|", "/").replace("\n", " ")  # a stray pipe would split the row
-        return f"| {side_label(r.N)} | {r.impl} |" + " |" * 8 + f" failed: {error} |"
+        return f"| {side_label(r.N)} | {r.impl} |" + " |" * 11 + f" failed: {error} |"
+    floors = (f"{r.flop_floor_s:.3f} | {r.memory_floor_s:.3f} | {r.over_floor:.2f}" if r.over_floor is not None
+              else " | ")
     return (f"| {side_label(r.N)} | {r.impl} | {r.fwd_bwd_s:.3f} | {r.fwd_bwd_min_s:.3f} | {r.per_token_us:.1f} | "
             f"{r.scaling_vs_smallest_N:.2f} | {r.model_rss_gb:.2f} | {r.peak_rss_gb:.2f} | {r.working_rss_gb:.2f} | "
-            f"{r.threads} | {'' if r.thp else 'no THP'} |")
+            f"{r.threads} | {floors} | {'' if r.thp else 'no THP'} |")
 
 
 def ratio_table(records: list[PEERRecord]) -> list[str]:

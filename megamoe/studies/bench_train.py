@@ -1,11 +1,16 @@
-"""Throughput of whole training steps, dense against MoE at equal active FFN compute.
+"""Throughput of whole training steps, dense against MoE at equal active FFN compute, and where a step's time goes.
 
 Each run is launched as a user launches one (`deepspeed --num_gpus <ranks> launchers/pretrain.py --config
 configs/tiny-dense.yaml <overrides>`: the same engine, loop and data path), on the bundled corpus, and read back from
-its metrics.jsonl: the median of train/tokens_per_s, train/tflops and train/mfu over the steps after the warm-up.
+its metrics.jsonl: the median of train/tokens_per_s, train/tflops and train/mfu over the steps after the warm-up and
+before the profiled ones. Its last PROFILED_STEPS steps run under the PyTorch profiler (logging.profile_steps) on
+rank 0: the step's time by part and its host synchronisations (megamoe/train/profile.py).
+
 Sizes: `demo` is configs/tiny-dense.yaml (4 layers, d = 128, sequence 128); `small` (8 layers, d = 512, sequence
-512) is large enough for GEMMs to dominate. The MoE runs replace every dense FFN of width F by 8 experts of width
-F / 2 with top-2 routing (the same active FFN multiply-adds plus the router), at EP = 1 (DP = 2) and EP = 2.
+512) is large enough for GEMMs to dominate. Runs: the dense model; top-2 over 8 experts of half the dense width
+and fine-grained (16 experts of 2/11 of it, top-4, plus a shared expert of 3/11: the same active width), each at
+EP = 1 (DP = 2) and EP = 2 (ZeRO-2); at the demo size also the variant comparison's run of every other variant
+(its overrides are sized for the demo model).
 """
 
 from __future__ import annotations
@@ -15,24 +20,52 @@ import os
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from megamoe.studies.compare import study_runs
+
 ROOT = Path(__file__).resolve().parents[2]
+DEMO_FFN = 352
 SIZES = {
-    "demo": {"ffn": 352, "overrides": []},
-    "small": {"ffn": 1408, "overrides": ["model.hidden_size=512", "model.num_layers=8", "model.num_attention_heads=8",
-                                         "model.num_query_groups=4", "model.ffn_hidden_size=1408",
-                                         "data.seq_length=512", "train.micro_batch_size=2",
-                                         "train.global_batch_size=4"]},
+    "demo": {"ffn": DEMO_FFN, "overrides": []},
+    "small": {"ffn": 4 * DEMO_FFN, "overrides": [
+        "model.hidden_size=512", "model.num_layers=8", "model.num_attention_heads=8", "model.num_query_groups=4",
+        f"model.ffn_hidden_size={4 * DEMO_FFN}", "data.seq_length=512", "train.micro_batch_size=2",
+        "train.global_batch_size=4"]},
 }
+EP2 = ["parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=2"]
+PROFILED_STEPS = 4
+PARTS = {"attention": ("attention",), "FFN / experts": ("mlp slot", "moe/experts", "moe/shared experts"),
+         "router": ("moe/route", "moe/losses and statistics"), "permutation": ("moe/dispatch", "moe/combine"),
+         "all-to-all": ("moe/all_to_all",), "grad. reduction": ("backward", "gradient reduction"),
+         "optimizer": ("optimizer",), "embed. + output + loss": ("embedding", "output layer", "forward"),
+         "data + logging": ("data", "logging")}
+"""Columns of the breakdown table -> the profile's parts they sum (the rest is 'other'). 'grad. reduction' is
+backward time outside the layers: DeepSpeed's gradient reduction and the waits for the other ranks in it."""
 
 
-def runs(ffn: int) -> dict[str, list[str]]:
-    """name -> overrides of the dense run: the dense model, and top-2 over 8 experts of half its width."""
+def runs(size: str) -> dict[str, list[str]]:
+    """name -> overrides of the dense run."""
+    ffn = SIZES[size]["ffn"]
     top2 = ["moe.num_experts=8", "moe.router_topk=2", f"moe.ffn_hidden_size={ffn // 2}"]
-    return {"dense": [], "top2 EP=1": top2,
-            "top2 EP=2": [*top2, "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=2"]}
+    fine = ["moe.num_experts=16", "moe.router_topk=4", f"moe.ffn_hidden_size={ffn * 2 // 11}",
+            f"moe.shared_expert_intermediate_size={ffn * 3 // 11}"]
+    named = {"dense": [], "top2 EP=1": top2, "top2 EP=2": [*top2, *EP2], "fine-grained EP=1": fine,
+             "fine-grained EP=2": [*fine, *EP2]}
+    if size == "demo":
+        named |= other_variants()
+    return named
+
+
+def other_variants() -> dict[str, list[str]]:
+    """The variant comparison's first causal run of every variant but the top-k family (sized for the demo)."""
+    found: dict[str, tuple[str, list[str]]] = {}
+    for name, (variant, overrides) in study_runs().items():
+        own_layer = any(o.startswith("moe.variant=") for o in overrides)
+        if variant and own_layer and "model.objective=masked_lm" not in overrides and variant not in found:
+            found[variant] = (name, overrides)
+    return {f"{name} EP=1": overrides for name, overrides in found.values()}
 
 
 @dataclass
@@ -45,6 +78,8 @@ class TrainThroughput:
     step_s: float
     vs_dense: float = 0.0
     """tokens/s over the dense run's of the same size (measured in the same invocation)."""
+    profile: dict = field(default_factory=dict)
+    """Rank 0's breakdown of its profiled steps (megamoe/train/profile.py)."""
 
 
 def measure(size: str, run: str, overrides: list[str], data: tuple[str, str], out: Path, steps: int,
@@ -53,25 +88,29 @@ def measure(size: str, run: str, overrides: list[str], data: tuple[str, str], ou
     prefix, tokenizer = data
     log_dir = out / size / run.replace(" ", "_").replace("=", "")
     launcher = str(Path(sys.executable).parent / "deepspeed")
+    profiled = [steps - PROFILED_STEPS + 1, steps]
     command = [launcher, "--num_gpus", "2", str(ROOT / "launchers" / "pretrain.py"), "--config",
                str(ROOT / "configs" / "tiny-dense.yaml"), f"data.data_path=[{prefix}]",
                f"data.tokenizer_model={tokenizer}", "data.split=99,1,0", f"train.train_iters={steps}",
                f"train.lr_warmup_iters={min(30, steps - 1)}", "train.log_interval=1", "train.eval_iters=0",
                "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={log_dir}",
-               "checkpoint.save=null", *SIZES[size]["overrides"], *overrides]
+               f"logging.profile_steps=[{profiled[0]},{profiled[1]}]", "checkpoint.save=null",
+               *SIZES[size]["overrides"], *overrides]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the {size} {run} run failed (exit {done.returncode}): {last} (its console.log, if it "
                            f"got that far: {log_dir})")
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    kept = [r for r in records if "train/tokens_per_s" in r and r["step"] > warmup]
+    kept = [r for r in records if "train/tokens_per_s" in r and warmup < r["step"] < profiled[0]]
 
     def median(key: str) -> float:
         return statistics.median(r.get(key, 0.0) for r in kept)
 
+    profile = json.loads((log_dir / "profile" / "rank0.breakdown.json").read_text())
     return TrainThroughput(size=size, run=run, tokens_per_s=median("train/tokens_per_s"),
-                           tflops=median("train/tflops"), mfu=median("train/mfu"), step_s=median("train/step_s"))
+                           tflops=median("train/tflops"), mfu=median("train/mfu"), step_s=median("train/step_s"),
+                           profile=profile)
 
 
 def relative_to_dense(results: list[TrainThroughput]) -> list[TrainThroughput]:
@@ -86,4 +125,25 @@ def table(results: list[TrainThroughput]) -> str:
     lines = ["| size | run | tokens/s | vs dense | step s | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r.size} | {r.run} | {r.tokens_per_s:,.0f} | {r.vs_dense:.2f} | {r.step_s:.3f} | {r.tflops:.3f} | "
               f"{100 * r.mfu:.1f} % |" for r in results]
+    return "\n".join(lines)
+
+
+def part_ms(profile: dict) -> dict[str, float]:
+    """Milliseconds per step of each PARTS column, and 'other'."""
+    by_part = {row["part"]: row["total"] for row in profile["parts_ms"]}
+    columns = {column: sum(by_part.pop(p, 0.0) for p in parts) for column, parts in PARTS.items()}
+    return {**columns, "other": sum(by_part.values())}
+
+
+def breakdown_table(results: list[TrainThroughput]) -> str:
+    """Where rank 0's step time goes, in ms per step under the profiler, and its host syncs per step."""
+    header = ["size", "run", "step ms", *PARTS, "other", "host syncs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        if not r.profile:
+            continue
+        ms = part_ms(r.profile)
+        lines.append(f"| {r.size} | {r.run} | {r.profile['step_ms']:.1f} | "
+                     + " | ".join(f"{ms[c]:.1f}" for c in [*PARTS, "other"])
+                     + f" | {r.profile['host_syncs_per_step']:g} |")
     return "\n".join(lines)

@@ -85,15 +85,26 @@ def peak_tflops(cfg: RunConfig, world_size: int) -> float:
 
 def cpu_gemm_tflops() -> float:
     """float32 GEMM TFLOP/s of this process's threads, timed once per machine and thread count (cached)."""
+    return _measured_once("cpu_gemm_peak", _time_gemm)
+
+
+def memory_bandwidth_gbs() -> float:
+    """GB/s of a large float32 copy (read + write) with this process's threads, timed once per machine and
+    thread count (cached): the bandwidth memory-bound work (gathers, scatter-adds) is held against."""
+    return _measured_once("memory_bandwidth", _time_copy)
+
+
+def _measured_once(name: str, measure) -> float:
+    """measure() once per machine, thread count and torch version; cached in CACHE/<name>.json."""
     threads = torch.get_num_threads()
     key = f"{platform.node()}-{platform.processor() or platform.machine()}-{threads}threads-torch{torch.__version__}"
-    path = CACHE / "cpu_gemm_peak.json"
+    path = CACHE / f"{name}.json"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
     if key not in cached:
-        cached[key] = _time_gemm()
+        cached[key] = measure()
         try:
             CACHE.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(f".{os.getpid()}.tmp")
@@ -102,6 +113,18 @@ def cpu_gemm_tflops() -> float:
         except OSError:  # a read-only home: measure again next time
             pass
     return cached[key]
+
+
+def _time_copy(seconds: float = 0.5, megabytes: int = 256) -> float:
+    source = torch.ones(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)  # first touch
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * 4 / best / 1e9
 
 
 def _time_gemm(seconds: float = 0.5) -> float:

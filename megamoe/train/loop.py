@@ -18,6 +18,7 @@ from megamoe.models.gpt import build_model
 from megamoe.moe.losses import set_aux_loss_scale
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.initialize import destroy, initialize
+from megamoe.profiling import region
 from megamoe.train import checkpoint, pipeline
 from megamoe.train.checkpoint import Progress
 from megamoe.train.deepspeed import (
@@ -40,6 +41,7 @@ from megamoe.train.metrics import (
 )
 from megamoe.train.optim import apply_hyperparameters
 from megamoe.train.preemption import Preempted, StopRequests, announce_requeue
+from megamoe.train.profile import StepProfiler
 from megamoe.train.watchdog import StallWatchdog
 from megamoe.utils import get_logger
 
@@ -130,7 +132,8 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
     engine, gas, groups = trainer.engine, trainer.layout.grad_accum_steps, trainer.groups
     lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
     skipped_before = engine.skipped_steps
-    micro_batches = [next(batches) for _ in range(gas)]
+    with region("data"):
+        micro_batches = [next(batches) for _ in range(gas)]
     # The step's loss is the mean over all its loss tokens (Megatron's per-token loss): with a varying number
     # of loss tokens per micro-batch (masked LM, masked EOD) a mean of per-micro-batch means would weight
     # tokens unequally and depend on the layout. DeepSpeed averages over DP and divides by GAS: undo both.
@@ -143,18 +146,21 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
         set_aux_loss_scale(aux_loss_scale(engine))  # the fp16 loss scale may change between micro-batches
         for layer in moe_layers(engine.module):
             layer.begin_micro_batch(last=index == gas - 1)
-        out = stage_output(trainer, micro_batches[index], x)
+        with region("forward"):
+            out = stage_output(trainer, micro_batches[index], x)
         if not groups.last_stage:
             return out
         losses.append(out.detach())
         return out * scale
 
+    @region("backward")
     def backward(y: torch.Tensor, dy: torch.Tensor | None) -> None:
         if dy is None:
             engine.backward(y)
         else:  # an inner pipeline stage: d(sum(y * dy))/dy = dy, already divided by GAS downstream
             engine.backward((y * dy).sum(), scale_wrt_gas=False)
 
+    @region("optimizer")
     def step() -> None:
         if engine.is_gradient_accumulation_boundary():
             grad_norm.append(grad_norm_before_step(engine))
@@ -269,25 +275,28 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
     skips = SkippedSteps(cfg.train.max_skipped_steps, trainer.progress.skipped_steps)
     ledger = Ledger.of(cfg, embedding_rows(cfg), dist.get_world_size()) if metrics.enabled else None
     started, first_step = time.perf_counter(), trainer.progress.iteration
+    profiler = StepProfiler(cfg, trainer.engine.module, dist.get_rank())
     while trainer.progress.iteration < cfg.train.train_iters:
-        start = time.perf_counter()
-        values = train_step(trainer, batches)
-        values["train/skipped_steps"] = skips.count(values.pop("train/skipped"), trainer.progress.iteration + 1)
-        step_s = time.perf_counter() - start
-        trainer.progress = replace(trainer.progress, iteration=trainer.progress.iteration + 1,
-                                   consumed_samples=trainer.progress.consumed_samples + layout.global_batch_size,
-                                   skipped_steps=skips.total)
-        step, last = trainer.progress.iteration, trainer.progress.iteration == cfg.train.train_iters
-        if step % cfg.train.log_interval == 0 or last:
-            moe_values, loads = collect_moe_metrics(trainer.engine.module, trainer.groups)
-            expert_load.add(step, loads)
-            elapsed = time.perf_counter() - started
-            throughput = ledger.values(tokens_per_step / step_s) if ledger is not None else {}
-            metrics.log(step, {**values, "train/tokens_per_s": tokens_per_step / step_s, **throughput,
-                               "train/step_s": step_s, "train/memory_gib": largest_memory_gib(trainer.engine.device),
-                               "train/elapsed_s": elapsed,
-                               "train/eta_s": elapsed / (step - first_step) * (cfg.train.train_iters - step),
-                               "train/consumed_samples": trainer.progress.consumed_samples, **moe_values})
+        with profiler.step(trainer.progress.iteration + 1):
+            start = time.perf_counter()
+            values = train_step(trainer, batches)
+            values["train/skipped_steps"] = skips.count(values.pop("train/skipped"), trainer.progress.iteration + 1)
+            step_s = time.perf_counter() - start
+            trainer.progress = replace(trainer.progress, iteration=trainer.progress.iteration + 1,
+                                       consumed_samples=trainer.progress.consumed_samples + layout.global_batch_size,
+                                       skipped_steps=skips.total)
+            step, last = trainer.progress.iteration, trainer.progress.iteration == cfg.train.train_iters
+            if step % cfg.train.log_interval == 0 or last:
+                with region("logging"):
+                    moe_values, loads = collect_moe_metrics(trainer.engine.module, trainer.groups)
+                    expert_load.add(step, loads)
+                    elapsed = time.perf_counter() - started
+                    throughput = ledger.values(tokens_per_step / step_s) if ledger is not None else {}
+                    metrics.log(step, {
+                        **values, "train/tokens_per_s": tokens_per_step / step_s, **throughput, "train/step_s": step_s,
+                        "train/memory_gib": largest_memory_gib(trainer.engine.device), "train/elapsed_s": elapsed,
+                        "train/eta_s": elapsed / (step - first_step) * (cfg.train.train_iters - step),
+                        "train/consumed_samples": trainer.progress.consumed_samples, **moe_values})
         if do_eval and (step % cfg.train.eval_interval == 0 or last):
             validate(step)
         signum = stop.agreed(trainer.engine.device) if stop is not None else 0

@@ -32,6 +32,21 @@ def check_complete(r: bench_peer.PEERRecord, impl: str) -> None:
 
 def test_megamoe_record_is_complete(records):
     check_complete(records[0], "megamoe")
+    r = records[0]
+    assert r.flop_floor_s > 0 and r.memory_floor_s > 0
+    assert r.over_floor == pytest.approx(r.fwd_bwd_s / max(r.flop_floor_s, r.memory_floor_s))
+
+
+def test_the_floors_count_the_work_every_implementation_must_do():
+    """At the issue's size (T=4096, d=256, h=8, k=16, d_k=128, N=1024^2): the query projection (1.07 G
+    multiply-adds), the sub-key scores (4.29 G) and the experts (0.27 G), x3 for the backward, x2 FLOPs each:
+    ~34 GFLOP. Bytes: 524,288 copies x 1 KiB rows x 2 tables x (gather, gather again, read + write of the
+    scatter-add) + two 1 GiB gradient tables."""
+    cfg = bench_peer.PEERBenchConfig()
+    assert bench_peer.peer_flops(1024 ** 2, cfg) == 2 * 3 * (4096 * 256 * 1024 + 4096 * 8 * 2 * 1024 * 64
+                                                               + 4096 * 8 * 16 * 2 * 256)
+    assert 33e9 < bench_peer.peer_flops(1024 ** 2, cfg) < 35e9
+    assert bench_peer.peer_bytes(1024 ** 2, cfg) == 4096 * 128 * 1024 * 2 * 4 + 2 * 1024 ** 2 * 1024
 
 
 def test_peer_pytorch_record_and_the_ratios(records):
@@ -53,7 +68,7 @@ def test_a_failing_case_becomes_an_error_record():
     failed = recv_conn.recv()
     assert failed.error and failed.fwd_bwd_s is None and failed.impl == "peer-pytorch"
     bench_peer.add_ratios([failed])
-    assert "| 3^2 | peer-pytorch |" + " |" * 8 + " failed: " in bench_peer.format_table([failed])
+    assert "| 3^2 | peer-pytorch |" + " |" * 11 + " failed: " in bench_peer.format_table([failed])
 
 
 @pytest.mark.parametrize("sides, impls, cfg, message", [

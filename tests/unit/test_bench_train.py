@@ -1,11 +1,11 @@
-"""tools/bench_train.py's arithmetic: ratios to the dense run of the same size, the table (the launches themselves
-are what the tool is for; tests never time anything)."""
+"""tools/bench_train.py's arithmetic: ratios to the dense run of the same size, the tables, the runs at equal active
+FFN width (the launches themselves are what the tool is for; tests never time anything)."""
 
 from __future__ import annotations
 
 import math
 
-from megamoe.studies.bench_train import SIZES, TrainThroughput, relative_to_dense, runs, table
+from megamoe.studies.bench_train import SIZES, TrainThroughput, breakdown_table, relative_to_dense, runs, table
 
 
 def test_ratios_are_to_the_dense_run_of_the_same_size():
@@ -18,7 +18,33 @@ def test_ratios_are_to_the_dense_run_of_the_same_size():
 
 
 def test_the_moe_runs_keep_the_dense_active_ffn():
-    """8 experts of half the dense width, top-2: the dense FFN's active width at every size."""
-    for size in SIZES.values():
-        overrides = dict(o.split("=") for o in runs(size["ffn"])["top2 EP=1"])
-        assert int(overrides["moe.router_topk"]) * int(overrides["moe.ffn_hidden_size"]) == size["ffn"]
+    """top-2 over experts of half the dense width; top-4 over 2/11 of it plus a shared expert of 3/11."""
+    for size, spec in SIZES.items():
+        named = runs(size)
+        for name in ("top2 EP=1", "top2 EP=2", "fine-grained EP=1", "fine-grained EP=2"):
+            overrides = dict(o.split("=") for o in named[name])
+            active = int(overrides["moe.router_topk"]) * int(overrides["moe.ffn_hidden_size"])
+            assert active + int(overrides.get("moe.shared_expert_intermediate_size", 0)) == spec["ffn"], (size, name)
+        assert [o for o in named["top2 EP=2"] if o not in named["top2 EP=1"]] == [
+            "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=2"]
+
+
+def test_the_demo_size_runs_every_variant():
+    from megamoe import variants
+
+    chosen = " ".join(" ".join(overrides) for overrides in runs("demo").values())
+    assert all(f"moe.variant={name}" in chosen for name in variants.VARIANTS if name != "topk")
+    assert not any("masked_lm" in o for overrides in runs("demo").values() for o in overrides)
+
+
+def test_the_breakdown_sums_parts_into_columns_and_keeps_the_rest_as_other():
+    profile = {"step_ms": 10.0, "host_syncs_per_step": 3.0, "parts_ms": [
+        {"part": "attention", "total": 2.0}, {"part": "moe/experts", "total": 3.0}, {"part": "mlp slot", "total": 0.5},
+        {"part": "moe/all_to_all", "total": 1.0}, {"part": "unmarked", "total": 0.25}]}
+    row = breakdown_table([TrainThroughput("demo", "top2 EP=2", 1.0, 0.0, 0.0, 0.01, profile=profile)])
+    cells = row.splitlines()[-1].split(" | ")
+    header = row.splitlines()[0].split(" | ")
+    value = dict(zip(header, cells, strict=True))
+    assert (value["attention"], value["FFN / experts"], value["all-to-all"], value["other"]) == (
+        "2.0", "3.5", "1.0", "0.2")
+    assert value["host syncs |"] == "3 |"

@@ -11,8 +11,8 @@ import pytest
 from tests.helpers import ROOT
 
 PACKAGE = ROOT / "megamoe"
-LAYER = {"__init__": 0, "config": 0, "utils": 0, "platform": 1, "parallel": 1, "moe": 2, "models": 3, "data": 3,
-         "hf": 3, "train": 4, "studies": 5, "convert": 5}
+LAYER = {"__init__": 0, "config": 0, "utils": 0, "platform": 1, "profiling": 1, "parallel": 1, "moe": 2, "models": 3,
+         "data": 3, "hf": 3, "train": 4, "studies": 5, "convert": 5}
 """A module may import megamoe modules of its own layer or below. studies (benchmarks, the variant comparison) and
 convert (Hugging Face export and import, upcycling) use the training run; the training run never uses them."""
 LAYER["cli"] = max(LAYER.values()) + 1
@@ -28,7 +28,7 @@ BANNED = {"config": {"torch", "megatron", "deepspeed", "numpy"}, "moe": {"megatr
 BANNED_BY_LAYER = {0: {"torch", "megatron", "deepspeed", "numpy"}, 2: {"megatron", "deepspeed"}, 3: {"deepspeed"}}
 """For the variants' modules, by their layer."""
 TRAINING_RUN = {"__init__", "checkpoint", "deepspeed", "flops", "integrity", "loop", "metrics", "optim", "pipeline",
-                "preemption", "preflight", "startup", "watchdog"}
+                "preemption", "preflight", "profile", "startup", "watchdog"}
 """megamoe/train holds the training run only: a benchmark, study, planner or converter goes elsewhere."""
 SIBLINGS_APART = {("data", "hf"), ("hf", "data")}
 # Third-party modules confined to single files inside their package.

@@ -10,9 +10,12 @@ order t = s*B + b.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from megamoe.moe.host import where_true
 from megamoe.moe.layer import Importance
 
 
@@ -74,14 +77,18 @@ def experts_per_token(s_T: Tensor, valid_T: Tensor | None, k_min: int, k_max: in
     return k_T if valid_T is None else k_T * valid_T
 
 
-def budget_scale(s_T: Tensor, valid_T: Tensor, k_min: int, k_max: int, k_mean: float) -> float:
-    """The c with sum over valid tokens of clamp(c s, K_min, K_max) = round(k_mean x valid tokens), by bisection."""
-    s = s_T.double()[valid_T]
+def budget_scale(s_T: Tensor, valid_T: Tensor, k_min: int, k_max: int, k_mean: float) -> Tensor:
+    """The c (a float64 0-d tensor) with sum over valid tokens of clamp(c s, K_min, K_max) = round(k_mean x valid
+    tokens), by bisection on the device: one host read (the number of valid tokens), not one per iteration."""
+    s = s_T.double().index_select(0, where_true(valid_T, "DA-MoE: the valid tokens sharing the budget"))
     budget = min(max(round(k_mean * s.numel()), k_min * s.numel()), k_max * s.numel())
-    low, high = 0.0, k_max / max(float(s[s > 0].min()), 1e-12) if (s > 0).any() else 1.0
+    smallest = s.masked_fill(s <= 0, math.inf).min() if s.numel() else s.new_tensor(math.inf)
+    low = s.new_zeros(())
+    high = torch.where(smallest < math.inf, k_max / smallest.clamp(min=1e-12), s.new_ones(()))
     for _ in range(100):
         mid = (low + high) / 2
-        low, high = (mid, high) if float(torch.clamp(mid * s, k_min, k_max).sum()) < budget else (low, mid)
+        below = torch.clamp(mid * s, k_min, k_max).sum() < budget
+        low, high = torch.where(below, mid, low), torch.where(below, high, mid)
     return high
 
 
@@ -92,20 +99,20 @@ def budget_experts(s_T: Tensor, valid_T: Tensor, num_sequences: int, k_min: int,
     c = budget_scale(s_T, valid_T, k_min, k_max, k_mean)
     kappa_T = torch.clamp(c * s_T.double(), k_min, k_max) * valid_T
     k_T = kappa_T.floor().long()
-    spare = min(max(round(k_mean * int(valid_T.sum())), k_min * int(valid_T.sum())), k_max * int(valid_T.sum()))
-    spare -= int(k_T.sum())
+    valid = valid_T.sum()
+    spare = torch.minimum(torch.maximum(torch.round(k_mean * valid.double()).long(), k_min * valid),
+                          k_max * valid) - k_T.sum()
     tokens = torch.arange(s_T.numel(), device=s_T.device)
     tie_order_T = (tokens % num_sequences) * (s_T.numel() // num_sequences) + tokens // num_sequences  # (b, s)
     eligible_T = valid_T & (k_T < k_max)
     remainder_T = (kappa_T - k_T).masked_fill(~eligible_T, -1.0)
     order = tie_order_T.argsort()
     order = order[(-remainder_T[order]).argsort(stable=True)]  # largest remainder first, ties by (b, s)
-    chosen = order[:max(spare, 0)]
-    k_T[chosen] += eligible_T[chosen].long()
-    return k_T
+    chosen_T = torch.zeros_like(eligible_T).index_copy_(0, order, tokens < spare)  # the first `spare` of the order
+    return k_T + (chosen_T & eligible_T).long()
 
 
-def running_experts(s_T: Tensor, valid_T: Tensor | None, scale: float, k_min: int, k_max: int) -> Tensor:
+def running_experts(s_T: Tensor, valid_T: Tensor | None, scale: Tensor | float, k_min: int, k_max: int) -> Tensor:
     """K = clamp(round(c s), K_min, K_max) with a calibrated c (causal-safe budget); 0 for pads."""
     k_T = torch.round(scale * s_T.double()).clamp(k_min, k_max).long()
     return k_T if valid_T is None else k_T * valid_T

@@ -82,14 +82,15 @@ class DynamicMoE(MoELayer):
         return experts_per_token(s_T, valid_T, cfg.k_min, cfg.k_max)
 
     @torch.no_grad()
-    def _running_scale(self, s_T: Tensor, valid_T: Tensor | None) -> float:
+    def _running_scale(self, s_T: Tensor, valid_T: Tensor | None) -> Tensor:
         """The c calibrated on earlier micro-batches; then, in training, c <- m c + (1 - m) c_batch. Using this
         batch's own solution would make a token's K depend on later tokens (it is a batch-wide quantity)."""
-        scale = float(self.budget_scale)
+        scale = self.budget_scale.clone()  # a tensor: reading it on the host would be a sync per micro-batch
         if self.training:
             valid = valid_T if valid_T is not None else torch.ones_like(s_T, dtype=torch.bool)
             batch = budget_scale(s_T, valid, self.cfg.k_min, self.cfg.k_max, self.cfg.budget_k_mean)
-            self.budget_scale.mul_(self.cfg.budget_momentum).add_((1.0 - self.cfg.budget_momentum) * batch)
+            # The update rounded to the buffer's fp32 before it is added, as a Python number would be.
+            self.budget_scale.mul_(self.cfg.budget_momentum).add_(((1.0 - self.cfg.budget_momentum) * batch).float())
         return scale
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ import hashlib
 import torch
 from torch import Tensor
 
+from megamoe.moe import host
 from megamoe.moe.experts import Experts, expert_ffn, expert_generator, output_init_std
 from megamoe.moe.layer import LayerShape
 from megamoe.parallel.comm import reduce_grad
@@ -216,7 +217,8 @@ class MPOEMoE(TopKMoE):
 
     def _mask_central_grad(self, name: str, grad: Tensor) -> Tensor:
         if name not in self._step_masks:  # once per step: every micro-batch of the step gets the same mask
-            self._step_masks[name] = self.central_mask(name, int(self.mask_step))
+            step = host.read_on_host(self.mask_step, "MPOE: the optimizer step seeding the gradient mask")
+            self._step_masks[name] = self.central_mask(name, step)
         mask = self._step_masks[name]
         return grad if mask is None else grad * mask.to(device=grad.device, dtype=grad.dtype)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megamoe.moe import host
 from megamoe.moe.experts import Experts
 from megamoe.moe.layer import LayerShape, MoELayer, TokenInfo
 from megamoe.moe.routing import Routing
@@ -160,11 +161,12 @@ class PEERMoE(MoELayer):
         own = self._own_tokens(x_TD.shape[0])
         rows_GM, weight_GM, mask_GM = self._owned_slots(gates_GHK, ids_GHK, valid_G)
         y_GD = self.experts(x_GD, rows_GM, weight_GM, mask_GM, self.cfg.chunk_tokens)
-        local_valid = tokens.valid_T.sum() if tokens.valid_T is not None else torch.tensor(float(x_TD.shape[0]))
+        local_valid = (tokens.valid_T.sum() if tokens.valid_T is not None
+                       else torch.tensor(float(x_TD.shape[0]), device=x_TD.device))
         counted_GM = mask_GM.clone()
         if self.groups.ep_size == 1 and own != slice(None):  # every rank computed every copy: count its tokens
             counted_GM[:own.start], counted_GM[own.stop:] = False, False
-        self._record_copies(rows_GM[counted_GM], weight_GM[counted_GM], local_valid)
+        self._record_copies(rows_GM, weight_GM, counted_GM, local_valid)
         if self.groups.ep_size > 1:
             return reduce_scatter_rows(y_GD, group)  # partial sums -> this rank's tokens
         return y_GD[own]  # replicated tables: every rank computed the whole group; keep its own tokens
@@ -205,23 +207,28 @@ class PEERMoE(MoELayer):
             mine_GC &= valid_G[:, None]
         if self.groups.ep_size > 1:  # owned copies first; keep only as many slots as the busiest token needs
             order_GC = (~mine_GC).to(torch.int8).argsort(dim=1, stable=True)
-            width = int(mine_GC.sum(dim=1).max()) if mine_GC.numel() else 0  # host sync: the chunk's width
+            busiest = mine_GC.sum(dim=1).max() if mine_GC.numel() else None
+            width = host.read_on_host(busiest, "PEER: slots of the busiest token") if busiest is not None else 0
             order_GC = order_GC[:, :width]
             rows_GC, gates_GC, mine_GC = (v.gather(1, order_GC) for v in (rows_GC, gates_GC, mine_GC))
         local_GC = torch.where(mine_GC, rows_GC - first, torch.zeros_like(rows_GC))
         return local_GC, gates_GC * mine_GC, mine_GC
 
     @torch.no_grad()
-    def _record_copies(self, row_P: Tensor, weight_P: Tensor, local_valid: Tensor) -> None:
+    def _record_copies(self, row_GM: Tensor, weight_GM: Tensor, counted_GM: Tensor, local_valid: Tensor) -> None:
         """Copies and valid tokens (mean experts per token); in evaluation also z'_i, the summed gates of every
-        expert over the validation pass, for usage and unevenness (arXiv:2407.04153 §3)."""
-        self._add_stat("copies", torch.tensor(float(row_P.numel()), device=row_P.device))
+        expert over the validation pass, for usage and unevenness (arXiv:2407.04153 §3). Only the `counted_GM`
+        slots count: masked, not selected (a selection's size would be a host read)."""
+        device = row_GM.device
+        self._add_stat("copies", counted_GM.sum().float())
         self._add_stat("valid_tokens", local_valid.float())
-        self._add_stat("forwards", torch.tensor(1.0 / max(1, self.groups.tp_size if self._token_group else 1)))
+        forwards = 1.0 / max(1, self.groups.tp_size if self._token_group else 1)
+        self._add_stat("forwards", torch.tensor(forwards, device=device))
         if not self.training:
             if self._usage is None:
-                self._usage = torch.zeros(self.num_experts, dtype=torch.float64, device=row_P.device)
-            self._usage.index_add_(0, row_P + self.experts.first_expert, weight_P.double())  # storage order
+                self._usage = torch.zeros(self.num_experts, dtype=torch.float64, device=device)
+            gate_GM = weight_GM.double() * counted_GM  # uncounted slots add exactly 0
+            self._usage.index_add_(0, (row_GM + self.experts.first_expert).flatten(), gate_GM.flatten())
 
     def validation_metrics(self) -> dict[str, float]:
         """Usage (share of the N experts retrieved with a positive gate) and unevenness (KL(z || uniform) =
