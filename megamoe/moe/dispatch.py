@@ -31,6 +31,8 @@ class DispatchMeta:
     """Rows received from each expert-parallel rank."""
     regroup_R: Tensor | None
     """Received rows (grouped by source rank, then expert) -> grouped by expert, then source rank."""
+    inverse_R: Tensor | None
+    """The inverse permutation of regroup_R (expert-major rows back to rank-major, for the return trip)."""
     slot_N: Tensor | None
     """Capacity padding: the padded row holding each (sorted) copy; None without padding."""
 
@@ -75,17 +77,18 @@ class LocalDispatcher:
     def dispatch(self, x_TD: Tensor, routing: Routing,
                  pad_to: int | None = None) -> tuple[Tensor, Tensor, DispatchMeta]:
         order_N, x_ND, counts_E, slot_N = _sorted_rows(x_TD, routing, pad_to)
-        meta = DispatchMeta(order_N=order_N, send_splits=[], recv_splits=[], regroup_R=None, slot_N=slot_N)
+        meta = DispatchMeta(order_N=order_N, send_splits=[], recv_splits=[], regroup_R=None, inverse_R=None,
+                            slot_N=slot_N)
         return x_ND, counts_E, meta
 
     def combine(self, y_RD: Tensor, routing: Routing, meta: DispatchMeta) -> Tensor:
-        y_ND = y_RD if meta.slot_N is None else y_RD[meta.slot_N]
+        y_ND = y_RD if meta.slot_N is None else y_RD.index_select(0, meta.slot_N)
         return _weighted_sum(y_ND, routing, meta.order_N, y_RD.dtype)
 
 
-def _rank_major_to_expert_major(counts_Pe: list[list[int]], device: torch.device) -> Tensor:
-    """Index that reorders rows received as [(src0, e0), (src0, e1), (src1, e0), ...] expert-major (built on the
-    host from the split sizes the host already holds, then copied: no device value is read)."""
+def _rank_major_to_expert_major(counts_Pe: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The index that reorders rows received as [(src0, e0), (src0, e1), (src1, e0), ...] expert-major, and its
+    inverse; built on the host from the split sizes the host already holds, then copied (no device value read)."""
     rows = sum(map(sum, counts_Pe))
     counts = torch.tensor(counts_Pe, dtype=torch.int64)
     start_Pe = (torch.cumsum(counts.flatten(), 0) - counts.flatten()).view_as(counts)
@@ -93,7 +96,9 @@ def _rank_major_to_expert_major(counts_Pe: list[list[int]], device: torch.device
     first_R = torch.repeat_interleave(start_eP, length_eP, output_size=rows)
     offset_R = torch.arange(rows) - torch.repeat_interleave(torch.cumsum(length_eP, 0) - length_eP, length_eP,
                                                             output_size=rows)
-    return (first_R + offset_R).to(device)
+    regroup_R = first_R + offset_R
+    inverse_R = torch.empty_like(regroup_R).index_copy_(0, regroup_R, torch.arange(rows))
+    return regroup_R.to(device), inverse_R.to(device)
 
 
 class AllToAllDispatcher:
@@ -123,15 +128,14 @@ class AllToAllDispatcher:
             recv_Pe = [recv_E[experts] for experts in self.rank_experts]
         send_splits, recv_splits = [sum(c) for c in send_Pe], [sum(c) for c in recv_Pe]
         x_recv_RD = all_to_all(x_ND, recv_splits, send_splits, self.group)
-        regroup_R = _rank_major_to_expert_major(recv_Pe, x_TD.device)
+        regroup_R, inverse_R = _rank_major_to_expert_major(recv_Pe, x_TD.device)
         counts_e = torch.tensor([sum(col) for col in zip(*recv_Pe, strict=True)], device=x_TD.device)
         meta = DispatchMeta(order_N=order_N, send_splits=send_splits, recv_splits=recv_splits, regroup_R=regroup_R,
-                            slot_N=slot_N)
-        return x_recv_RD[regroup_R], counts_e, meta
+                            inverse_R=inverse_R, slot_N=slot_N)
+        # index_select, not x[index]: its backward is an index_add (advanced indexing's is a slower index_put).
+        return x_recv_RD.index_select(0, regroup_R), counts_e, meta
 
     def combine(self, y_RD: Tensor, routing: Routing, meta: DispatchMeta) -> Tensor:
-        inverse_R = torch.empty_like(meta.regroup_R)
-        inverse_R[meta.regroup_R] = torch.arange(meta.regroup_R.numel(), device=meta.regroup_R.device)
-        y_back = all_to_all(y_RD[inverse_R], meta.send_splits, meta.recv_splits, self.group)
-        y_ND = y_back if meta.slot_N is None else y_back[meta.slot_N]
+        y_back = all_to_all(y_RD.index_select(0, meta.inverse_R), meta.send_splits, meta.recv_splits, self.group)
+        y_ND = y_back if meta.slot_N is None else y_back.index_select(0, meta.slot_N)
         return _weighted_sum(y_ND, routing, meta.order_N, y_RD.dtype)
