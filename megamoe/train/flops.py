@@ -3,8 +3,11 @@
 Counted as Megatron-LM counts them: 2 FLOPs per multiply-add, a training step 3x the forward (backward = 2x),
 recomputation not counted. Per token and layer: the q/k/v and output projections; attention scores and the weighted
 sum over the average context (S/2 tokens under a causal mask, S bidirectional); the MLP slot's multiply-adds (a dense
-FFN, or the variant's own count: router, the experts a token is routed to, shared experts; DA-MoE at its budget's
-mean K); once per token the output layer. The peak: `logging.peak_tflops` when set; on CUDA the bf16 dense peak of
+FFN, or the variant's own count: router, the experts a token is routed to, shared experts; PEER's query projection
+and sub-key scores and its h*k single-neuron experts; DA-MoE at its budget's mean K) with the routed experts at the
+copies per token each logged step actually made (dropped copies and DA-MoE's realised K move the count); a
+variant's once-per-step work (MPOE's rebuild of its expert matrices) spread over the step's tokens; once per token
+the output layer. The peak: `logging.peak_tflops` when set; on CUDA the bf16 dense peak of
 the device from a table; on a CPU a float32 GEMM timed once on this machine (cached under ~/.cache/megamoe) for this
 rank's threads, times the world size.
 """
@@ -32,8 +35,9 @@ GEMM_SIZE = 1024
 CACHE = Path.home() / ".cache" / "megamoe"
 
 
-def forward_madds_per_token(cfg: RunConfig, vocab_size: int) -> float:
-    """Multiply-adds of one token's forward pass through the model."""
+def forward_madds_per_token(cfg: RunConfig, vocab_size: int, tokens_per_step: int | None = None) -> float:
+    """Multiply-adds of one token's forward pass through the model, at the nominal experts per token; with
+    `tokens_per_step`, a variant's once-per-step work (MPOE's rebuild) spread over the step's tokens."""
     model, moe = cfg.model, cfg.moe
     d, heads = model.hidden_size, model.num_attention_heads
     head_dim = model.kv_channels or d // heads
@@ -43,15 +47,31 @@ def forward_madds_per_token(cfg: RunConfig, vocab_size: int) -> float:
     attention = 2 * context * heads * head_dim  # q.k over the context, then the weighted sum of values
     dense_ffn = (3 if model.swiglu else 2) * d * (model.ffn_hidden_size or 4 * d)
     moe_layers = moe_layer_numbers(moe, model.num_layers)
-    moe_ffn = variants.of(moe).ffn_madds(moe, model) if moe_layers else 0
+    moe_ffn = 0.0
+    if moe_layers:
+        variant = variants.of(moe)
+        moe_ffn = variant.ffn_madds(moe, model)
+        if tokens_per_step and variant.step_madds is not None:
+            moe_ffn += variant.step_madds(moe, model) / tokens_per_step
     layers = model.num_layers * (projections + attention)
     ffn = len(moe_layers) * moe_ffn + (model.num_layers - len(moe_layers)) * dense_ffn
     return layers + ffn + d * vocab_size
 
 
-def train_flops_per_token(cfg: RunConfig, vocab_size: int) -> float:
+def copy_madds_per_token(cfg: RunConfig) -> tuple[float, float]:
+    """(nominal routed copies per token of one MoE (sub-)layer, multiply-adds the model's forward gains per extra
+    copy per token in every MoE (sub-)layer); (0, 0) without MoE layers or a per-copy count."""
+    moe, model = cfg.moe, cfg.model
+    moe_layers = moe_layer_numbers(moe, model.num_layers)
+    variant = variants.of(moe) if moe_layers else None
+    if variant is None or variant.copy_madds is None:
+        return 0.0, 0.0
+    return variant.experts_per_token(moe), len(moe_layers) * variant.sublayers * variant.copy_madds(moe, model)
+
+
+def train_flops_per_token(cfg: RunConfig, vocab_size: int, tokens_per_step: int | None = None) -> float:
     """FLOPs of one trained token: forward and backward."""
-    return 6.0 * forward_madds_per_token(cfg, vocab_size)
+    return 6.0 * forward_madds_per_token(cfg, vocab_size, tokens_per_step)
 
 
 @dataclass(frozen=True)
@@ -59,16 +79,27 @@ class Ledger:
     """What a logged step's throughput is worth in FLOPs."""
 
     flops_per_token: float
+    """At the nominal experts per token."""
     peak_tflops: float
     """The whole job's; 0 when unknown."""
+    nominal_experts_per_token: float = 0.0
+    flops_per_copy: float = 0.0
+    """FLOPs per token gained by one more routed copy per token in every MoE (sub-)layer (0: fixed count)."""
 
     @classmethod
-    def of(cls, cfg: RunConfig, vocab_size: int, world_size: int) -> Ledger:
-        return cls(train_flops_per_token(cfg, vocab_size), peak_tflops(cfg, world_size))
+    def of(cls, cfg: RunConfig, vocab_size: int, world_size: int, tokens_per_step: int | None = None) -> Ledger:
+        nominal, copy_madds = copy_madds_per_token(cfg)
+        return cls(train_flops_per_token(cfg, vocab_size, tokens_per_step), peak_tflops(cfg, world_size),
+                   nominal, 6.0 * copy_madds)
 
-    def values(self, tokens_per_s: float) -> dict[str, float]:
-        """train/tflops achieved by the whole job, and train/mfu against the peak (when one is known)."""
-        tflops = self.flops_per_token * tokens_per_s / 1e12
+    def values(self, tokens_per_s: float, experts_per_token: float | None = None) -> dict[str, float]:
+        """train/tflops achieved by the whole job, and train/mfu against the peak (when one is known). With the
+        routed copies per token the step actually made (`experts_per_token`: dropped copies, DA-MoE's realised
+        K), the routed experts count at that rate instead of the nominal one."""
+        flops = self.flops_per_token
+        if experts_per_token is not None and self.flops_per_copy:
+            flops += (experts_per_token - self.nominal_experts_per_token) * self.flops_per_copy
+        tflops = flops * tokens_per_s / 1e12
         return {"train/tflops": tflops, **({"train/mfu": tflops / self.peak_tflops} if self.peak_tflops else {})}
 
 

@@ -137,9 +137,10 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
     # The step's loss is the mean over all its loss tokens (Megatron's per-token loss): with a varying number
     # of loss tokens per micro-batch (masked LM, masked EOD) a mean of per-micro-batch means would weight
     # tokens unequally and depend on the layout. DeepSpeed averages over DP and divides by GAS: undo both.
-    total_tokens = dp_sum(sum(b["loss_mask"].float().sum() for b in micro_batches), groups,
-                          engine.device).clamp(min=1.0)
-    scale = groups.dp_size * gas / total_tokens.item()
+    with region("loss bookkeeping"):  # two host reads per step: the loss tokens here, the loss at the end
+        total_tokens = dp_sum(sum(b["loss_mask"].float().sum() for b in micro_batches), groups,
+                              engine.device).clamp(min=1.0)
+        scale = groups.dp_size * gas / total_tokens.item()
     losses, grad_norm = [], []
 
     def forward(index: int, x: torch.Tensor | None) -> torch.Tensor:
@@ -178,8 +179,10 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
     else:
         pipeline.train_1f1b(groups, gas, forward, backward, step, *stage_io(trainer))
     norm = grad_norm[0] if grad_norm and grad_norm[0] is not None else engine.get_global_grad_norm()
-    loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=engine.device)
-    loss = (dp_sum(pipeline.from_last_stage(loss_sum.float(), groups), groups, engine.device) / total_tokens).item()
+    with region("loss bookkeeping"):
+        loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=engine.device)
+        loss = (dp_sum(pipeline.from_last_stage(loss_sum.float(), groups), groups, engine.device)
+                / total_tokens).item()
     return {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(norm) if norm is not None else float("nan"),
             "train/skipped": float(engine.skipped_steps > skipped_before)}
 
@@ -273,7 +276,7 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
     tokens_per_step = layout.global_batch_size * cfg.data.seq_length
     do_eval = trainer.datasets.valid is not None
     skips = SkippedSteps(cfg.train.max_skipped_steps, trainer.progress.skipped_steps)
-    ledger = Ledger.of(cfg, embedding_rows(cfg), dist.get_world_size()) if metrics.enabled else None
+    ledger = Ledger.of(cfg, embedding_rows(cfg), dist.get_world_size(), tokens_per_step) if metrics.enabled else None
     started, first_step = time.perf_counter(), trainer.progress.iteration
     profiler = StepProfiler(cfg, trainer.engine.module, dist.get_rank())
     while trainer.progress.iteration < cfg.train.train_iters:
@@ -291,7 +294,8 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
                     moe_values, loads = collect_moe_metrics(trainer.engine.module, trainer.groups)
                     expert_load.add(step, loads)
                     elapsed = time.perf_counter() - started
-                    throughput = ledger.values(tokens_per_step / step_s) if ledger is not None else {}
+                    throughput = (ledger.values(tokens_per_step / step_s, moe_values.get("moe/experts_per_token_mean"))
+                                  if ledger is not None else {})
                     metrics.log(step, {
                         **values, "train/tokens_per_s": tokens_per_step / step_s, **throughput, "train/step_s": step_s,
                         "train/memory_gib": largest_memory_gib(trainer.engine.device), "train/elapsed_s": elapsed,

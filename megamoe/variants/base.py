@@ -56,6 +56,13 @@ class Variant:
     """(dense, expert) parameters of one MoE layer on a rank that holds `num_local` of the experts."""
     ffn_madds: Callable[[MoEConfig, ModelConfig], int]
     """Multiply-adds per token of one MoE layer (routers included): the comparison's equal-compute measure."""
+    copy_madds: Callable[[MoEConfig, ModelConfig], int] | None = None
+    """Multiply-adds of one routed copy of a token: the FLOP ledger moves ffn_madds by this much per copy the
+    training run actually made above or below `experts_per_token` (dropped copies, DA-MoE's realised K). None:
+    the nominal count stands."""
+    step_madds: Callable[[MoEConfig, ModelConfig], int] | None = None
+    """Multiply-adds of one MoE layer's forward done once per optimizer step, not per token (MPOE rebuilds its
+    expert matrices from the MPO tensors); the ledger spreads them over the step's tokens."""
     check: Callable[[MoEConfig, RunConfig], None] = no_checks
     """The variant's own checks of a whole config, at start-up (raise ConfigError through `fail`)."""
     sublayers: int = 1
@@ -134,8 +141,13 @@ def routed_layer_params(moe: MoEConfig, model: ModelConfig, num_local: int, rout
     return dense, num_local * expert_params(model, expert_width(moe, model))
 
 
+def routed_copy_madds(moe: MoEConfig, model: ModelConfig) -> int:
+    """One routed SwiGLU expert applied to one token."""
+    return 3 * model.hidden_size * expert_width(moe, model)
+
+
 def routed_ffn_madds(moe: MoEConfig, model: ModelConfig, experts_per_token: float) -> int:
     """Router, `experts_per_token` routed SwiGLU experts and the shared expert, per token."""
     h = model.hidden_size
     shared = 3 * h * moe.shared_expert_intermediate_size if moe.shared_expert_intermediate_size else 0
-    return int(h * moe.num_experts + experts_per_token * 3 * h * expert_width(moe, model) + shared)
+    return int(h * moe.num_experts + experts_per_token * routed_copy_madds(moe, model) + shared)

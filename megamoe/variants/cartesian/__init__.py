@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megamoe.config.tree import ModelConfig, RunConfig
-from megamoe.variants.base import Variant, fail, routed_ffn_madds
+from megamoe.variants.base import Variant, fail, routed_copy_madds, routed_ffn_madds
 from megamoe.variants.topk import TopKMoEConfig, check_topk, topk_layer_params
 
 
@@ -46,4 +46,5 @@ VARIANT = Variant(
     name="cartesian", config=CartesianMoEConfig, layer="megamoe.variants.cartesian.layer:CartesianMoE",
     check=check_cartesian, experts_per_token=lambda moe: moe.router_topk, layer_params=cartesian_layer_params,
     ffn_madds=lambda moe, model: 2 * routed_ffn_madds(moe, model, moe.router_topk), sublayers=2,
+    copy_madds=routed_copy_madds,
     owns_pre_mlp_norm=True, study="megamoe.variants.cartesian.study:STUDY")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megamoe.config.tree import ModelConfig, MoEConfig, RunConfig
-from megamoe.variants.base import Variant, fail, routed_ffn_madds, routed_layer_params
+from megamoe.variants.base import Variant, fail, routed_copy_madds, routed_ffn_madds, routed_layer_params
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -97,5 +97,6 @@ VARIANT = Variant(
     name="dynamic", config=DynamicMoEConfig, layer="megamoe.variants.dynamic.layer:DynamicMoE", check=check_dynamic,
     experts_per_token=mean_experts_per_token, layer_params=dynamic_layer_params,
     ffn_madds=lambda moe, model: routed_ffn_madds(moe, model, mean_experts_per_token(moe)),
+    copy_madds=routed_copy_madds,
     megatron_spec="megamoe.variants.dynamic.megatron:layer_spec", upcycle_overrides=(),
     study="megamoe.variants.dynamic.study:STUDY")

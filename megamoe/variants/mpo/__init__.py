@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megamoe.config.tree import ModelConfig, RunConfig
-from megamoe.variants.base import Variant, expert_width, fail, routed_ffn_madds, router_params, shared_expert_params
+from megamoe.variants.base import (
+    Variant,
+    expert_width,
+    fail,
+    routed_copy_madds,
+    routed_ffn_madds,
+    router_params,
+    shared_expert_params,
+)
 from megamoe.variants.mpo.shapes import MPOShape, auto_shape
 from megamoe.variants.topk import TopKMoEConfig, check_topk
 
@@ -110,6 +118,12 @@ def mpo_layer_params(moe: MPOEMoEConfig, model: ModelConfig, num_local: int) -> 
     return dense + shared_expert_params(moe, model), num_local * sum(s.auxiliary_size for s in shapes)
 
 
+def mpo_rebuild_madds(moe: MPOEMoEConfig, model: ModelConfig) -> int:
+    """Rebuilding every expert matrix of one layer from its MPO tensors, once per optimizer step."""
+    shapes = matrix_shapes(moe, expert_width(moe, model), model.hidden_size, model.swiglu).values()
+    return moe.num_experts * sum(s.reconstruct_madds for s in shapes)
+
+
 def mpo_hf_options(moe: MPOEMoEConfig, prefix: str, state: dict) -> dict:
     """The custom code rebuilds the experts from their MPO tensors: the shape of each, read off the weights."""
     shapes: dict[str, dict[int, list[int]]] = {}
@@ -130,5 +144,6 @@ VARIANT = Variant(
     name="mpo", config=MPOEMoEConfig, layer="megamoe.variants.mpo.layer:MPOEMoE", check=check_mpo,
     experts_per_token=lambda moe: moe.router_topk, layer_params=mpo_layer_params,
     ffn_madds=lambda moe, model: routed_ffn_madds(moe, model, moe.router_topk), hf_options=mpo_hf_options,
+    copy_madds=routed_copy_madds, step_madds=mpo_rebuild_madds,
     # Upcycling (docs/variants.md §6.4, §6.5): central tensors frozen, no balancing loss.
     upcycle_overrides=("moe.p_mask=1.0", "moe.aux_loss_coeff=0.0"), study="megamoe.variants.mpo.study:STUDY")

@@ -129,6 +129,9 @@ class MPOExperts(Experts):
         return expert_ffn(x_RD, counts_e, fc1, fc2, self.swiglu, self.grouped_gemm)
 
 
+MASK_STEP_READ = "MPOE: the optimizer step seeding the gradient mask"
+
+
 class MPOEMoE(TopKMoE):
     """Top-k routing over MPO experts with shared central tensors and the central-gradient mask."""
 
@@ -137,6 +140,8 @@ class MPOEMoE(TopKMoE):
         # Optimizer steps done: the mask's step index, saved with the model so a resumed run draws the same masks.
         self.register_buffer("mask_step", torch.zeros((), dtype=torch.int64))
         self._step_masks: dict[str, Tensor | None] = {}
+        self._masked_step: int | None = None
+        """The step this step's masks were drawn for (mask_step read on the host once per step)."""
         self.load_dense_ffn(self.fresh_dense_ffn())
         for param in self.mpo_parameters():
             if cfg.mpo_lr_mult != 1.0:
@@ -217,8 +222,9 @@ class MPOEMoE(TopKMoE):
 
     def _mask_central_grad(self, name: str, grad: Tensor) -> Tensor:
         if name not in self._step_masks:  # once per step: every micro-batch of the step gets the same mask
-            step = host.read_on_host(self.mask_step, "MPOE: the optimizer step seeding the gradient mask")
-            self._step_masks[name] = self.central_mask(name, step)
+            if self._masked_step is None:  # one read per step for all of the layer's matrices
+                self._masked_step = host.read_on_host(self.mask_step, MASK_STEP_READ)
+            self._step_masks[name] = self.central_mask(name, self._masked_step)
         mask = self._step_masks[name]
         return grad if mask is None else grad * mask.to(device=grad.device, dtype=grad.dtype)
 
@@ -229,4 +235,4 @@ class MPOEMoE(TopKMoE):
     def finish_step(self) -> None:
         super().finish_step()
         self.mask_step += 1
-        self._step_masks = {}
+        self._step_masks, self._masked_step = {}, None

@@ -64,6 +64,25 @@ class MPOShape:
         return self.sizes()[self.center]
 
     @property
+    def reconstruct_madds(self) -> int:
+        """Multiply-adds of contracting the n tensors into the [rows, cols] matrix in operators.reconstruct's
+        order: the left tensors, the right ones, the centre with the left product, then with the right one."""
+        a, d, c, n = [i * j for i, j in zip(self.i, self.j, strict=True)], self.bonds, self.center, self.n
+        madds, left = 0, a[0]
+        for k in range(1, c):
+            madds += left * d[k] * a[k] * d[k + 1]
+            left *= a[k]
+        right = a[n - 1]
+        for k in range(n - 2, c, -1):
+            madds += d[k] * a[k] * d[k + 1] * right
+            right *= a[k]
+        if c > 0:
+            madds += left * d[c] * a[c] * d[c + 1]
+        if c < n - 1:
+            madds += (left if c > 0 else 1) * a[c] * d[c + 1] * right
+        return madds
+
+    @property
     def auxiliary_size(self) -> int:
         """Elements of the non-central tensors (one expert's own parameters)."""
         return sum(self.sizes()) - self.central_size

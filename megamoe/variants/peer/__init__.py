@@ -83,4 +83,5 @@ def peer_ffn_madds(moe: PEERMoEConfig, model: ModelConfig) -> int:
 VARIANT = Variant(
     name="peer", config=PEERMoEConfig, layer="megamoe.variants.peer.layer:PEERMoE", check=check_peer,
     experts_per_token=lambda moe: moe.num_heads * moe.topk_per_head, layer_params=peer_layer_params,
-    ffn_madds=peer_ffn_madds, all_to_all=False, study="megamoe.variants.peer.study:STUDY")
+    ffn_madds=peer_ffn_madds, copy_madds=lambda moe, model: 2 * model.hidden_size,  # a down dot, an up axpy
+    all_to_all=False, study="megamoe.variants.peer.study:STUDY")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megamoe.config.tree import ModelConfig, MoEConfig, RunConfig
-from megamoe.variants.base import Variant, fail, routed_ffn_madds, routed_layer_params
+from megamoe.variants.base import Variant, fail, routed_copy_madds, routed_ffn_madds, routed_layer_params
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -65,5 +65,5 @@ def topk_layer_params(moe: TopKMoEConfig, model: ModelConfig, num_local: int) ->
 VARIANT = Variant(
     name="topk", config=TopKMoEConfig, layer="megamoe.variants.topk.layer:TopKMoE", check=check_topk,
     experts_per_token=lambda moe: moe.router_topk, layer_params=topk_layer_params,
-    ffn_madds=lambda moe, model: routed_ffn_madds(moe, model, moe.router_topk),
+    ffn_madds=lambda moe, model: routed_ffn_madds(moe, model, moe.router_topk), copy_madds=routed_copy_madds,
     hf_native=True, upcycle_overrides=(), study="megamoe.variants.topk.study:STUDY")
