@@ -15,7 +15,7 @@ from megamoe import cli, config
 from megamoe.data.checks import DataFileError
 from megamoe.train import startup
 from megamoe.train.integrity import CheckpointError
-from megamoe.utils import global_rank
+from megamoe.utils import global_rank, gpu_host, reexec_with_glibc_reuse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,4 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if not gpu_host():  # tensors live in host memory: glibc keeps a step's freed buffers for the next (utils.py)
+        reexec_with_glibc_reuse()
     sys.exit(main())

@@ -74,10 +74,27 @@ def file_sha256(path) -> str:
 
 GLIBC_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 """glibc reads these at process start: allocations below 4 GB come from the heap and freed memory is kept in
-the process (as a GPU's caching allocator keeps it), so benchmarks do not time page faults of fresh pages."""
+the process (as a GPU's caching allocator keeps it), so benchmarks do not time page faults of fresh pages, and a
+training step on a CPU does not page-fault in again the large buffers the previous step freed (DeepSpeed's
+flattened gradients: 320 MB at 80 M parameters). Measured on this project's CPU machines at the bench_train small
+size: top-2 MoE 740 tokens/s with it, 573 without; resident memory 3.0 GB instead of 2.6 GB (freed blocks that
+alignment leaves unused stay in the heap)."""
 
 
 def environment_with_glibc_reuse() -> dict[str, str] | None:
     """This process's environment with GLIBC_REUSE added, or None if every variable is already set."""
     missing = {name: value for name, value in GLIBC_REUSE.items() if name not in os.environ}
     return {**os.environ, **missing} if missing else None
+
+
+def reexec_with_glibc_reuse() -> None:
+    """Re-run this process (same pid, arguments and interpreter flags) with GLIBC_REUSE in its environment unless
+    every variable is set already (a caller's own value wins). Call first thing in an entry point: glibc reads them
+    at start-up only."""
+    if sys.platform.startswith("linux") and (env := environment_with_glibc_reuse()) is not None:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def gpu_host() -> bool:
+    """NVIDIA's or AMD's GPU device files exist (asked without importing torch)."""
+    return any(os.path.exists(path) for path in ("/dev/nvidiactl", "/dev/kfd"))

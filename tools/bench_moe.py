@@ -9,7 +9,6 @@ Each process first re-runs itself with glibc's allocator set to keep freed memor
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from megamoe import cli
 from megamoe.parallel.launch import world_of_one
 from megamoe.studies import bench
 from megamoe.train import startup
-from megamoe.utils import environment_with_glibc_reuse, global_rank
+from megamoe.utils import global_rank, reexec_with_glibc_reuse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +45,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if (env := environment_with_glibc_reuse()) is not None:  # glibc reads it at start-up only
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    reexec_with_glibc_reuse()
     sys.exit(main())

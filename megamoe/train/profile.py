@@ -12,10 +12,12 @@ backward operator belongs to the region of the forward operator that created it 
 "attention" is its forward plus its backward. Collectives outside the MoE all-to-all are their own parts (gradient
 reduction in backward and the optimizer step; other collectives elsewhere).
 
-Host synchronisations: operators that must read a device value on the host before the next launch
-(`aten::_local_scalar_dense`: .item(), .tolist(), bool(); `aten::nonzero`: boolean-mask indexing, nonzero and other
-data-dependent shapes), counted per step with the region they happen in. On a CPU they cost nothing extra; on a GPU
-each one drains the launch queue.
+Host synchronisations: operators that must read a device value on the host before the next launch (SYNC_OPS:
+.item(), bool(), nonzero and boolean-mask indexing), counted per step with the region they happen in, and the reads
+megamoe's MoE layers make through megamoe.moe.host.read_on_host, by reason. On a CPU they cost nothing extra; on a
+GPU each one drains the launch queue.
+
+The breakdown sums CPU-side operator time (on a GPU the kernels are in the trace, not in the sums).
 """
 
 from __future__ import annotations
