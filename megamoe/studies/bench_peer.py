@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from megamoe.config import ModelConfig
 from megamoe.moe import LayerShape, build_moe
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train.flops import cpu_gemm_tflops, memory_bandwidth_gbs
 from megamoe.utils import GLIBC_REUSE
-from megamoe.variants.peer import PEERMoEConfig
+from megamoe.variants.peer import PEERMoEConfig, peer_ffn_madds
 
 IMPLS = ("megamoe", "peer-pytorch")
 SCALING_TARGET = 2.0
@@ -210,15 +211,18 @@ def measure(impl: str, num_experts: int, cfg: PEERBenchConfig) -> PEERRecord:
         **({"over_floor": median_s / max(floors.values())} if floors else {}))
 
 
+def peer_config(num_experts: int, cfg: PEERBenchConfig) -> PEERMoEConfig:
+    return PEERMoEConfig(num_experts=num_experts, num_heads=cfg.num_heads, topk_per_head=cfg.topk_per_head,
+                         key_dim=cfg.key_dim, chunk_tokens=cfg.chunk_tokens)  # query_norm="batchnorm"
+
+
 def peer_flops(num_experts: int, cfg: PEERBenchConfig) -> float:
-    """FLOPs of one forward + backward that any implementation must do (2 per multiply-add, backward = 2x
-    forward): the query projection, both sub-key score products of every head, and each token's h*k experts (a
-    dot product with the down row and an axpy with the up row). The top-k selections and the k^2 candidate sums
-    are not GEMM work and are left out."""
-    t, d, h, k, d_k = cfg.num_tokens, cfg.hidden_size, cfg.num_heads, cfg.topk_per_head, cfg.key_dim
-    side = math.isqrt(num_experts)
-    madds = t * d * h * d_k + t * h * 2 * side * (d_k // 2) + t * h * k * 2 * d
-    return 2.0 * 3 * madds
+    """FLOPs of one forward + backward that any implementation must do: the layer's multiply-adds per token as the
+    FLOP ledger counts them (query projection, both sub-key score products of every head, each token's h*k experts:
+    a dot product with the down row and an axpy with the up row), 2 FLOPs each, backward = 2x forward. The top-k
+    selections and the k^2 candidate sums are not GEMM work and are left out."""
+    model = ModelConfig(num_layers=1, hidden_size=cfg.hidden_size, num_attention_heads=1)
+    return 2.0 * 3 * cfg.num_tokens * peer_ffn_madds(peer_config(num_experts, cfg), model)
 
 
 def peer_bytes(num_experts: int, cfg: PEERBenchConfig) -> float:
@@ -268,8 +272,7 @@ def time_fwd_bwd(layer: torch.nn.Module, forward: Callable[[Tensor], Tensor], x_
 # ---- the two implementations: (module, x_TD -> y_TD) ----
 
 def build_megamoe(num_experts: int, cfg: PEERBenchConfig) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
-    moe_cfg = PEERMoEConfig(num_experts=num_experts, num_heads=cfg.num_heads, topk_per_head=cfg.topk_per_head,
-                            key_dim=cfg.key_dim, chunk_tokens=cfg.chunk_tokens)  # query_norm="batchnorm"
+    moe_cfg = peer_config(num_experts, cfg)
     shape = LayerShape(hidden_size=cfg.hidden_size, ffn_hidden_size=4 * cfg.hidden_size, swiglu=True,
                        init_std=0.02, num_layers=8, layer_number=4, seed=cfg.seed)
     layer = build_moe(moe_cfg, shape, ParallelGroups.single_process())
@@ -354,7 +357,7 @@ def table_row(r: PEERRecord) -> str:
         error = r.error.replace("|", "/").replace("\n", " ")  # a stray pipe would split the row
         return f"| {side_label(r.N)} | {r.impl} |" + " |" * 11 + f" failed: {error} |"
     floors = (f"{r.flop_floor_s:.3f} | {r.memory_floor_s:.3f} | {r.over_floor:.2f}" if r.over_floor is not None
-              else " | ")
+              else " |  | ")
     return (f"| {side_label(r.N)} | {r.impl} | {r.fwd_bwd_s:.3f} | {r.fwd_bwd_min_s:.3f} | {r.per_token_us:.1f} | "
             f"{r.scaling_vs_smallest_N:.2f} | {r.model_rss_gb:.2f} | {r.peak_rss_gb:.2f} | {r.working_rss_gb:.2f} | "
             f"{r.threads} | {floors} | {'' if r.thp else 'no THP'} |")

@@ -207,8 +207,8 @@ class PEERMoE(MoELayer):
             mine_GC &= valid_G[:, None]
         if self.groups.ep_size > 1:  # owned copies first; keep only as many slots as the busiest token needs
             order_GC = (~mine_GC).to(torch.int8).argsort(dim=1, stable=True)
-            busiest = mine_GC.sum(dim=1).max() if mine_GC.numel() else None
-            width = host.read_on_host(busiest, "PEER: slots of the busiest token") if busiest is not None else 0
+            width = (host.read_on_host(mine_GC.sum(dim=1).max(), "PEER: slots of the busiest token")
+                     if mine_GC.numel() else 0)
             order_GC = order_GC[:, :width]
             rows_GC, gates_GC, mine_GC = (v.gather(1, order_GC) for v in (rows_GC, gates_GC, mine_GC))
         local_GC = torch.where(mine_GC, rows_GC - first, torch.zeros_like(rows_GC))
