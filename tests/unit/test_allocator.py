@@ -15,7 +15,7 @@ import os, resource, torch
 from megamoe.utils import reexec_with_glibc_reuse
 reexec_with_glibc_reuse()
 faults = []
-for _ in range(12):
+for _ in range(20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     buffer = torch.ones(16 << 20)  # 64 MB: glibc's default would mmap it and munmap it on free
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -36,6 +36,8 @@ def run_probe(**env: str) -> tuple[str, list[int]]:
 def test_the_reexec_keeps_freed_memory_and_a_callers_setting_wins():
     setting, faults = run_probe()
     assert setting == str(4 << 30)
-    assert faults[0] > PAGES // 2 and max(faults[-3:]) < PAGES // 20, faults  # reused, not faulted in again
+    # Reused, not faulted in again. Not every time: a 64-byte-aligned request can miss the exactly-sized freed block
+    # and take fresh pages from the top of the heap (which it then keeps), so count the reallocations that reuse.
+    assert faults[0] > PAGES // 2 and sum(f < PAGES // 20 for f in faults[1:]) >= 5, faults
     setting, faults = run_probe(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")  # glibc's own
     assert setting == "131072" and min(faults) > PAGES // 2, faults
