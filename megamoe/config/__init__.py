@@ -15,8 +15,8 @@ from megamoe.config.tree import (
     RunConfig,
     TrainConfig,
 )
-from megamoe.config.validate import Environment, Layout, parse_data_path, validate
+from megamoe.config.validate import Environment, Layout, data_split, parse_data_path, valid_sets, validate
 
-__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "Environment", "Layout",
+__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "data_split", "DeepSpeedConfig", "Environment", "Layout",
            "LoggingConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig", "TrainConfig", "build", "dump",
-           "from_dict", "load", "parse_data_path", "read_sections", "validate"]
+           "from_dict", "load", "parse_data_path", "read_sections", "valid_sets", "validate"]

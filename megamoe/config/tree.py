@@ -195,7 +195,13 @@ class DataConfig:
     seq_length: int = 1024
     """Tokens per training sample."""
     split: str = "969,30,1"
-    """Train/valid/test proportions of every dataset, e.g. '90,5,5'."""
+    """Train/valid/test proportions of every dataset, e.g. '90,5,5'. With data.valid_data_path, training reads
+    data_path whole and only the train share matters."""
+    valid_data_path: list[str] | None = None
+    """Held-out datasets validation reads instead of a split of data_path (Megatron-LM's --valid-data-path): each
+    prefix whole, in an order fixed whatever train.seed, so runs of every seed see the same tokens. valid/loss pools
+    them; with several, valid/<name>/loss and valid/<name>/ppl report each (name: the prefix's file name without
+    '_text_document'), e.g. one held-out set per domain."""
     data_cache_path: str | None = None
     """Where sample indices are cached. None: a 'cache' folder next to the first dataset."""
     num_workers: int = 1

@@ -257,6 +257,38 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     return list(data_path[1::2]), weights
 
 
+def data_split(data: DataConfig) -> str:
+    """The split of data.data_path training uses: all of it when held-out sets are given apart."""
+    return "1,0,0" if data.valid_data_path is not None else data.split
+
+
+def valid_sets(valid_data_path: list[str]) -> dict[str, str]:
+    """data.valid_data_path as {name: prefix}; the name is the prefix's file name without Megatron's
+    '_text_document' (or '_document') ending."""
+    if not valid_data_path:
+        _fail("data.valid_data_path is empty; give held-out prefixes written by tools/preprocess_data.py, or leave "
+              "it unset to validate on data.split's share of data.data_path")
+    sets: dict[str, str] = {}
+    for prefix in map(str, valid_data_path):
+        if _is_number(prefix):
+            _fail(f"data.valid_data_path={valid_data_path}: '{prefix}' is a number; held-out sets take no weights "
+                  "(each is read whole and reported on its own)")
+        name = Path(prefix).name.removesuffix("_text_document").removesuffix("_document")
+        if name in sets:
+            _fail(f"data.valid_data_path: '{sets[name]}' and '{prefix}' would both be reported as '{name}'; "
+                  "give the held-out sets different file names")
+        sets[name] = prefix
+    return sets
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer_vocab_size: int | None,
                 check_files: bool) -> None:
     """The data section; with `check_files`, also that its files exist and the tokenizer's size agrees."""
@@ -267,10 +299,11 @@ def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer
     if data.num_workers < 0:
         _fail(f"data.num_workers={data.num_workers} must be >= 0")
     prefixes, _ = parse_data_path(data.data_path)
-    for prefix in prefixes if check_files else ():
-        for suffix in (".bin", ".idx"):
+    held_out = list(valid_sets(data.valid_data_path).values()) if data.valid_data_path is not None else []
+    for key, prefix in [*(("data_path", p) for p in prefixes), *(("valid_data_path", p) for p in held_out)]:
+        for suffix in (".bin", ".idx") if check_files else ():
             if not Path(prefix + suffix).is_file():
-                _fail(f"data.data_path: '{prefix}{suffix}' does not exist; run tools/preprocess_data.py "
+                _fail(f"data.{key}: '{prefix}{suffix}' does not exist; run tools/preprocess_data.py "
                       "or fix the prefix (give it without .bin/.idx)")
     parts = data.split.split(",")
     try:
@@ -280,7 +313,7 @@ def _check_data(data: DataConfig, model: ModelConfig, eval_iters: int, tokenizer
     if len(shares) != 3 or any(s < 0 for s in shares) or shares[0] <= 0:
         _fail(f"data.split='{data.split}' must be three non-negative numbers 'train,valid,test' with "
               "train > 0, e.g. '90,5,5'")
-    if shares[1] == 0 and eval_iters > 0:
+    if shares[1] == 0 and eval_iters > 0 and data.valid_data_path is None:
         _fail(f"data.split='{data.split}' leaves no validation data but train.eval_iters={eval_iters}; "
               "give the validation split a share or set train.eval_iters=0")
     if not check_files:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from megamoe.config import Layout, RunConfig, parse_data_path
+from megamoe.config import Layout, RunConfig, data_split, parse_data_path, valid_sets
 from megamoe.data.checks import DataFileError, IndexedDataset, dataset_fingerprint, read_index, require_bin_intact
 from megamoe.data.tokenizer import mask_id
 from megamoe.parallel.groups import ParallelGroups
@@ -27,9 +27,15 @@ from megamoe.parallel.groups import ParallelGroups
 @dataclass(frozen=True)
 class Datasets:
     train: Dataset
-    valid: Dataset | None
+    valid: dict[str, Dataset]
+    """The validation sets by name: {'valid': data.split's share of data_path}, or data.valid_data_path's sets;
+    {} without validation."""
     files: tuple[IndexedDataset, ...] = ()
     """The indexed datasets read (their .bin files are checked while training reads them: IntactBatches)."""
+
+
+HELD_OUT_SEED = 0
+"""The sample order of data.valid_data_path's sets: the same for runs of every train.seed."""
 
 
 class MaskedLMDataset(Dataset):
@@ -58,33 +64,48 @@ class MaskedLMDataset(Dataset):
 
 
 def build_datasets(cfg: RunConfig, layout: Layout, tokenizer) -> Datasets:
-    """Train and validation GPTDatasets sized for the run (a blend when data_path has weights).
+    """Train and validation GPTDatasets sized for the run (a blend when data_path has weights); validation reads
+    data.split's share of data_path, or each of data.valid_data_path's sets whole.
 
     Validation always reads the same first eval_iters micro-batches, so values are comparable over time.
     """
+    prefixes, weights = parse_data_path(cfg.data.data_path)
+    num_valid = cfg.train.eval_iters * cfg.train.micro_batch_size * layout.data_parallel_size
+    held_out = valid_sets(cfg.data.valid_data_path) if cfg.data.valid_data_path is not None else {}
+    train, valid = _gpt_datasets(cfg, tokenizer, (prefixes, weights), data_split(cfg.data), cfg.train.seed,
+                                 cfg.train.train_iters * layout.global_batch_size, 0 if held_out else num_valid)
+    sets = {"valid": valid} if valid is not None else {}
+    if num_valid:
+        sets |= {name: _gpt_datasets(cfg, tokenizer, ([prefix], None), "0,1,0", HELD_OUT_SEED, 0, num_valid)[1]
+                 for name, prefix in held_out.items()}
+    if cfg.model.objective == "masked_lm":
+        mask = mask_id(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+        train = MaskedLMDataset(train, mask, tokenizer.vocab_size, cfg.data.mlm_probability, cfg.train.seed)
+        valid_seed = HELD_OUT_SEED if held_out else cfg.train.seed
+        sets = {name: MaskedLMDataset(d, mask, tokenizer.vocab_size, cfg.data.mlm_probability, valid_seed + 1)
+                for name, d in sets.items()}
+    files = tuple(read_index(prefix) for prefix in [*prefixes, *held_out.values()])
+    return Datasets(train=train, valid=sets, files=files)
+
+
+def _gpt_datasets(cfg: RunConfig, tokenizer, blend: tuple[list[str], list[float] | None], split: str, seed: int,
+                  num_train: int, num_valid: int) -> tuple[Dataset | None, Dataset | None]:
+    """(train, valid) GPTDatasets of `blend` cut by `split`; None for a split asked no samples."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    prefixes, weights = parse_data_path(cfg.data.data_path)
     # megatron keys its cache by the prefix, not the files: a fingerprint of them keeps a replaced dataset from
     # reading the sample index of the one it replaced.
-    cache = str(Path(cache_dir(cfg)) / dataset_fingerprint(prefixes))
+    cache = str(Path(cache_dir(cfg)) / dataset_fingerprint(blend[0]))
     dataset_cfg = GPTDatasetConfig(
-        random_seed=cfg.train.seed, sequence_length=cfg.data.seq_length, blend=(prefixes, weights),
-        split=cfg.data.split, path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=cfg.data.eod_mask_loss,
+        random_seed=seed, sequence_length=cfg.data.seq_length, blend=blend, split=split, path_to_cache=cache,
+        tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=cfg.data.eod_mask_loss,
         create_attention_mask=False,  # causal masks are built once per shape, not per sample
     )
-    num_valid = cfg.train.eval_iters * cfg.train.micro_batch_size * layout.data_parallel_size
-    sizes = [cfg.train.train_iters * layout.global_batch_size, num_valid, 0]
-    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, dataset_cfg).build()
-    valid = valid if num_valid else None
-    if cfg.model.objective == "masked_lm":
-        mask = mask_id(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
-        train, valid = (None if d is None else MaskedLMDataset(d, mask, tokenizer.vocab_size,
-                                                               cfg.data.mlm_probability, cfg.train.seed + i)
-                        for i, d in enumerate((train, valid)))
-    return Datasets(train=train, valid=valid, files=tuple(read_index(prefix) for prefix in prefixes))
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_train, num_valid, 0], lambda: True,
+                                                    dataset_cfg).build()
+    return (train if num_train else None), (valid if num_valid else None)
 
 
 def cache_dir(cfg: RunConfig) -> str:

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megamoe.studies.compare import study_runs
+from megamoe.studies.compare import StudyData, study_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_FFN = 352
@@ -82,16 +82,15 @@ class TrainThroughput:
     """Rank 0's breakdown of its profiled steps (megamoe/train/profile.py)."""
 
 
-def measure(size: str, run: str, overrides: list[str], data: tuple[str, str], out: Path, steps: int,
+def measure(size: str, run: str, overrides: list[str], data: StudyData, out: Path, steps: int,
             warmup: int) -> TrainThroughput:
     """Launch one run on 2 processes and take the medians of its logged steps after `warmup`."""
-    prefix, tokenizer = data
     log_dir = out / size / run.replace(" ", "_").replace("=", "")
     launcher = str(Path(sys.executable).parent / "deepspeed")
     profiled = [steps - PROFILED_STEPS + 1, steps]
     command = [launcher, "--num_gpus", "2", str(ROOT / "launchers" / "pretrain.py"), "--config",
-               str(ROOT / "configs" / "tiny-dense.yaml"), f"data.data_path=[{prefix}]",
-               f"data.tokenizer_model={tokenizer}", "data.split=99,1,0", f"train.train_iters={steps}",
+               str(ROOT / "configs" / "tiny-dense.yaml"), *data.overrides(), "data.split=99,1,0",
+               f"train.train_iters={steps}",
                f"train.lr_warmup_iters={min(30, steps - 1)}", "train.log_interval=1", "train.eval_iters=0",
                "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={log_dir}",
                f"logging.profile_steps=[{profiled[0]},{profiled[1]}]", "checkpoint.save=null",

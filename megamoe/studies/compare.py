@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -80,6 +82,33 @@ DEFAULT = Budget(steps=300, micro_batch=8, global_batch=16, seq_length=128, hidd
                  eval_interval=50, eval_iters=32)
 QUICK = Budget(steps=6, micro_batch=2, global_batch=2, seq_length=32, hidden_size=64, num_layers=2,
                eval_interval=3, eval_iters=1)
+LARGE = Budget(steps=1280, micro_batch=8, global_batch=16, seq_length=256, hidden_size=128, num_layers=4,
+               eval_interval=160, eval_iters=32)
+"""8.5x DEFAULT's tokens (5.2 M per run) at its model size, longer samples (code files are long); evaluated every
+1/8 of the run. 32 micro-batches of held-out data per evaluation: 65k tokens, within the code + prose corpus's
+smallest held-out set (prose, 76k tokens)."""
+BUDGETS = {"default": DEFAULT, "quick": QUICK, "large": LARGE}
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """What every run trains and validates on."""
+
+    data_path: list[str]
+    """data.data_path: [prefix] or a weighted blend."""
+    tokenizer_model: str
+    tokenizer_type: str = "SentencePieceTokenizer"
+    valid_data_path: list[str] | None = None
+    """Held-out sets (one per domain), or None: 5 % of data_path."""
+    corpus: dict = field(default_factory=dict)
+    """What the data is (the corpus manifest: documents and tokens per domain and split), for the report."""
+
+    def overrides(self) -> list[str]:
+        held_out = ([] if self.valid_data_path is None
+                    else [f"data.valid_data_path=[{', '.join(self.valid_data_path)}]"])
+        return [f"data.data_path=[{', '.join(map(str, self.data_path))}]",
+                f"data.tokenizer_model={self.tokenizer_model}", f"data.tokenizer_type={self.tokenizer_type}",
+                "data.split=95,5,0", *held_out]
 
 
 @dataclass
@@ -96,10 +125,21 @@ class RunResult:
     curve: list[tuple[int, float]] = field(default_factory=list)
     """(step, validation loss)."""
     extra: dict = field(default_factory=dict)
+    tokens: int = 0
+    """Training tokens."""
+    tokens_per_s: float = 0.0
+    """Median training throughput over the logged steps."""
+    commit: str = ""
+    set_ppl: dict[str, float] = field(default_factory=dict)
+    """Final perplexity on each held-out set (one per domain), when there are several."""
+    set_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Held-out set -> (step, validation loss) along the run."""
+    expert_load: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """Held-out set -> MoE layer -> share of the layer's copies per expert, on the final model."""
 
 
-def prepare_data(corpus: str, data_dir: Path, vocab_size: int) -> tuple[str, str]:
-    """A sentencepiece model trained on the corpus and its indexed dataset: (data prefix, tokenizer model).
+def prepare_data(corpus: str, data_dir: Path, vocab_size: int) -> StudyData:
+    """A sentencepiece model trained on the corpus and its indexed dataset (5 % held out by megatron's split).
     Reused when `data_dir` holds them for this same corpus file and vocabulary size."""
     from megamoe.data import preprocess
 
@@ -107,14 +147,33 @@ def prepare_data(corpus: str, data_dir: Path, vocab_size: int) -> tuple[str, str
     stamp = {"corpus": str(corpus_path), "bytes": corpus_path.stat().st_size, "vocab_size": vocab_size}
     stamp_file, tokenizer = data_dir / "stamp.json", data_dir / "corpus.model"
     prefix = f"{data_dir / 'corpus'}_text_document"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and Path(prefix + ".idx").is_file():
-        return prefix, str(tokenizer)
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir(parents=True)
-    tokenizer = Path(preprocess.train_tokenizer([corpus], str(data_dir / "corpus"), vocab_size=vocab_size))
-    prefix = preprocess.encode_corpus([corpus], str(tokenizer), str(data_dir / "corpus")).prefix
-    stamp_file.write_text(json.dumps(stamp))
-    return prefix, str(tokenizer)
+    if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and Path(prefix + ".idx").is_file()):
+        shutil.rmtree(data_dir, ignore_errors=True)
+        data_dir.mkdir(parents=True)
+        tokenizer = Path(preprocess.train_tokenizer([corpus], str(data_dir / "corpus"), vocab_size=vocab_size))
+        prefix = preprocess.encode_corpus([corpus], str(tokenizer), str(data_dir / "corpus")).prefix
+        stamp_file.write_text(json.dumps(stamp))
+    return StudyData(data_path=[prefix], tokenizer_model=str(tokenizer), corpus={"file": str(corpus_path)})
+
+
+def prepare_recipe(recipe: str, data_dir: Path, vocab_size: int, workers: int = 2) -> StudyData:
+    """A corpus of several domains (megamoe/studies/corpus_recipes.py), built into `data_dir` unless it holds it
+    already: training blends the domains' training splits equally, validation reads each domain's held-out set."""
+    from megamoe.data import domains
+    from megamoe.studies.corpus_recipes import RECIPES
+
+    if (data_dir / domains.MANIFEST).is_file():
+        manifest = domains.read_manifest(data_dir)
+    else:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        manifest = domains.build(RECIPES[recipe](), data_dir, held_out=0.05, vocab_size=vocab_size, workers=workers)
+    names = list(manifest["domains"])
+    splits = {name: manifest["domains"][name]["splits"] for name in names}
+    blend = [part for name in names for part in (1.0 / len(names), splits[name]["train"]["prefix"])]
+    return StudyData(data_path=blend, tokenizer_model=manifest["tokenizer_model"],
+                     tokenizer_type=manifest["tokenizer_type"],
+                     valid_data_path=[splits[name]["held_out"]["prefix"] for name in names],
+                     corpus={"recipe": recipe, **manifest})
 
 
 def git_commit(checkout: Path) -> str:
@@ -131,36 +190,44 @@ def git_commit(checkout: Path) -> str:
     return commit.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
 
 
-def run_comparison(data_prefix: str, tokenizer: str, out_dir: Path, seeds: list[int], budget: Budget,
-                   runs_wanted: list[str], quick: bool = False) -> list[RunResult]:
-    """Train and evaluate every (seed, variant); one process, sequentially."""
+def run_comparison(data: StudyData, out_dir: Path, seeds: list[int], budget: Budget, runs_wanted: list[str],
+                   quick: bool = False, commit: str = "") -> list[RunResult]:
+    """Train and evaluate every (seed, variant); one process, sequentially. A run whose result is saved from an
+    earlier call with the same settings is read back, not trained again."""
     runs, by_variant = study_runs(), studies()
     results = []
     for seed in seeds:
         for name in runs_wanted:
             variant, overrides = runs[name]
             extra = by_variant[variant].quick.get(name, []) if quick and variant is not None else []
-            results.append(_run_one(name, seed, [*overrides, *extra], data_prefix, tokenizer, out_dir, budget))
+            results.append(_run_one(name, seed, [*overrides, *extra], data, out_dir, budget, commit))
     return results
 
 
-def base_overrides(data_prefix: str, tokenizer: str, budget: Budget, log_dir: Path, seed: int) -> list[str]:
-    return [f"data.data_path=[{data_prefix}]", f"data.tokenizer_model={tokenizer}", "data.split=95,5,0",
-            "data.num_workers=0", "model.num_attention_heads=4", "model.num_query_groups=2",
+def base_overrides(data: StudyData, budget: Budget, log_dir: Path, seed: int) -> list[str]:
+    return [*data.overrides(), "data.num_workers=0", "model.num_attention_heads=4", "model.num_query_groups=2",
             "model.ffn_hidden_size=352", "train.lr=3e-3", "train.min_lr=3e-4", f"train.seed={seed}",
             "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={log_dir}", *budget.overrides()]
 
 
-def _run_one(name: str, seed: int, overrides: list[str], data_prefix: str, tokenizer: str, out_dir: Path,
-             budget: Budget) -> RunResult:
+RESULT_FILE = "result.json"
+"""A finished run's RunResult and the overrides it was trained with, in its log directory."""
+
+
+def _run_one(name: str, seed: int, overrides: list[str], data: StudyData, out_dir: Path, budget: Budget,
+             commit: str) -> RunResult:
     from megamoe.train import startup
-    from megamoe.train.loop import build_trainer, evaluate, train
+    from megamoe.train.loop import build_trainer, evaluate, evaluate_sets, train
     from megamoe.train.metrics import ExpertLoadLog, MetricsWriter
     from megamoe.utils import get_logger
 
     log_dir = out_dir / "runs" / f"{name}-seed{seed}"
+    settings = [*base_overrides(data, budget, log_dir, seed), *overrides]
+    if (saved := _saved_result(log_dir, settings)) is not None:
+        get_logger().info(f"compare: {name} seed {seed}: trained before ({log_dir / RESULT_FILE}), not again")
+        return saved
     shutil.rmtree(log_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
-    cfg = config.load(None, [*base_overrides(data_prefix, tokenizer, budget, log_dir, seed), *overrides])
+    cfg = config.load(None, settings)
     start = time.perf_counter()
     trainer = build_trainer(cfg, startup.check(cfg))
     metrics = MetricsWriter(cfg)
@@ -168,14 +235,39 @@ def _run_one(name: str, seed: int, overrides: list[str], data_prefix: str, token
         train(trainer, metrics, ExpertLoadLog(str(log_dir)))
     finally:
         metrics.close()
-    final = evaluate(trainer)
+    final, sets = evaluate(trainer), evaluate_sets(trainer)
+    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     result = RunResult(variant=name, seed=seed, overrides=overrides, valid_ppl=final["valid/ppl"],
                        valid_loss=final["valid/loss"], params_total=_count(trainer.engine.module),
                        moe_layer_params=_moe_params(trainer.engine.module), active_ffn_madds=active_ffn_madds(cfg),
-                       seconds=time.perf_counter() - start, curve=_curve(log_dir / "metrics.jsonl"))
+                       seconds=time.perf_counter() - start, curve=_curve(records, "valid/loss"),
+                       tokens=budget.tokens, tokens_per_s=statistics.median(
+                           r["train/tokens_per_s"] for r in records if "train/tokens_per_s" in r),
+                       commit=commit)
+    if len(sets) > 1:
+        result.set_ppl = {n: math.exp(min(r.loss, 50.0)) for n, r in sets.items()}
+        result.set_curves = {n: _curve(records, f"valid/{n}/loss") for n in sets}
+        result.expert_load = {n: r.expert_load for n, r in sets.items() if r.expert_load}
     result.extra = _paper_evaluations(name, trainer, final, log_dir)
+    (log_dir / RESULT_FILE).write_text(json.dumps({"settings": settings, "result": dataclasses.asdict(result)}))
     get_logger().info(f"compare: {name} seed {seed}: valid ppl {result.valid_ppl:.1f} ({result.seconds:.0f} s)")
     return result
+
+
+def _saved_result(log_dir: Path, settings: list[str]) -> RunResult | None:
+    """The run's saved result if it was trained with exactly these settings."""
+    path = log_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return result_from_dict(saved["result"]) if saved["settings"] == settings else None
+
+
+def result_from_dict(values: dict) -> RunResult:
+    """A RunResult from its JSON form (curves as tuples again; fields added since it was written take defaults)."""
+    values = {**values, "curve": [tuple(p) for p in values["curve"]],
+              "set_curves": {n: [tuple(p) for p in c] for n, c in values.get("set_curves", {}).items()}}
+    return RunResult(**values)
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -188,9 +280,8 @@ def _moe_params(model: torch.nn.Module) -> int:
     return sum(_count(m) for m in model.modules() if isinstance(m, MoEMLP))
 
 
-def _curve(path: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    return [(r["step"], r["valid/loss"]) for r in records if "valid/loss" in r]
+def _curve(records: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records if key in r]
 
 
 def active_ffn_madds(cfg: config.RunConfig) -> int:

@@ -12,11 +12,22 @@ and on each seed alone: 'yes', 'no' or 'mixed'; 'spread' is max - min over seeds
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from megamoe.studies.compare import RunResult, studies
+from megamoe.studies.compare import DENSE, RunResult, result_from_dict, studies
+
+
+def trend_runs() -> list[str]:
+    """Dense and the runs the variants' studies compare with it along the run (Study.trend)."""
+    return [DENSE, *(run for study in studies().values() for run in study.trend)]
+
+
+def router_runs() -> list[str]:
+    """The runs whose routers' split of the domains is measured (Study.routers)."""
+    return [run for study in studies().values() for run in study.routers]
 
 
 def by_variant(results: list[RunResult]) -> dict[str, list[RunResult]]:
@@ -28,6 +39,16 @@ def by_variant(results: list[RunResult]) -> dict[str, list[RunResult]]:
 
 def mean_ppl(runs: list[RunResult], key: str | None = None) -> float:
     return statistics.mean(r.extra[key] if key else r.valid_ppl for r in runs)
+
+
+def mean_set_ppl(runs: list[RunResult], held_out: str) -> float:
+    """Mean over seeds of the final perplexity on one held-out set."""
+    return statistics.mean(r.set_ppl[held_out] for r in runs)
+
+
+def domain_of(held_out: str) -> str:
+    """A held-out set's domain name ('code' for code_held_out)."""
+    return held_out.removesuffix("_held_out")
 
 
 def spread(runs: list[RunResult], key: str | None = None) -> float:
@@ -62,20 +83,119 @@ def _claims(v: dict[str, list[RunResult]]) -> list[tuple[str, bool, str]]:
 def markdown(results: list[RunResult], meta: dict) -> str:
     v = by_variant(results)
     seeds = sorted({r.seed for r in results})
+    budget = meta.get("budget", {})
+    model = (f", d = {budget['hidden_size']}, {budget['num_layers']} layers, {budget['seq_length']}-token samples"
+             if budget else "")
     lines = [f"# megamoe variant comparison (commit {meta['commit']}, seeds {seeds}, "
-             f"{meta['tokens_per_run']:,} training tokens per run)", "",
-             "| variant | valid ppl (mean) | spread over seeds | params | MoE-layer params | FFN madds/token | "
-             "top-1 disabled ppl | minutes |", "|---|---|---|---|---|---|---|---|"]
+             f"{meta['tokens_per_run']:,} training tokens per run{model})", ""]
+    if meta.get("command"):
+        lines += [f"Regenerate: `{meta['command']}`", ""]
+    lines += _corpus_section(meta.get("corpus_statistics") or {})
+    held_out = list(results[0].set_ppl) if results and results[0].set_ppl else []
+    domain_columns = "".join(f" {domain_of(h)} ppl |" for h in held_out)
+    lines += [f"| variant | valid ppl (mean) | per seed |{domain_columns} spread over seeds | params "
+              "| MoE-layer params | FFN madds/token | top-1 disabled ppl | tokens/s | minutes |",
+              "|---|---|---|" + "---|" * len(held_out) + "---|---|---|---|---|---|---|"]
     for name, runs in v.items():
         robust = f"{mean_ppl(runs, 'valid_ppl_top1_disabled'):.1f}" if "valid_ppl_top1_disabled" in runs[0].extra \
             else ""
-        lines.append(f"| {name} | {mean_ppl(runs):.1f} | {spread(runs):.1f} | {runs[0].params_total:,} | "
-                     f"{runs[0].moe_layer_params:,} | {runs[0].active_ffn_madds:,} | {robust} | "
-                     f"{statistics.mean(r.seconds for r in runs) / 60:.1f} |")
+        per_seed = ", ".join(f"{r.valid_ppl:.1f}" for r in runs)
+        domains = "".join(f" {mean_set_ppl(runs, h):.1f} ({', '.join(f'{r.set_ppl[h]:.1f}' for r in runs)}) |"
+                          for h in held_out)
+        speed = f"{statistics.mean(r.tokens_per_s for r in runs):,.0f}" if runs[0].tokens_per_s else ""
+        lines.append(f"| {name} | {mean_ppl(runs):.1f} | {per_seed} |{domains} {spread(runs):.1f} | "
+                     f"{runs[0].params_total:,} | {runs[0].moe_layer_params:,} | {runs[0].active_ffn_madds:,} | "
+                     f"{robust} | {speed} | {statistics.mean(r.seconds for r in runs) / 60:.1f} |")
     lines += ["", "| claim | holds | numbers |", "|---|---|---|"]
     lines += [f"| {c} | {verdict} | {numbers} |" for c, verdict, numbers in claims(results)]
+    lines += _trend_section(v, held_out)
+    lines += _specialisation_section(v)
     lines += _paper_sections(v)
+    total_s = sum(r.seconds for r in results)
+    lines += ["", f"Wall time of the runs: {total_s / 3600:.2f} h in all ({len(results)} runs; commits "
+                  f"{', '.join(sorted({r.commit for r in results if r.commit})) or meta['commit']})."]
     return "\n".join(lines) + "\n"
+
+
+def _corpus_section(manifest: dict) -> list[str]:
+    if not manifest.get("domains"):
+        return []
+    from megamoe.data.domains import summary
+
+    return ["## Corpus", "", f"Recipe `{manifest.get('recipe', '')}`: {100 * manifest['held_out']:.0f} % of each "
+            f"domain's documents held out (by a hash of the document), exact duplicates removed, a "
+            f"{manifest['vocab_size']:,}-token {manifest['tokenizer_type']} trained on the training splits only; "
+            "training blends the domains equally.", "", *summary(manifest), "", "## Results", ""]
+
+
+def trend_points(runs: list[RunResult]) -> list[int]:
+    """The steps at 1/4, 1/2 and all of the run that every seed evaluated (nearest evaluation at or after)."""
+    steps = sorted(set.intersection(*(set(dict(r.curve)) for r in runs)) - {0})
+    if not steps:
+        return []
+    last = steps[-1]
+    return sorted({next(s for s in steps if s >= last * f) for f in (0.25, 0.5, 1.0)})
+
+
+def ppl_at(runs: list[RunResult], step: int, held_out: str | None = None) -> float:
+    """Mean over seeds of the held-out perplexity at `step` (pooled, or of one held-out set)."""
+    return statistics.mean(math.exp(dict(r.set_curves[held_out] if held_out else r.curve)[step]) for r in runs)
+
+
+def _trend_section(v: dict[str, list[RunResult]], held_out: list[str]) -> list[str]:
+    present = [n for n in trend_runs() if n in v]
+    if DENSE not in present or len(present) < 2:
+        return []
+    points = trend_points(v[DENSE])
+    tokens_per_step = v[DENSE][0].tokens / max(points[-1], 1) if points else 0
+    lines = ["", "Trend: held-out perplexity (mean over seeds) at 1/4, 1/2 and all of the budget; in brackets the "
+             "gap to dense (negative: better than dense).", "",
+             "| run | " + " | ".join(f"step {s} ({s * tokens_per_step / 1e6:.1f} M tokens)" for s in points) + " |",
+             "|---|" + "---|" * len(points)]
+    for name in present:
+        cells = []
+        for step in points:
+            parts = [("all", None), *((domain_of(h), h) for h in held_out)]
+            cells.append(", ".join(f"{label} {ppl_at(v[name], step, h):.1f}" + (
+                f" ({100 * (ppl_at(v[name], step, h) / ppl_at(v[DENSE], step, h) - 1):+.1f} %)"
+                if name != DENSE else "") for label, h in parts))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def domain_information(load_by_set: dict[str, list[float]]) -> float:
+    """I(expert; domain) in bits, the domains weighted equally, from each held-out set's share of a layer's copies
+    per expert (p(e | d)): 0 when every domain uses the experts alike, at most 1 bit for two domains."""
+    sets = list(load_by_set)
+    experts = len(load_by_set[sets[0]])
+    marginal = [statistics.mean(load_by_set[d][e] for d in sets) for e in range(experts)]
+    return sum(load_by_set[d][e] / len(sets) * math.log2(load_by_set[d][e] / marginal[e])
+               for d in sets for e in range(experts) if load_by_set[d][e] > 0)
+
+
+def layer_loads(run: RunResult) -> dict[str, dict[str, list[float]]]:
+    """MoE layer -> held-out set -> share of the layer's copies per expert."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for held_out, layers in run.expert_load.items():
+        for layer, share in layers.items():
+            out.setdefault(layer, {})[held_out] = share
+    return out
+
+
+def _specialisation_section(v: dict[str, list[RunResult]]) -> list[str]:
+    present = [n for n in router_runs() if n in v and v[n][0].expert_load]
+    if not present:
+        return []
+    lines = ["", "Expert specialisation: mutual information between a copy's expert and its token's domain, in bits "
+             "(0: the router sends both domains alike; 1: every expert serves one domain), per MoE layer on the "
+             "held-out sets of the final model; mean over seeds (each seed). specialisation.png shows each expert's "
+             "share of code tokens.", "", "| run | layer | I(expert; domain) bits |", "|---|---|---|"]
+    for name in present:
+        for layer in layer_loads(v[name][0]):
+            values = [domain_information(layer_loads(r)[layer]) for r in v[name]]
+            lines.append(f"| {name} | {layer} | {statistics.mean(values):.3f} "
+                         f"({', '.join(f'{x:.3f}' for x in values)}) |")
+    return lines
 
 
 def _paper_sections(v: dict[str, list[RunResult]]) -> list[str]:
@@ -86,8 +206,7 @@ def _paper_sections(v: dict[str, list[RunResult]]) -> list[str]:
 def read_results(path: Path) -> tuple[list[RunResult], dict]:
     """The runs and meta of a results.json that write_outputs wrote (to render them again)."""
     saved = json.loads(path.read_text())
-    runs = [RunResult(**{**run, "curve": [tuple(point) for point in run["curve"]]}) for run in saved["runs"]]
-    return runs, saved["meta"]
+    return [result_from_dict(run) for run in saved["runs"]], saved["meta"]
 
 
 def write_outputs(results: list[RunResult], meta: dict, out_dir: Path) -> None:
@@ -141,4 +260,40 @@ def _plots(results: list[RunResult], out_dir: Path) -> None:
     ax.tick_params(axis="x", rotation=45, labelsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "final_ppl.png", dpi=120)
+    plt.close(fig)
+    _specialisation_plot(v, out_dir, plt)
+
+
+def domain_share(load_by_set: dict[str, list[float]], held_out: str) -> list[float]:
+    """Per expert, the share of its copies that come from `held_out`'s tokens, the sets weighted equally (NaN for an
+    expert no set used)."""
+    totals = [sum(load[e] for load in load_by_set.values()) for e in range(len(load_by_set[held_out]))]
+    return [load / total if total > 0 else math.nan for load, total in zip(load_by_set[held_out], totals, strict=True)]
+
+
+def _specialisation_plot(v: dict[str, list[RunResult]], out_dir: Path, plt) -> None:
+    """specialisation.png: one panel per routed run (its first seed), a row per MoE layer, a cell per expert coloured
+    by the share of the expert's copies that are the first domain's tokens (0.5: both domains alike)."""
+    present = [n for n in router_runs() if n in v and v[n][0].expert_load]
+    if not present:
+        return
+    rows = sum(len(layer_loads(v[n][0])) for n in present)
+    fig, axes = plt.subplots(len(present), 1, figsize=(10, 1.1 * len(present) + 0.45 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    first = next(iter(v[present[0]][0].expert_load))
+    image = None
+    for ax, name in zip(axes[:, 0], present, strict=True):
+        run = v[name][0]
+        layers = layer_loads(run)
+        rows = [domain_share(loads, first) for loads in layers.values()]
+        width = max(len(r) for r in rows)
+        grid = [r + [math.nan] * (width - len(r)) for r in rows]
+        image = ax.imshow(grid, cmap="coolwarm", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_yticks(range(len(layers)), list(layers), fontsize=8)
+        ax.set_xticks(range(width), [str(e) for e in range(width)], fontsize=7)
+        bits = ", ".join(f"{domain_information(loads):.2f}" for loads in layers.values())
+        ax.set_title(f"{name} (seed {run.seed}): I(expert; domain) per layer = {bits} bits", fontsize=9)
+    axes[-1, 0].set_xlabel("expert")
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label=f"share of {domain_of(first)} tokens")
+    fig.savefig(out_dir / "specialisation.png", dpi=120)
     plt.close(fig)

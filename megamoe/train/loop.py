@@ -209,19 +209,62 @@ def stage_io(trainer: Trainer) -> tuple[torch.Size, torch.dtype, torch.device]:
     return torch.Size([seq, cfg.train.micro_batch_size, cfg.model.hidden_size]), dtype, trainer.engine.device
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """One validation set's result on every rank: summed loss and predicted tokens, and each MoE layer's expert
+    load over the set (share of its copies per expert, by layer label)."""
+
+    loss_sum: float
+    tokens: float
+    expert_load: dict[str, list[float]]
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1.0)
+
+
 @torch.no_grad()
 def evaluate(trainer: Trainer) -> dict[str, float]:
-    """Validation loss and perplexity over the same first eval_iters micro-batches every time."""
-    engine, groups = trainer.engine, trainer.groups
+    """Validation loss and perplexity, pooled over the validation sets and, with several, per set
+    (valid/<name>/loss, valid/<name>/ppl), plus the MoE layers' validation metrics."""
+    sets = evaluate_sets(trainer)
+    values = _loss_values("valid", sum(r.loss_sum for r in sets.values()), sum(r.tokens for r in sets.values()))
+    if len(sets) > 1:
+        for name, result in sets.items():
+            values |= _loss_values(f"valid/{name}", result.loss_sum, result.tokens)
+    layers = moe_layers(trainer.engine.module)
+    metrics = {f"valid/moe_{layer.shape.label}_{k}": v
+               for layer in layers for k, v in layer.validation_metrics().items()}
+    return {**values, **gather_over_pipeline(metrics, trainer.groups)}
+
+
+def _loss_values(prefix: str, loss_sum: float, tokens: float) -> dict[str, float]:
+    loss = loss_sum / max(tokens, 1.0)
+    return {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def evaluate_sets(trainer: Trainer) -> dict[str, HeldOut]:
+    """Each validation set's loss over the same first eval_iters micro-batches every time, and the MoE layers'
+    expert load over them. Collective: every rank calls it."""
+    engine = trainer.engine
     layers = moe_layers(engine.module)
     for layer in layers:
         layer.sync_buffers()  # e.g. PEER's BatchNorm statistics: the same model on every rank
     engine.eval()
+    collect_moe_metrics(engine.module, trainer.groups)  # training statistics since the last log: not this set's
+    try:
+        return {name: _evaluate_set(trainer, dataset) for name, dataset in trainer.datasets.valid.items()}
+    finally:
+        engine.train()
+
+
+def _evaluate_set(trainer: Trainer, dataset) -> HeldOut:
+    engine, groups = trainer.engine, trainer.groups
     # The first eval_iters micro-batches: megatron's dataset may hold more than the samples asked for (an epoch).
     # Read here, not by a worker forked for each evaluation: a few reads of a memory map, and every fork() of a
     # rank with dozens of communication threads risks a child that deadlocks.
-    loader = IntactBatches(build_loader(trainer.datasets.valid, 0, trainer.cfg, groups, in_process=True),
-                           trainer.datasets.files)
+    loader = IntactBatches(build_loader(dataset, 0, trainer.cfg, groups, in_process=True), trainer.datasets.files)
     batches = list(itertools.islice(loader, trainer.cfg.train.eval_iters))
     sums = []
 
@@ -236,16 +279,10 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
             forward(index, None)
     else:
         pipeline.forward_only(groups, len(batches), forward, *stage_io(trainer))
-    engine.train()
-    values = {}
-    for layer in layers:
-        layer.pop_stats()  # training statistics only
-        values.update({f"valid/moe_{layer.shape.label}_{k}": v
-                       for k, v in layer.validation_metrics().items()})
+    _, loads = collect_moe_metrics(engine.module, groups)
     total = torch.stack(sums).sum(dim=0) if sums else torch.zeros(2, device=engine.device)
-    loss_sum, tokens = dp_sum(pipeline.from_last_stage(total, groups), groups, engine.device)
-    loss = (loss_sum / tokens.clamp(min=1.0)).item()
-    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), **gather_over_pipeline(values, groups)}
+    loss_sum, tokens = dp_sum(pipeline.from_last_stage(total, groups), groups, engine.device).tolist()
+    return HeldOut(loss_sum=loss_sum, tokens=tokens, expert_load=loads)
 
 
 def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
@@ -261,7 +298,7 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
         metrics.log(step, values)
 
     with blamed_on_changed_files(trainer.datasets.files):
-        if trainer.datasets.valid is not None and trainer.progress.iteration == 0:
+        if trainer.datasets.valid and trainer.progress.iteration == 0:
             validate(0)
         batches = iter(IntactBatches(build_loader(trainer.datasets.train, trainer.progress.consumed_samples,
                                                   trainer.cfg, trainer.groups), trainer.datasets.files))
@@ -274,7 +311,7 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
     """The steps of `train` up to train_iters: log, validate, checkpoint, stop on a signal."""
     cfg, layout = trainer.cfg, trainer.layout
     tokens_per_step = layout.global_batch_size * cfg.data.seq_length
-    do_eval = trainer.datasets.valid is not None
+    do_eval = bool(trainer.datasets.valid)
     skips = SkippedSteps(cfg.train.max_skipped_steps, trainer.progress.skipped_steps)
     ledger = Ledger.of(cfg, embedding_rows(cfg), dist.get_world_size(), tokens_per_step) if metrics.enabled else None
     started, first_step = time.perf_counter(), trainer.progress.iteration
@@ -390,6 +427,6 @@ def evaluate_checkpoint(cfg: RunConfig, layout: Layout) -> dict[str, float]:
         raise ValueError("set checkpoint.load=<a run's checkpoint directory> to evaluate its latest checkpoint")
     checkpoint.latest_tag_dir(cfg.checkpoint.load)  # CheckpointError if it holds none
     trainer = build_trainer(cfg, layout)
-    if trainer.datasets.valid is None:
+    if not trainer.datasets.valid:
         raise ValueError("train.eval_iters=0 or an empty validation split: nothing to evaluate")
     return {"iteration": trainer.progress.iteration, **evaluate(trainer)}

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import torch
 
-from megamoe.config import ConfigError, Environment, Layout, RunConfig, parse_data_path, validate
+from megamoe.config import (
+    ConfigError,
+    Environment,
+    Layout,
+    RunConfig,
+    data_split,
+    parse_data_path,
+    valid_sets,
+    validate,
+)
 from megamoe.data.loader import cache_dir
 from megamoe.data.tokenizer import mask_id, vocab_size
 from megamoe.parallel.launch import discover_ranks
@@ -49,17 +58,21 @@ def check_data_files(cfg: RunConfig, env: Environment, layout: Layout) -> None:
     from megamoe.data.checks import DataFileError, check_indexed_dataset, check_splits
 
     prefixes, weights = parse_data_path(cfg.data.data_path)
-    for prefix, weight in zip(prefixes, weights or [1.0], strict=False):
+    held_out = list(valid_sets(cfg.data.valid_data_path).values()) if cfg.data.valid_data_path is not None else []
+    shares = [w / sum(weights or [1.0]) for w in weights or [1.0]]
+    checked = [*(("data_path", p, data_split(cfg.data), share) for p, share in zip(prefixes, shares, strict=False)),
+               *(("valid_data_path", p, "0,1,0", None) for p in held_out)]
+    for key, prefix, split, share in checked:  # share: of the training blend
         try:
             dataset = check_indexed_dataset(prefix, cfg.data.tokenizer_model, env.tokenizer_vocab_size,
                                             cfg.data.tokenizer_type)
-            warnings = check_splits(dataset, cfg.data.split, cfg.data.seq_length)
+            warnings = check_splits(dataset, split, cfg.data.seq_length)
         except DataFileError as err:
-            raise ConfigError(f"data.data_path: {err}") from None
-        share = weight / sum(weights or [1.0])
-        check_sample_indices(cfg, layout, dataset, share)
+            raise ConfigError(f"data.{key}: {err}") from None
+        if share is not None:
+            check_sample_indices(cfg, layout, dataset, share)
         for warning in warnings if global_rank() == 0 else ():
-            get_logger().warning(f"data.data_path: {warning}")
+            get_logger().warning(f"data.{key}: {warning}")
 
 
 def check_sample_indices(cfg: RunConfig, layout: Layout, dataset, share: float) -> None:
@@ -72,7 +85,7 @@ def check_sample_indices(cfg: RunConfig, layout: Layout, dataset, share: float) 
     eval_samples = cfg.train.eval_iters * cfg.train.micro_batch_size * layout.data_parallel_size
     asked = (("train.train_iters", cfg.train.train_iters * layout.global_batch_size),
              ("train.eval_iters", eval_samples))
-    for (key, samples), size in zip(asked, split_sizes(dataset, cfg.data.split), strict=False):
+    for (key, samples), size in zip(asked, split_sizes(dataset, data_split(cfg.data)), strict=False):
         if size is None:
             continue
         documents, tokens = size

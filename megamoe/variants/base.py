@@ -101,6 +101,10 @@ class Study:
     """`claims(runs by name) -> [(claim, holds, numbers)]` on the mean results of the runs present."""
     report: Callable[[dict], list[str]] | None = None
     """`report(runs by name) -> markdown lines` of the paper's evaluations."""
+    trend: tuple[str, ...] = ()
+    """Runs compared with dense at 1/4, 1/2 and all of the budget."""
+    routers: tuple[str, ...] = ()
+    """Runs whose routers' split of the domains is measured (data with several held-out sets)."""
 
 
 # ---- parameter arithmetic shared by the variants (megamoe's experts and routers, unsharded) ----

@@ -87,7 +87,7 @@ def _blend_fractions(data: dict, second_prefix: str) -> dict:
     datasets = build_datasets(cfg, layout, load_tokenizer(data["tokenizer"]))
     sample = datasets.train[0]
     return {"fractions": np.bincount(datasets.train.dataset_index, minlength=2) / len(datasets.train),
-            "train": len(datasets.train), "valid": len(datasets.valid), "keys": sorted(sample),
+            "train": len(datasets.train), "valid": len(datasets.valid["valid"]), "keys": sorted(sample),
             "shifted": bool((sample["tokens"][1:] == sample["labels"][:-1]).all())}
 
 
