@@ -70,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = compare.prepare_data(args.corpus, work / "data", vocab_size=vocab_size)
     commit = compare.git_commit(ROOT)
-    results = compare.run_comparison(data, work, seeds, budget, args.variants, quick=args.quick, commit=commit)
     meta = {"commit": commit, "seeds": seeds, "corpus": args.recipe or args.corpus, "quick": args.quick,
             "budget": budget.__dict__, "tokens_per_run": budget.tokens, "variants": args.variants,
             "command": " ".join(["python", "tools/compare_variants.py", *(argv if argv is not None else sys.argv[1:])]),
             "corpus_statistics": data.corpus if args.recipe else {}}
+    # With --work apart, each run's result is also kept beside the report (out/runs/): a later call, in this
+    # checkout or another, trains only what is missing. The report is rewritten after every run.
+    results = compare.run_comparison(data, work, seeds, budget, args.variants, quick=args.quick, commit=commit,
+                                     keep_dir=out if work != out else None,
+                                     on_result=lambda done: compare_report.write_outputs(done, meta, out))
     compare_report.write_outputs(results, meta, out)
     print((out / "report.md").read_text())
     return 0

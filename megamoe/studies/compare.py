@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,16 +192,20 @@ def git_commit(checkout: Path) -> str:
 
 
 def run_comparison(data: StudyData, out_dir: Path, seeds: list[int], budget: Budget, runs_wanted: list[str],
-                   quick: bool = False, commit: str = "") -> list[RunResult]:
-    """Train and evaluate every (seed, variant); one process, sequentially. A run whose result is saved from an
-    earlier call with the same settings is read back, not trained again."""
+                   quick: bool = False, commit: str = "", keep_dir: Path | None = None,
+                   on_result: Callable[[list[RunResult]], None] | None = None) -> list[RunResult]:
+    """Train and evaluate every (seed, variant); one process, sequentially, under `out_dir`. A run whose result was
+    saved by an earlier call with the same settings (in its log directory, or in `keep_dir`: results kept with a
+    report, e.g. in the repository) is read back, not trained again. `on_result(results so far)` after each run."""
     runs, by_variant = study_runs(), studies()
     results = []
     for seed in seeds:
         for name in runs_wanted:
             variant, overrides = runs[name]
             extra = by_variant[variant].quick.get(name, []) if quick and variant is not None else []
-            results.append(_run_one(name, seed, [*overrides, *extra], data, out_dir, budget, commit))
+            results.append(_run_one(name, seed, [*overrides, *extra], data, out_dir, budget, commit, keep_dir))
+            if on_result is not None:
+                on_result(results)
     return results
 
 
@@ -215,7 +220,7 @@ RESULT_FILE = "result.json"
 
 
 def _run_one(name: str, seed: int, overrides: list[str], data: StudyData, out_dir: Path, budget: Budget,
-             commit: str) -> RunResult:
+             commit: str, keep_dir: Path | None) -> RunResult:
     from megamoe.train import startup
     from megamoe.train.loop import build_trainer, evaluate, evaluate_sets, train
     from megamoe.train.metrics import ExpertLoadLog, MetricsWriter
@@ -223,8 +228,10 @@ def _run_one(name: str, seed: int, overrides: list[str], data: StudyData, out_di
 
     log_dir = out_dir / "runs" / f"{name}-seed{seed}"
     settings = [*base_overrides(data, budget, log_dir, seed), *overrides]
-    if (saved := _saved_result(log_dir, settings)) is not None:
-        get_logger().info(f"compare: {name} seed {seed}: trained before ({log_dir / RESULT_FILE}), not again")
+    saved_at = [log_dir / RESULT_FILE, *([keep_dir / "runs" / f"{name}-seed{seed}.json"] if keep_dir else [])]
+    key = _portable(settings, out_dir)
+    if (saved := next((r for path in saved_at if (r := _saved_result(path, key)) is not None), None)) is not None:
+        get_logger().info(f"compare: {name} seed {seed}: trained before, not again")
         return saved
     shutil.rmtree(log_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
     cfg = config.load(None, settings)
@@ -249,14 +256,26 @@ def _run_one(name: str, seed: int, overrides: list[str], data: StudyData, out_di
         result.set_curves = {n: _curve(records, f"valid/{n}/loss") for n in sets}
         result.expert_load = {n: r.expert_load for n, r in sets.items() if r.expert_load}
     result.extra = _paper_evaluations(name, trainer, final, log_dir)
-    (log_dir / RESULT_FILE).write_text(json.dumps({"settings": settings, "result": dataclasses.asdict(result)}))
+    for path in saved_at:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": key, "result": dataclasses.asdict(result)}))
     get_logger().info(f"compare: {name} seed {seed}: valid ppl {result.valid_ppl:.1f} ({result.seconds:.0f} s)")
     return result
 
 
-def _saved_result(log_dir: Path, settings: list[str]) -> RunResult | None:
-    """The run's saved result if it was trained with exactly these settings."""
-    path = log_dir / RESULT_FILE
+def _portable(settings: list[str], out_dir: Path) -> list[str]:
+    """The settings with the run directory written as <out>: the same run in another checkout matches."""
+    where = sorted({str(out_dir), str(out_dir.resolve())}, key=len, reverse=True)
+    out = []
+    for setting in settings:
+        for prefix in where:
+            setting = setting.replace(prefix, "<out>")
+        out.append(setting)
+    return out
+
+
+def _saved_result(path: Path, settings: list[str]) -> RunResult | None:
+    """The result saved at `path` if its run was trained with exactly these settings."""
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
