@@ -124,6 +124,10 @@ def _fill_experts(model: torch.nn.Module, tag_dir: Path) -> None:
         raise integrity.CheckpointError(str(err)) from None
 
 
+RESHARD_DIR = "optimizer_any_layout"
+"""The optimizer state in global coordinates (train/reshard.py), for a resume under another layout."""
+
+
 class ShapeMismatch(integrity.CheckpointError):
     """A checkpoint tensor whose shape differs from the model's: the model is not the one the checkpoint holds."""
 
@@ -163,6 +167,9 @@ def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> 
                                              "consumed_samples": progress.consumed_samples,
                                              # DeepSpeed keeps a `skipped_steps` of its own under that name
                                              "megamoe_skipped_steps": progress.skipped_steps})
+        from megamoe.train import reshard  # (imports DeepSpeed: not for the tools that only read checkpoints)
+
+        reshard.save(engine, engine.module, groups, staging / RESHARD_DIR)  # for a resume at another layout
         tag_dir = integrity.publish(cfg.checkpoint.save, tag, cfg.checkpoint.keep_last)
     get_logger().info(f"saved checkpoint {tag_dir}")
     return tag_dir
@@ -234,6 +241,9 @@ class SavedLayout:
     pp: int = 1
     ep: int = 1
     num_layers: int = 1
+    zero_stage: int = 0
+    world_size: int | None = None
+    """Ranks that wrote it (one RNG file each); None when unknown (weights-only checkpoints)."""
 
     def stage_files(self, tag_dir: Path) -> list[list[Path]]:
         """DeepSpeed's model files, [stage][tp_rank]."""
@@ -248,10 +258,12 @@ def saved_layout(tag_dir: Path) -> SavedLayout:
     """The tensor-, pipeline- and expert-parallel sizes the checkpoint was written with."""
     saved = integrity.read_saved_config(tag_dir)
     parallel = saved.get("parallel", {})
+    ranks = len(list(tag_dir.glob("rng_state_rank*.pt")))
     return SavedLayout(tp=parallel.get("tensor_model_parallel_size", 1),
                        pp=parallel.get("pipeline_model_parallel_size", 1),
                        ep=parallel.get("expert_model_parallel_size", 1),
-                       num_layers=saved.get("model", {}).get("num_layers", 1))
+                       num_layers=saved.get("model", {}).get("num_layers", 1),
+                       zero_stage=saved.get("deepspeed", {}).get("zero_stage", 0), world_size=ranks or None)
 
 
 def global_module_states(tag_dir: Path) -> dict[str, list]:
@@ -271,13 +283,17 @@ def restarts(tag_dir: Path | None, cfg: RunConfig) -> bool:
 
 
 def loads_weights_only(tag_dir: Path | None, cfg: RunConfig) -> bool:
-    """True when only the weights of `tag_dir` load, before the engine exists (then load_weights): fine-tuning,
-    a weights-only checkpoint, or another tensor-, pipeline- or expert-parallel size than the checkpoint's."""
+    """True when only the weights of `tag_dir` load, before the engine exists (then load_weights, and the
+    optimizer state from its layout-free copy): fine-tuning, a weights-only checkpoint, or another layout than the
+    checkpoint's (tensor-, pipeline-, expert- or data-parallel size, ZeRO stage): DeepSpeed's own files load
+    only into the layout that wrote them."""
     if tag_dir is None:
         return False
     saved, par = saved_layout(tag_dir), cfg.parallel
     return (restarts(tag_dir, cfg) or saved.ep != par.expert_model_parallel_size
-            or saved.tp != par.tensor_model_parallel_size or saved.pp != par.pipeline_model_parallel_size)
+            or saved.tp != par.tensor_model_parallel_size or saved.pp != par.pipeline_model_parallel_size
+            or saved.zero_stage != cfg.deepspeed.zero_stage
+            or saved.world_size not in (None, dist.get_world_size()))
 
 
 def _load_model_file(path: Path, mmap: bool = False) -> dict:
@@ -343,8 +359,8 @@ def _load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups)
     require_fit(dense, model.state_dict(), tag_dir, elsewhere=expert_keys)
     model.load_state_dict(dense, strict=False)
     _fill_experts(model, tag_dir)
-    get_logger().warning(f"loaded the weights of {tag_dir} (fine-tuning, a weights-only checkpoint or another "
-                         "parallel layout): the optimizer state starts afresh")
+    get_logger().info(f"loaded the weights of {tag_dir} (fine-tuning, a weights-only checkpoint or another "
+                      "parallel layout)")
     return states
 
 
@@ -378,6 +394,14 @@ def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: d
         client_state = weights_states
         if engine.lr_scheduler is not None and "lr_scheduler" in weights_states:
             engine.lr_scheduler.load_state_dict(weights_states["lr_scheduler"])
+        if (tag_dir / RESHARD_DIR).is_dir():
+            from megamoe.train import reshard
+
+            step = reshard.load(engine, engine.module, groups, tag_dir / RESHARD_DIR)
+            get_logger().info(f"optimizer state of {tag_dir} (step {step}) re-cut for this layout")
+        else:
+            get_logger().warning(f"{tag_dir} holds no optimizer state for another layout (saved before megamoe "
+                                 f"wrote {RESHARD_DIR}): the optimizer state starts afresh")
     else:
         model_file = saved_layout(tag_dir).stage_files(tag_dir)[groups.pp_rank][groups.tp_rank]
         integrity.on_every_rank(lambda: require_fit(_load_model_file(model_file, mmap=True)["module"],

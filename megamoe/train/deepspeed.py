@@ -216,6 +216,50 @@ def base_optimizer(engine: deepspeed.DeepSpeedEngine) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def optimized_parameters(engine: deepspeed.DeepSpeedEngine) -> set[int]:
+    """ids of the model parameters the optimizer updates."""
+    owner = engine.optimizer
+    groups = getattr(owner, "bit16_groups", None) or getattr(owner, "bf16_groups", None)  # ZeRO 1-2, bf16
+    if groups is not None:
+        return {id(p) for group in groups for p in group}
+    return {id(p) for group in base_optimizer(engine).param_groups for p in group["params"]}
+
+
+def partition_moments(engine: deepspeed.DeepSpeedEngine, mapping, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A ZeRO / bf16 parameter's range (its `_hp_mapping`) of the optimizer state `keys`, from the flat state of its
+    parameter group (DeepSpeed 0.19 links `_hp_mapping.optim_fragment` for the first parameter group only)."""
+    inner = engine.optimizer.optimizer
+    state = inner.state.get(inner.param_groups[mapping.param_group_index]["params"][0], {})
+    address = mapping.hp_fragment_address
+    return {k: state[k].narrow(0, address.start, address.numel) for k in keys if k in state}
+
+
+def set_partitioned_state(engine: deepspeed.DeepSpeedEngine, values: dict[int, dict[str, torch.Tensor]], step: int,
+                          keys: tuple[str, ...]) -> None:
+    """ZeRO 1-2 / bf16: each parameter's range (by id) of the fp32 master weights ('master', if given) and of the
+    optimizer state `keys`, then the optimizer's flat state built from them, as DeepSpeed's universal-checkpoint
+    loading does."""
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    owner = engine.optimizer
+    lp_groups = getattr(owner, "bit16_groups", None) or owner.bf16_groups
+    inner = owner.optimizer
+    for i, group in enumerate(lp_groups):
+        for lp in group:
+            mapping = lp._hp_mapping
+            if mapping is None:
+                continue
+            mine = values[id(lp)]
+            if "master" in mine:
+                mapping.get_hp_fragment().data.copy_(mine["master"])
+            mapping.optim_fragment = {k: mine[k].to(mapping.get_hp_fragment().device) for k in keys}
+        hp_param = inner.param_groups[i]["params"][0]
+        inner.state[hp_param]["step"] = torch.tensor(float(step))
+        map_to_flat_opt_states(hp_param, group, inner.state, keys)
+        if "step" in inner.param_groups[i]:
+            inner.param_groups[i]["step"] = step
+
+
 def aux_loss_scale(engine: deepspeed.DeepSpeedEngine) -> float:
     """The gradient of an attached aux loss: DeepSpeed divides the LM loss by the accumulation steps and, in
     fp16, multiplies it by the current loss scale; the aux losses must be scaled alike."""
