@@ -4,8 +4,9 @@
 Prints, per pipeline stage (one rank of it): weights, gradients and optimizer states under the ZeRO stage,
 activations kept for backward (times the micro-batches the 1F1B schedule keeps alive) and the bytes the rank
 sends to other ranks through the expert-parallel all-to-all per optimizer step (megamoe/moe/plan.py says how;
-tests/distributed/test_plan.py checks it against measured runs). The vocabulary comes from --vocab-size,
-model.vocab_size or the config's tokenizer.
+tests/distributed/test_plan.py checks it against measured runs); then the bytes of one checkpoint (in all, from
+the rank writing the most, per kind of file) and its save time at --fs-gbps of file-system bandwidth. The
+vocabulary comes from --vocab-size, model.vocab_size or the config's tokenizer.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
     parser.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: model.vocab_size or the "
                         "config's data.tokenizer_model)")
+    parser.add_argument("--fs-gbps", type=float, default=10.0,
+                        help="aggregate write bandwidth of the checkpoint file system, GB/s (default %(default)s)")
     args = parser.parse_args(argv)
     for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
         if value < 1:
             parser.error(f"{flag} {value} must be >= 1")
+    if args.fs_gbps <= 0:
+        parser.error(f"--fs-gbps {args.fs_gbps} must be > 0")
     from megamoe.data.tokenizer import vocab_size as tokenizer_vocab_size
     from megamoe.moe import plan
 
@@ -44,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except (config.ConfigError, ValueError) as err:  # ValueError: a tokenizer file that is not a model
         return cli.fail("plan", err)
     print(plan.format_plan(plan.plan(cfg, world, vocab), cfg, world))
+    print("\n" + plan.format_checkpoint(plan.checkpoint_plan(cfg, world, vocab), args.fs_gbps))
     return 0
 
 
