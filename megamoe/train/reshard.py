@@ -151,15 +151,16 @@ class Entry:
 
 
 def entries(model: torch.nn.Module, groups: ParallelGroups, optimized: set[int]) -> list[Entry]:
-    """Every parameter the optimizer updates, with its global geometry, in the model's order."""
+    """Every parameter whose optimizer state this rank holds (all it updates; under ZeRO, those with a range in
+    its partition), with its global geometry, in the model's order."""
     from megamoe.train.checkpoint import layer_offset
 
     offset = layer_offset(model)
     experts = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
     out = []
     for name, param in model.named_parameters():
-        if id(param) not in optimized:
-            continue
+        if id(param) not in optimized or (hasattr(param, "_hp_mapping") and param._hp_mapping is None):
+            continue  # not optimized, or (ZeRO) wholly in other ranks' partitions
         owner, _, leaf = name.rpartition(".")
         expert = experts.get(owner) if "." not in leaf else None
         geo = geometry(shift_layer_index(name, offset), param, groups, expert)
