@@ -1,7 +1,8 @@
 """PEER with sharded tables against the unsharded layer (fp32, gloo): the tables row-sharded over EP=2 (router
 replicated on the gathered tokens, partial outputs reduce-scattered), and TP=2 with sequence parallelism
 (tables replicated, gradients summed over TP); then the whole model under DeepSpeed ZeRO-2 with EP=2 for 3 steps
-against one process. BatchNorm on (its statistics over the whole micro-batch either way)."""
+against one process. BatchNorm on (its statistics over the whole micro-batch either way); LayerNorm under TP=2 as
+well (its gradients summed over the ranks like the query's)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from tests.helpers import max_rel_diff, spawn, train_steps
 
 D, TOKENS_PER_RANK = 16, 12
-LAYOUTS = [{"expert_model_parallel_size": 2},
-           {"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_model_parallel_size": 1}]
+TP2 = {"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_model_parallel_size": 1}
+LAYOUTS = [({"expert_model_parallel_size": 2}, "batchnorm"), (TP2, "batchnorm"), (TP2, "layernorm")]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,9 +39,10 @@ def _layer_parity(layouts: list[dict]) -> list[dict]:
     from megamoe.variants.peer import PEERMoEConfig
 
     out = []
-    for par in layouts:
+    for par, query_norm in layouts:
         groups = initialize(ParallelConfig(**par), seed=7)
-        cfg = PEERMoEConfig(num_experts=256, num_heads=2, topk_per_head=4, key_dim=8, chunk_tokens=5)
+        cfg = PEERMoEConfig(num_experts=256, num_heads=2, topk_per_head=4, key_dim=8, chunk_tokens=5,
+                            query_norm=query_norm)
         shape = LayerShape(hidden_size=D, ffn_hidden_size=32, swiglu=True, init_std=0.2, num_layers=2,
                            layer_number=1, seed=3)
         reference = build_moe(cfg, shape, ParallelGroups.single_process())
@@ -59,7 +61,8 @@ def _layer_parity(layouts: list[dict]) -> list[dict]:
         sharded.eval()
         reference.eval()
         dense = {n: p.grad for n, p in sharded.named_parameters() if "experts" not in n}
-        out.append({
+        out.append({**({"bn running mean": _rel(sharded.query_norm.running_mean, reference.query_norm.running_mean)}
+                        if query_norm == "batchnorm" else {}),
             "initial tables": _rel(sharded.experts.down.detach(), reference.experts.down.detach()[rows]),
             "output": _rel(sharded(x_TD[mine]).detach(), reference(x_TD).detach()[mine]),
             "input grad": _rel(x_local.grad, x_ref.grad[mine]),
@@ -67,7 +70,6 @@ def _layer_parity(layouts: list[dict]) -> list[dict]:
                                for t in ("down", "up")),
             "router grads": max(_rel(_sum(g, groups.dp_group), dict(reference.named_parameters())[n].grad)
                                 for n, g in dense.items()),
-            "bn running mean": _rel(sharded.query_norm.running_mean, reference.query_norm.running_mean),
         })
     return out
 
@@ -77,7 +79,7 @@ def layer_results() -> list[list[dict]]:
     return spawn(_layer_parity, 2, LAYOUTS)
 
 
-@pytest.mark.parametrize("index, name", [(0, "EP2"), (1, "TP2xEP1")])
+@pytest.mark.parametrize("index, name", [(0, "EP2"), (1, "TP2xEP1"), (2, "TP2xEP1 LayerNorm")])
 def test_sharded_peer_layer_matches_unsharded(layer_results, index, name):
     for rank, diffs in enumerate(r[index] for r in layer_results):
         print(name, "rank", rank, {k: f"{v:.1e}" for k, v in diffs.items()})

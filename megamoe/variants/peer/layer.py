@@ -186,8 +186,10 @@ class PEERMoE(MoELayer):
         if isinstance(self.query_norm, MaskedBatchNorm):
             norm = self.query_norm
             q_GF = norm(q_GF, valid_G, reduce_grad(norm.weight, sp), reduce_grad(norm.bias, sp))
-        elif self.query_norm is not None:
-            q_GF = self.query_norm(q_GF)
+        elif self.query_norm is not None:  # LayerNorm: every rank of the group normalises the group's tokens, but
+            norm = self.query_norm  # backpropagates only its own: their gradients are summed, as the query's
+            q_GF = F.layer_norm(q_GF, norm.normalized_shape, reduce_grad(norm.weight, sp), reduce_grad(norm.bias, sp),
+                                norm.eps)
         q_GHD = q_GF.view(x_GD.shape[0], cfg.num_heads, cfg.key_dim)
         keys1, keys2 = reduce_grad(self.keys1, sp), reduce_grad(self.keys2, sp)
         scores_GHK, ids_GHK = product_key_topk(q_GHD, keys1.float(), keys2.float(), cfg.topk_per_head)
