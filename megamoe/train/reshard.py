@@ -30,7 +30,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -43,6 +48,10 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP_FILE = "optimizer.json"
 PIECE_BYTES = 4 << 20
 """Largest piece a rank writes: a rank loading part of a tensor reads whole saved pieces that overlap it."""
+
+
+Rect = tuple[int, int, int, int]
+"""Rows [r0, r1) and columns [c0, c1) of a local 2-D view."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,7 @@ def geometry(name: str, param: torch.Tensor, groups: ParallelGroups, expert: Exp
     return Geometry(name, (rows, cols), (rows, cols * tp), blocks)
 
 
-def flat_rectangles(start: int, numel: int, cols: int) -> list[tuple[int, int, int, int]]:
+def flat_rectangles(start: int, numel: int, cols: int) -> list[Rect]:
     """The rectangles (r0, r1, c0, c1) of a [rows, cols] view that cover the flat range [start, start + numel), in
     order: a part of a row, whole rows, a part of a row."""
     end, out = start + numel, []
@@ -120,21 +129,28 @@ class Piece:
     tensor: torch.Tensor
 
 
-def pieces_of(key: str, geo: Geometry, local_2d: torch.Tensor, rect: tuple[int, int, int, int] | None = None,
-              rect_values: torch.Tensor | None = None) -> list[Piece]:
-    """The pieces of a local tensor (its 2-D view), or of one rectangle of it given with its own values."""
+def overlaps(geo: Geometry, rect: Rect | None) -> list[tuple[Rect, tuple[int, int]]]:
+    """The parts of a local rectangle (default: all of the local tensor) in each block: (local part, its global
+    corner)."""
     r0, r1, c0, c1 = rect or (0, geo.local[0], 0, geo.local[1])
-    values = local_2d if rect_values is None else rect_values
     out = []
     for b in geo.blocks:
         lo_r, hi_r, lo_c, hi_c = max(r0, b.r0), min(r1, b.r1), max(c0, b.c0), min(c1, b.c1)
-        if lo_r >= hi_r or lo_c >= hi_c:
-            continue
+        if lo_r < hi_r and lo_c < hi_c:
+            out.append(((lo_r, hi_r, lo_c, hi_c), (b.row + lo_r - b.r0, b.col + lo_c - b.c0)))
+    return out
+
+
+def pieces_of(key: str, geo: Geometry, values: torch.Tensor, rect: Rect | None = None) -> list[Piece]:
+    """The pieces of a local rectangle (default: the whole local tensor), `values` its 2-D values, each at most
+    PIECE_BYTES."""
+    r0, c0 = (rect[0], rect[2]) if rect else (0, 0)
+    out = []
+    for (lo_r, hi_r, lo_c, hi_c), (row, col) in overlaps(geo, rect):
         part = values[lo_r - r0:hi_r - r0, lo_c - c0:hi_c - c0]
         rows_per_piece = max(1, PIECE_BYTES // max(1, part.shape[1] * part.element_size()))
-        for start in range(0, part.shape[0], rows_per_piece):
-            out.append(Piece(key, (b.row + lo_r - b.r0 + start, b.col + lo_c - b.c0), geo.size,
-                             part[start:start + rows_per_piece]))
+        out += [Piece(key, (row + start, col), geo.size, part[start:start + rows_per_piece])
+                for start in range(0, part.shape[0], rows_per_piece)]
     return out
 
 
@@ -168,12 +184,12 @@ def entries(model: torch.nn.Module, groups: ParallelGroups, optimized: set[int])
     return out
 
 
-def _fragment_rectangles(entry: Entry) -> list[tuple[int, int, int, int]]:
+def _fragment_rectangles(entry: Entry) -> list[Rect]:
     address = entry.fragment.lp_fragment_address
     return flat_rectangles(address.start, address.numel, entry.geo.local[1])
 
 
-def _fragment_values(flat: torch.Tensor, rect: tuple[int, int, int, int], start: int, cols: int) -> torch.Tensor:
+def _fragment_values(flat: torch.Tensor, rect: Rect, start: int, cols: int) -> torch.Tensor:
     """The rectangle's values within a fragment (a flat tensor starting at flat index `start`)."""
     r0, r1, c0, c1 = rect
     first = r0 * cols + c0 - start
@@ -192,8 +208,8 @@ def save(engine, model: torch.nn.Module, groups: ParallelGroups, directory: Path
             tensors = {"master": entry.fragment.get_hp_fragment(), **partition_moments(engine, entry.fragment, MOMENTS)}
             for key, flat in tensors.items():
                 for rect in _fragment_rectangles(entry):
-                    pieces += pieces_of(f"{key}/{entry.geo.name}", entry.geo, None, rect,
-                                        _fragment_values(flat.detach(), rect, start, cols))
+                    pieces += pieces_of(f"{key}/{entry.geo.name}", entry.geo,
+                                        _fragment_values(flat.detach(), rect, start, cols), rect)
         else:
             for key in MOMENTS:
                 if key in state.get(entry.param, {}):
@@ -225,8 +241,6 @@ class _PieceSavePlanner(DefaultSavePlanner):
         self.pieces = pieces
 
     def create_local_plan(self) -> SavePlan:
-        from torch.distributed.checkpoint.metadata import TensorProperties
-
         items = [WriteItem(index=MetadataIndex(p.key, torch.Size(p.offsets)), type=WriteItemType.SHARD,
                            tensor_data=TensorWriteData(
                                chunk=ChunkStorageMetadata(offsets=torch.Size(p.offsets),
@@ -251,18 +265,11 @@ class Request:
     buffer: torch.Tensor
 
 
-def requests_of(key: str, geo: Geometry, rect: tuple[int, int, int, int] | None = None) -> list[tuple[Request, Block,
-                                                                                                   tuple[int, ...]]]:
-    """The requests covering the local tensor (or one rectangle of it): (request, its block, its local rectangle)."""
-    r0, r1, c0, c1 = rect or (0, geo.local[0], 0, geo.local[1])
-    out = []
-    for b in geo.blocks:
-        lo_r, hi_r, lo_c, hi_c = max(r0, b.r0), min(r1, b.r1), max(c0, b.c0), min(c1, b.c1)
-        if lo_r < hi_r and lo_c < hi_c:
-            buffer = torch.zeros(hi_r - lo_r, hi_c - lo_c)  # rows beyond the saved tensor (vocabulary padding): 0
-            out.append((Request(key, (b.row + lo_r - b.r0, b.col + lo_c - b.c0), buffer), b,
-                        (lo_r, hi_r, lo_c, hi_c)))
-    return out
+def requests_of(key: str, geo: Geometry, rect: Rect | None = None) -> list[tuple[Request, Rect]]:
+    """The requests covering a local rectangle (default: the whole local tensor), each with its local part."""
+    # Zeros: rows beyond the saved tensor (megatron's vocabulary padding at another TP size) stay 0.
+    return [(Request(key, corner, torch.zeros(hi_r - lo_r, hi_c - lo_c)), (lo_r, hi_r, lo_c, hi_c))
+            for (lo_r, hi_r, lo_c, hi_c), corner in overlaps(geo, rect)]
 
 
 def load(engine, model: torch.nn.Module, groups: ParallelGroups, directory: Path) -> int:
@@ -277,12 +284,12 @@ def load(engine, model: torch.nn.Module, groups: ParallelGroups, directory: Path
             rects = _fragment_rectangles(entry) if entry.fragment is not None else [None]
             plan.append((entry, key, [r for rect in rects for r in requests_of(f"{key}/{entry.geo.name}",
                                                                                  entry.geo, rect)]))
-    requests = [request for _, _, parts in plan for request, _, _ in parts]
+    requests = [request for _, _, parts in plan for request, _ in parts]
     found = _read(requests, directory)
     optimizer = base_optimizer(engine)
     fragments: dict[int, dict[str, torch.Tensor]] = {}
     for entry, key, parts in plan:
-        if not all((r.key, r.offsets) in found for r, _, _ in parts):
+        if not all((r.key, r.offsets) in found for r, _ in parts):
             if key == "master":
                 continue  # saved without one (ZeRO-0, fp32): the loaded weights are the master weights
             raise KeyError(f"{directory}: no {key} for {entry.geo.name}: the checkpoint does not hold this model's "
@@ -290,12 +297,12 @@ def load(engine, model: torch.nn.Module, groups: ParallelGroups, directory: Path
         if entry.fragment is not None:
             flat = torch.empty(entry.fragment.lp_fragment_address.numel)
             start, cols = entry.fragment.lp_fragment_address.start, entry.geo.local[1]
-            for request, _, rect in parts:
+            for request, rect in parts:
                 _fragment_values(flat, rect, start, cols)[...] = request.buffer
             fragments.setdefault(id(entry.param), {})[key] = flat
         else:
             local = torch.empty(entry.geo.local)
-            for request, _, (r0, r1, c0, c1) in parts:
+            for request, (r0, r1, c0, c1) in parts:
                 local[r0:r1, c0:c1] = request.buffer
             value = local.view_as(entry.param).to(entry.param.device, torch.float32)
             optimizer.state[entry.param][key] = value
