@@ -104,6 +104,14 @@ class StudyData:
     corpus: dict = field(default_factory=dict)
     """What the data is (the corpus manifest: documents and tokens per domain and split), for the report."""
 
+    def fingerprint(self) -> dict:
+        """What the data holds, apart from where it lies: documents, bytes and tokens per domain and split (a
+        corpus rebuilt from other installed packages differs), or the corpus file."""
+        if "domains" in self.corpus:
+            return {name: {split: [s["documents"], s["bytes"], s["tokens"]] for split, s in domain["splits"].items()}
+                    for name, domain in self.corpus["domains"].items()}
+        return {"file": self.corpus.get("file", "")}
+
     def overrides(self) -> list[str]:
         held_out = ([] if self.valid_data_path is None
                     else [f"data.valid_data_path=[{', '.join(self.valid_data_path)}]"])
@@ -229,7 +237,7 @@ def _run_one(name: str, seed: int, overrides: list[str], data: StudyData, out_di
     log_dir = out_dir / "runs" / f"{name}-seed{seed}"
     settings = [*base_overrides(data, budget, log_dir, seed), *overrides]
     saved_at = [log_dir / RESULT_FILE, *([keep_dir / "runs" / f"{name}-seed{seed}.json"] if keep_dir else [])]
-    key = _portable(settings, out_dir)
+    key = {"settings": _portable(settings, out_dir), "data": data.fingerprint()}
     if (saved := next((r for path in saved_at if (r := _saved_result(path, key)) is not None), None)) is not None:
         get_logger().info(f"compare: {name} seed {seed}: trained before, not again")
         return saved
@@ -258,7 +266,7 @@ def _run_one(name: str, seed: int, overrides: list[str], data: StudyData, out_di
     result.extra = _paper_evaluations(name, trainer, final, log_dir)
     for path in saved_at:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"settings": key, "result": dataclasses.asdict(result)}))
+        path.write_text(json.dumps({**key, "result": dataclasses.asdict(result)}))
     get_logger().info(f"compare: {name} seed {seed}: valid ppl {result.valid_ppl:.1f} ({result.seconds:.0f} s)")
     return result
 
@@ -274,12 +282,12 @@ def _portable(settings: list[str], out_dir: Path) -> list[str]:
     return out
 
 
-def _saved_result(path: Path, settings: list[str]) -> RunResult | None:
-    """The result saved at `path` if its run was trained with exactly these settings."""
+def _saved_result(path: Path, key: dict) -> RunResult | None:
+    """The result saved at `path` if its run was trained with exactly these settings on the same data."""
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return result_from_dict(saved["result"]) if saved["settings"] == settings else None
+    return result_from_dict(saved["result"]) if all(saved.get(k) == v for k, v in key.items()) else None
 
 
 def result_from_dict(values: dict) -> RunResult:

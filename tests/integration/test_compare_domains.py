@@ -86,3 +86,19 @@ def test_mutual_information_of_expert_and_domain():
     assert domain_information(half) == pytest.approx(expected)
     assert domain_share(half, "code") == pytest.approx([2 / 3, 0.0])
     assert math.isnan(domain_share({"code": [0.0, 1.0], "prose": [0.0, 1.0]}, "code")[0])
+
+
+def test_a_kept_run_of_another_corpus_is_not_reused(study, tmp_path):
+    """A corpus rebuilt from other installed packages has other statistics: its runs train again."""
+    import json
+
+    from megamoe.studies import compare
+
+    kept = json.loads((study["root"] / "out" / "runs" / "dense-seed1.json").read_text())
+    key = {"settings": kept["settings"], "data": kept["data"]}
+    (tmp_path / "same.json").write_text(json.dumps(kept))
+    assert compare._saved_result(tmp_path / "same.json", key) is not None
+    other = json.loads(json.dumps(kept))
+    other["data"]["code"]["train"][2] += 1  # one token more
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert compare._saved_result(tmp_path / "other.json", key) is None
