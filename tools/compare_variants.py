@@ -10,8 +10,9 @@ The default (two seeds, 300 steps x 16 x 128 tokens per run, 11 runs per seed) t
 --recipe code-prose trains on a two-domain corpus (this environment's Python sources and the sample prose, built
 into <work>/data by tools/build_corpus.py's recipe) and reports perplexity per domain, the trend of the gaps along
 the run and how the routers split the domains; --budget large gives every run 5.2 M tokens (about 5 hours for
-both seeds on a 2-core CPU). Each finished run's result is kept in <work>/runs/<run>-seed<s>/result.json: run the
-command again and it trains only what is missing (stop it at any time).
+both seeds on a 2-core CPU). Each finished run's result is kept in <work>/runs/<run>-seed<s>/result.json (with
+--work apart, also in <out>/runs/<run>-seed<s>.json): run the command again and it trains only what is missing
+(stop it at any time).
 Writes <out>/report.md, results.json and PNG plots (seeds, overrides and the git commit in them) and prints the
 report; --from-results renders an earlier run's results.json again, training nothing.
 """
@@ -79,20 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     results = compare.run_comparison(data, work, seeds, budget, args.variants, quick=args.quick, commit=commit,
                                      keep_dir=out if work != out else None,
                                      on_result=lambda done: compare_report.write_outputs(done, meta, out))
-    compare_report.write_outputs(results, meta, out)
-    print((out / "report.md").read_text())
-    return 0
-    if not Path(args.corpus).is_file():
-        parser.error(f"--corpus {args.corpus} does not exist")
-
-    startup.set_runtime_environment(cuda_available=False)
-    out = Path(args.out)
-    budget = compare.QUICK if args.quick else compare.DEFAULT
-    seeds = args.seeds or ([1] if args.quick else [1, 2])
-    prefix, tokenizer = compare.prepare_data(args.corpus, out / "data", vocab_size=1000 if args.quick else 4000)
-    results = compare.run_comparison(prefix, tokenizer, out, seeds, budget, args.variants, quick=args.quick)
-    meta = {"commit": compare.git_commit(ROOT), "seeds": seeds, "corpus": args.corpus, "quick": args.quick,
-            "budget": budget.__dict__, "tokens_per_run": budget.tokens, "variants": args.variants}
     compare_report.write_outputs(results, meta, out)
     print((out / "report.md").read_text())
     return 0
