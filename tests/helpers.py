@@ -253,6 +253,22 @@ def train_steps(data: dict, overrides: list[str], steps: int) -> dict:
             "full": full if dist.get_rank() == 0 else None, "trainer": trainer}
 
 
+def run_training(data: dict, *overrides: str) -> None:
+    """Train tiny_config(data, *overrides) on this launch through megamoe's loop (validation, checkpoints,
+    metrics.jsonl in logging.log_dir), as the launcher does."""
+    from megamoe.train import startup
+    from megamoe.train.loop import build_trainer, train
+    from megamoe.train.metrics import ExpertLoadLog, MetricsWriter
+
+    cfg = tiny_config(data, *overrides)
+    trainer = build_trainer(cfg, startup.check(cfg))
+    metrics = MetricsWriter(cfg)
+    try:
+        train(trainer, metrics, ExpertLoadLog(cfg.logging.log_dir))
+    finally:
+        metrics.close()
+
+
 def max_rel_diff(got: dict, want: dict) -> float:
     """Largest relative (norm-wise) difference over the tensors of `want`."""
     return max(((got[k] - v).norm() / v.norm().clamp(min=1e-30)).item() for k, v in want.items())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import statistics
 import subprocess
@@ -260,7 +259,7 @@ def _run_one(name: str, seed: int, overrides: list[str], data: StudyData, out_di
                            r["train/tokens_per_s"] for r in records if "train/tokens_per_s" in r),
                        commit=commit)
     if len(sets) > 1:
-        result.set_ppl = {n: math.exp(min(r.loss, 50.0)) for n, r in sets.items()}
+        result.set_ppl = {n: r.ppl for n, r in sets.items()}
         result.set_curves = {n: _curve(records, f"valid/{n}/loss") for n in sets}
         result.expert_load = {n: r.expert_load for n, r in sets.items() if r.expert_load}
     result.extra = _paper_evaluations(name, trainer, final, log_dir)

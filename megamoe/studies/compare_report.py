@@ -30,6 +30,11 @@ def router_runs() -> list[str]:
     return [run for study in studies().values() for run in study.routers]
 
 
+def routed_runs_present(v: dict[str, list[RunResult]]) -> list[str]:
+    """router_runs() present in `v` with an expert load per held-out set."""
+    return [n for n in router_runs() if n in v and v[n][0].expert_load]
+
+
 def by_variant(results: list[RunResult]) -> dict[str, list[RunResult]]:
     out: dict[str, list[RunResult]] = {}
     for r in results:
@@ -183,7 +188,7 @@ def layer_loads(run: RunResult) -> dict[str, dict[str, list[float]]]:
 
 
 def _specialisation_section(v: dict[str, list[RunResult]]) -> list[str]:
-    present = [n for n in router_runs() if n in v and v[n][0].expert_load]
+    present = routed_runs_present(v)
     if not present:
         return []
     lines = ["", "Expert specialisation: mutual information between a copy's expert and its token's domain, in bits "
@@ -274,7 +279,7 @@ def domain_share(load_by_set: dict[str, list[float]], held_out: str) -> list[flo
 def _specialisation_plot(v: dict[str, list[RunResult]], out_dir: Path, plt) -> None:
     """specialisation.png: one panel per routed run (its first seed), a row per MoE layer, a cell per expert coloured
     by the share of the expert's copies that are the first domain's tokens (0.5: both domains alike)."""
-    present = [n for n in router_runs() if n in v and v[n][0].expert_load]
+    present = routed_runs_present(v)
     if not present:
         return
     rows = sum(len(layer_loads(v[n][0])) for n in present)

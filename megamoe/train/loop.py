@@ -222,25 +222,28 @@ class HeldOut:
     def loss(self) -> float:
         return self.loss_sum / max(self.tokens, 1.0)
 
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/loss": self.loss, f"{prefix}/ppl": self.ppl}
+
 
 @torch.no_grad()
 def evaluate(trainer: Trainer) -> dict[str, float]:
     """Validation loss and perplexity, pooled over the validation sets and, with several, per set
     (valid/<name>/loss, valid/<name>/ppl), plus the MoE layers' validation metrics."""
     sets = evaluate_sets(trainer)
-    values = _loss_values("valid", sum(r.loss_sum for r in sets.values()), sum(r.tokens for r in sets.values()))
+    pooled = HeldOut(sum(r.loss_sum for r in sets.values()), sum(r.tokens for r in sets.values()), {})
+    values = pooled.metrics("valid")
     if len(sets) > 1:
         for name, result in sets.items():
-            values |= _loss_values(f"valid/{name}", result.loss_sum, result.tokens)
+            values |= result.metrics(f"valid/{name}")
     layers = moe_layers(trainer.engine.module)
     metrics = {f"valid/moe_{layer.shape.label}_{k}": v
                for layer in layers for k, v in layer.validation_metrics().items()}
     return {**values, **gather_over_pipeline(metrics, trainer.groups)}
-
-
-def _loss_values(prefix: str, loss_sum: float, tokens: float) -> dict[str, float]:
-    loss = loss_sum / max(tokens, 1.0)
-    return {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0))}
 
 
 @torch.no_grad()

@@ -155,19 +155,9 @@ CHECKPOINT_TOL = 0.05  # file overhead beside the tensor data (pickled names, DC
 
 def _save_checkpoint(data: dict, save: str, overrides: list[str]) -> int:
     from megamoe.data.tokenizer import spm_vocab_size
-    from megamoe.train import startup
-    from megamoe.train.loop import build_trainer, train
-    from megamoe.train.metrics import ExpertLoadLog, MetricsWriter
-    from tests.helpers import tiny_config
+    from tests.helpers import run_training
 
-    cfg = tiny_config(data, "train.train_iters=2", "checkpoint.save_interval=1", f"checkpoint.save={save}",
-                      *overrides)
-    trainer = build_trainer(cfg, startup.check(cfg))
-    metrics = MetricsWriter(cfg)
-    try:
-        train(trainer, metrics, ExpertLoadLog(cfg.logging.log_dir))
-    finally:
-        metrics.close()
+    run_training(data, "train.train_iters=2", "checkpoint.save_interval=1", f"checkpoint.save={save}", *overrides)
     return spm_vocab_size(data["tokenizer"])
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import spawn, tiny_config
+from tests.helpers import run_training, spawn
 
 SAVED, MORE = 4, 3
 TOLERANCE = 1e-6
@@ -37,18 +37,8 @@ CASES["topk_zero2_to_zero0"] = (MODELS["topk"], ZERO2, (), 2)
 
 
 def _train(data: dict, log_dir: str, steps: int, overrides: tuple[str, ...]) -> None:
-    from megamoe.train import startup
-    from megamoe.train.loop import build_trainer, train
-    from megamoe.train.metrics import ExpertLoadLog, MetricsWriter
-
-    cfg = tiny_config(data, f"logging.log_dir={log_dir}", f"train.train_iters={steps}", "train.global_batch_size=8",
-                      "train.lr_warmup_iters=2", "train.lr=3e-3", *overrides)
-    trainer = build_trainer(cfg, startup.check(cfg))
-    metrics = MetricsWriter(cfg)
-    try:
-        train(trainer, metrics, ExpertLoadLog(log_dir))
-    finally:
-        metrics.close()
+    run_training(data, f"logging.log_dir={log_dir}", f"train.train_iters={steps}", "train.global_batch_size=8",
+                 "train.lr_warmup_iters=2", "train.lr=3e-3", *overrides)
 
 
 def _losses(log_dir: Path) -> dict[int, float]:

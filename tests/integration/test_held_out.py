@@ -10,7 +10,7 @@ import pytest
 
 from megamoe.config import ConfigError
 from megamoe.data.preprocess import encode_corpus
-from tests.helpers import spawn, tiny_config
+from tests.helpers import run_training, spawn, tiny_config
 
 MOE = ("moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=64")
 
@@ -107,17 +107,7 @@ def test_held_out_losses_reach_the_metrics_file(tiny_data, held_out, tmp_path):
 
 
 def _train_and_read_metrics(data: dict, valid: list[str], log_dir: str) -> list[dict]:
-    from megamoe.train import startup
-    from megamoe.train.loop import build_trainer, train
-    from megamoe.train.metrics import ExpertLoadLog, MetricsWriter
-
-    cfg = tiny_config(data, f"data.valid_data_path=[{', '.join(valid)}]", "train.eval_iters=1",
-                      "train.eval_interval=2", f"logging.log_dir={log_dir}")
-    trainer = build_trainer(cfg, startup.check(cfg))
-    metrics = MetricsWriter(cfg)
-    try:
-        train(trainer, metrics, ExpertLoadLog(log_dir))
-    finally:
-        metrics.close()
+    run_training(data, f"data.valid_data_path=[{', '.join(valid)}]", "train.eval_iters=1", "train.eval_interval=2",
+                 f"logging.log_dir={log_dir}")
     with open(f"{log_dir}/metrics.jsonl") as f:
         return [json.loads(line) for line in f]
