@@ -47,13 +47,18 @@ def slurm_conf(root: Path, node: str, hardware: str) -> str:
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none", "SchedulerType=sched/backfill",
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",
-        "GresTypes=gpu",  # the job script asks for GPUs per node: this node offers two stand-ins (gres.conf)
+        "SlurmdParameters=config_overrides",  # the node's cores as configured, not as detected
+        "GresTypes=gpu",  # the job script asks for GPUs per node: this node offers four stand-ins (gres.conf)
         f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root / 'spool'}",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}", f"SlurmdPidFile={root / 'slurmd.pid'}",
         f"SlurmctldLogFile={root / 'slurmctld.log'}", f"SlurmdLogFile={root / 'slurmd.log'}",
         f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
-        f"{hardware} Gres=gpu:2 NodeAddr=127.0.0.1 State=UNKNOWN",
+        f"{hardware} Gres=gpu:4 NodeAddr=127.0.0.1 State=UNKNOWN",
         f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP", ""])
+
+
+CORES = 4
+"""The node's cores and stand-in GPUs: a job may run four tasks."""
 
 
 class SlurmCluster:
@@ -71,9 +76,14 @@ class SlurmCluster:
         hardware = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         memory = int(re.search(r"RealMemory=(\d+)", hardware)[1])
         hardware = re.sub(r"RealMemory=\d+", f"RealMemory={memory * 9 // 10}", hardware)  # or the node drains
+        # At least four cores, one task each, however few this machine has (slurmd accepts it: config_overrides).
+        hardware = re.sub(r"CPUs=\d+ Boards=\d+ SocketsPerBoard=\d+ CoresPerSocket=\d+ ThreadsPerCore=\d+",
+                          lambda m: m[0] if int(re.search(r"CPUs=(\d+)", m[0])[1]) >= CORES else
+                          f"CPUs={CORES} Boards=1 SocketsPerBoard=1 CoresPerSocket={CORES} ThreadsPerCore=1", hardware)
         (self.root / "slurm.conf").write_text(slurm_conf(self.root, node, hardware))
-        # Two "GPUs" backed by harmless character devices (nothing opens them: no cgroup device limits here).
-        (self.root / "gres.conf").write_text("Name=gpu File=/dev/null\nName=gpu File=/dev/zero\n")
+        # Four "GPUs" backed by harmless character devices (nothing opens them: no cgroup device limits here).
+        (self.root / "gres.conf").write_text("".join(f"Name=gpu File=/dev/{name}\n"
+                                                     for name in ("null", "zero", "full", "urandom")))
         self._start_munge()
         for daemon in ("/usr/sbin/slurmctld", "/usr/sbin/slurmd"):
             subprocess.run([daemon], env=self.env, check=True, timeout=60)
@@ -107,8 +117,10 @@ class SlurmCluster:
         time.sleep(2)
 
     def sbatch(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
-        proc = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, check=True,
+        proc = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True,
                               env={**self.env, **(env or {})}, cwd=cwd, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sbatch refused the job: {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:

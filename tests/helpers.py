@@ -91,6 +91,17 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> 
     return [values[r] for r in range(world_size)]
 
 
+def start_rank(fn: Callable, *args: Any):
+    """fn(*args) on one new process of a one-rank launch, not waited for: the caller watches it (and may kill it).
+    Returns the process."""
+    ctx = _rank_context()
+    results = ctx.Queue()
+    proc = ctx.Process(target=_rank_main, args=(fn, 0, 1, free_port(), dict(os.environ), args, results), daemon=True)
+    proc.start()
+    proc.results = results  # alive as long as the process: the child opens it after start() returns
+    return proc
+
+
 def load_tool(name: str):
     """tools/<name>.py as a module (its main(argv) returns the exit status; argparse errors raise SystemExit)."""
     return load_script(f"tools/{name}.py")

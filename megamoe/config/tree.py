@@ -226,7 +226,8 @@ class DeepSpeedConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class CheckpointConfig:
-    """DeepSpeed checkpoints plus megamoe's own state (data position, RNG, resolved config)."""
+    """Checkpoints: weights in DeepSpeed's model-file layout, expert shards, optimizer state in any-layout form,
+    megamoe's own state (data position, RNG, resolved config)."""
 
     save: str | None = None
     """Directory to save checkpoints to. None: no checkpoints. One that holds another run's checkpoints is refused
@@ -244,6 +245,11 @@ class CheckpointConfig:
     keep_last: int | None = None
     """Keep only the newest this many checkpoints in checkpoint.save (older ones are deleted after a new one is
     published). None keeps every checkpoint."""
+    async_save: bool = True
+    """Write checkpoints in the background (Megatron-LM's --async-save): at the step boundary each rank copies its
+    part to host memory (for the length of the write, host memory holds that copy) and training continues while a
+    thread writes and publishes it; at most one save is in flight, the last step's and a stop signal's are waited
+    for. A kill during the write leaves `latest` on the previous checkpoint. False: training waits for each write."""
     verify: Literal["hashes", "sizes", "none"] = "hashes"
     """Before resuming, check every file of the checkpoint against its manifest: sizes and SHA-256 ('hashes'),
     sizes only (fast on huge checkpoints), or not at all."""

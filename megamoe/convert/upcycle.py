@@ -94,7 +94,7 @@ def upcycle(load_dir: str, save_dir: str, overrides: Sequence[str]) -> Path:
     from megamoe.data.tokenizer import embedding_rows
     from megamoe.models.gpt import build_model
     from megamoe.parallel.initialize import initialize
-    from megamoe.train import deepspeed, startup
+    from megamoe.train import startup
 
     tag = checkpoint.latest_tag_dir(load_dir)
     integrity.require_new_directory(save_dir, "--save")
@@ -109,7 +109,7 @@ def upcycle(load_dir: str, save_dir: str, overrides: Sequence[str]) -> Path:
     startup.check(one_process)  # the target must be a valid run (its own layout is checked when it runs)
     groups = initialize(one_process.parallel, one_process.train.seed)
     model = build_model(one_process, embedding_rows(target), groups)
-    upcycled = upcycle_model(model, deepspeed.fp32_module_weights(tag, config.load(tag / "config.yaml")))
+    upcycled = upcycle_model(model, checkpoint.fp32_weights(tag, config.load(tag / "config.yaml")))
     tag_dir = checkpoint.save_weights_only(model, one_process, save, groups)
     (save / "finetune.yaml").write_text(config.dump(target))
     get_logger().info(f"upcycled {len(upcycled)} FFNs of {tag} into {tag_dir} "

@@ -25,12 +25,10 @@ number of sub-layers); its model states are exact (the variant's own parameter c
 All-to-all: each copy routed to an expert on another EP rank crosses twice forward (dispatch, combine) and twice
 backward; with balanced experts a share (EP - 1) / EP of a rank's copies leaves it.
 
-A checkpoint (train/checkpoint.py) writes, per pipeline stage: DeepSpeed's model file per tensor-parallel rank
-(the stage's dense weights and expert-parallel rank 0's experts, from data-parallel rank 0), DeepSpeed's
-optimizer state (ZeRO 1-2: every rank its partition, fp32 master + Adam's moments; ZeRO 0: data-parallel rank 0
-the moments of the whole shard), megamoe's expert shards (each expert-parallel rank's experts, once) and the
-layout-free optimizer state (moments, and the fp32 master under ZeRO 1-2 or bf16, each piece written once over
-the replicas, spread evenly).
+A checkpoint (train/checkpoint.py) writes, per pipeline stage: a model file per tensor-parallel rank (the stage's
+dense weights, from data-parallel rank 0), the expert shards (each expert-parallel rank's experts, once) and the
+optimizer state (Adam's moments, and the fp32 master under ZeRO 1-2 or bf16, each piece written once over the
+replicas, spread evenly: under ZeRO every rank its partition).
 """
 
 from __future__ import annotations
@@ -110,27 +108,25 @@ def checkpoint_plan(cfg: RunConfig, world_size: int, vocab_size: int) -> Checkpo
                            pp=par.pipeline_model_parallel_size, ep=par.expert_model_parallel_size)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
     zero, half = cfg.deepspeed.zero_stage, cfg.train.bf16 or cfg.train.fp16
-    width, layout_free = (2 if half else 4), 8 + (4 if zero or half else 0)
-    parts = dict.fromkeys(("DeepSpeed model files", "DeepSpeed optimizer", "expert shards", "layout-free optimizer"),
-                          0)
+    width, optimizer_width = (2 if half else 4), 8 + (4 if zero or half else 0)
+    parts = dict.fromkeys(("model files", "expert shards", "optimizer"), 0)
     rank_most = 0
     for stage in range(layout.pp):
         dense, experts = stage_params(cfg, layout, stage)  # one rank's: its TP shard, its EP rank's experts
         share = dense / layout.dp + experts / max(1, layout.edp)
-        optimizer = int((share * 12) if zero else (dense + experts) * (12 if half else 8))
-        model_file, expert_shard = (dense + experts) * width, experts * width
-        parts["DeepSpeed model files"] += layout.tp * model_file
-        parts["DeepSpeed optimizer"] += optimizer * (layout.dp * layout.tp if zero else layout.tp)
+        model_file, expert_shard, optimizer = dense * width, experts * width, int(share * optimizer_width)
+        parts["model files"] += layout.tp * model_file
         parts["expert shards"] += layout.ep * expert_shard
-        parts["layout-free optimizer"] += int(share * layout_free) * layout.dp * layout.tp
-        rank_most = max(rank_most, model_file + optimizer + expert_shard + int(share * layout_free))
+        parts["optimizer"] += optimizer * layout.dp * layout.tp
+        rank_most = max(rank_most, model_file + expert_shard + optimizer)
     return CheckpointPlan(parts=parts, rank_bytes=rank_most)
 
 
 def format_checkpoint(checkpoint: CheckpointPlan, gbytes_per_s: float) -> str:
     lines = [f"checkpoint: {checkpoint.total_bytes / GiB:.2f} GiB in all, at most {checkpoint.rank_bytes / GiB:.2f} "
              f"GiB from one rank; {checkpoint.seconds(gbytes_per_s):.1f} s at {gbytes_per_s:g} GB/s of file-system "
-             "bandwidth (a save stops training for it)", "", "| part | GiB |", "|---|---|"]
+             "bandwidth (written in the background: training waits only for the copy to host memory; with "
+             "checkpoint.async_save=false it waits for the write)", "", "| part | GiB |", "|---|---|"]
     return "\n".join(lines + [f"| {name} | {value / GiB:.2f} |" for name, value in checkpoint.parts.items()])
 
 

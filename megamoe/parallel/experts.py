@@ -16,7 +16,7 @@ parameters directly on it ([num_local, ...] each) will do; this module does not 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,25 +137,53 @@ def shard_files(tag_dir: Path) -> list[Path]:
 def save_shard(modules: Mapping[str, torch.nn.Module], tag_dir: Path, groups: ParallelGroups) -> Path | None:
     """Write this rank's experts (`modules` by global name) if it is the first expert-data-parallel replica of its
     EP rank; returns the file written, or None."""
+    if (shard := shard_state(modules, groups)) is None:
+        return None
+    name, state = shard
+    torch.save(state, tag_dir / name)
+    return tag_dir / name
+
+
+def shard_state(modules: Mapping[str, torch.nn.Module], groups: ParallelGroups,
+                copy: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[str, dict] | None:
+    """This rank's shard file name and content if it is the first expert-data-parallel replica of its EP rank (the
+    one that writes it), else None; each tensor passed through `copy(name, tensor)` (default: a host copy)."""
     if not modules or groups.edp_rank != 0:
         return None
+    copy = copy or (lambda _, tensor: tensor.detach().to("cpu", copy=True))
     shard = {name: {"first_expert": m.first_expert,
-                    "tensors": {p: t.detach().cpu().clone() for p, t in m.named_parameters(recurse=False)}}
+                    "tensors": {p: copy(f"{name}.{p}", t) for p, t in m.named_parameters(recurse=False)}}
              for name, m in modules.items()}
-    path = tag_dir / shard_file_name(groups.ep_rank, groups.pp_rank, groups.pp_size)
-    torch.save(shard, path)
-    return path
+    return shard_file_name(groups.ep_rank, groups.pp_rank, groups.pp_size), shard
+
+
+def shards_holding(modules: Mapping[str, torch.nn.Module], tag_dir: Path, saved_ep: int, ep_size: int,
+                   stage_of: Callable[[str], tuple[int, int]]) -> list[Path]:
+    """The shard files of `tag_dir` (written by `saved_ep` expert-parallel ranks) holding any expert of the modules
+    (this rank's, with `ep_size` EP ranks now); `stage_of(name)`: (saved pipeline stage of the module's layer, saved
+    stage count). Each EP rank holds a contiguous block of the experts (module docstring): the files follow from
+    the two layouts alone."""
+    files = set()
+    for name, module in modules.items():
+        stage, stages = stage_of(name)
+        per_saved_rank = module.num_local * ep_size // saved_ep
+        last_expert = module.first_expert + module.num_local - 1
+        files |= {tag_dir / shard_file_name(ep_rank, stage, stages)
+                  for ep_rank in range(module.first_expert // per_saved_rank, last_expert // per_saved_rank + 1)}
+    return sorted(files)
 
 
 @torch.no_grad()
-def fill_local_experts(modules: Mapping[str, torch.nn.Module], tag_dir: Path) -> None:
-    """Copy each module's experts [first_expert, first_expert + num_local) from the shards of `tag_dir`, whatever EP
-    and PP sizes wrote them. ExpertShardError when there are no shards or an expert is in none of them;
-    ExpertShapeMismatch when a saved expert's shape differs from the module's."""
+def fill_local_experts(modules: Mapping[str, torch.nn.Module], tag_dir: Path, files: list[Path] | None = None) -> None:
+    """Copy each module's experts [first_expert, first_expert + num_local) from the shards of `tag_dir` (`files`:
+    those holding them, see shards_holding; default: every shard), whatever EP and PP sizes wrote them.
+    ExpertShardError when there are no shards or an expert is in none of them; ExpertShapeMismatch when a saved
+    expert's shape differs from the module's."""
     if not modules:
         return
-    files = shard_files(tag_dir)
-    if not files:
+    every_file = shard_files(tag_dir)
+    files = [f for f in files if f.is_file()] if files is not None else every_file
+    if not every_file:
         raise ExpertShardError(f"{tag_dir} holds no {SHARD_GLOB} expert shards, but this model has MoE layers: the "
                                "checkpoint is of a dense model or incomplete")
     shards = [torch.load(path, weights_only=True) for path in files]

@@ -86,21 +86,10 @@ def measure(size: str, run: str, overrides: list[str], data: StudyData, out: Pat
             warmup: int) -> TrainThroughput:
     """Launch one run on 2 processes and take the medians of its logged steps after `warmup`."""
     log_dir = out / size / run.replace(" ", "_").replace("=", "")
-    launcher = str(Path(sys.executable).parent / "deepspeed")
     profiled = [steps - PROFILED_STEPS + 1, steps]
-    command = [launcher, "--num_gpus", "2", str(ROOT / "launchers" / "pretrain.py"), "--config",
-               str(ROOT / "configs" / "tiny-dense.yaml"), *data.overrides(), "data.split=99,1,0",
-               f"train.train_iters={steps}",
-               f"train.lr_warmup_iters={min(30, steps - 1)}", "train.log_interval=1", "train.eval_iters=0",
-               "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={log_dir}",
-               f"logging.profile_steps=[{profiled[0]},{profiled[1]}]", "checkpoint.save=null",
-               *SIZES[size]["overrides"], *overrides]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"the {size} {run} run failed (exit {done.returncode}): {last} (its console.log, if it "
-                           f"got that far: {log_dir})")
-    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    records = launch_run(f"the {size} {run} run", log_dir, data, steps, [
+        f"logging.profile_steps=[{profiled[0]},{profiled[1]}]", "checkpoint.save=null", *SIZES[size]["overrides"],
+        *overrides])
     kept = [r for r in records if "train/tokens_per_s" in r and warmup < r["step"] < profiled[0]]
 
     def median(key: str) -> float:
@@ -110,6 +99,24 @@ def measure(size: str, run: str, overrides: list[str], data: StudyData, out: Pat
     return TrainThroughput(size=size, run=run, tokens_per_s=median("train/tokens_per_s"),
                            tflops=median("train/tflops"), mfu=median("train/mfu"), step_s=median("train/step_s"),
                            profile=profile)
+
+
+def launch_run(what: str, log_dir: Path, data: StudyData, steps: int, overrides: list[str]) -> list[dict]:
+    """Launch `steps` training steps on 2 processes as a user does (configs/tiny-dense.yaml, the study corpus,
+    `overrides` last) logging every step into `log_dir`; returns its metrics.jsonl records. RuntimeError naming
+    `what` if it fails."""
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    command = [launcher, "--num_gpus", "2", str(ROOT / "launchers" / "pretrain.py"), "--config",
+               str(ROOT / "configs" / "tiny-dense.yaml"), *data.overrides(), "data.split=99,1,0",
+               f"train.train_iters={steps}", f"train.lr_warmup_iters={min(30, steps - 1)}", "train.log_interval=1",
+               "train.eval_iters=0", "logging.wandb=false", "logging.tensorboard=false", f"logging.log_dir={log_dir}",
+               *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{what} failed (exit {done.returncode}): {last} (its console.log, if it got that far: "
+                           f"{log_dir})")
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def relative_to_dense(results: list[TrainThroughput]) -> list[TrainThroughput]:

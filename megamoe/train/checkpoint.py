@@ -1,20 +1,24 @@
-"""Checkpoints: DeepSpeed's engine state plus megamoe's own (step, data position, RNG, config, experts).
+"""Checkpoints: weights, expert shards, optimizer state in global coordinates, megamoe's own state.
 
-Layout of `<save>/iter_0000010/`: DeepSpeed's model/optimizer/scheduler files (`mp_rank_<m>_...`, m = pp_rank x
-TP + tp_rank: one per tensor-parallel shard of each pipeline stage, decoder layers numbered from 0 within the
-stage); `rng_state_rank<r>.pt` per rank (dropout streams differ per rank); `config.yaml` (the resolved config);
-`experts_ep<r>.pt` (`experts_ep<r>_pp<s>.pt` per stage s under pipeline parallelism), the routed experts of
-expert-parallel rank r keyed by their module's global name and global expert id (DeepSpeed's model file holds
-only EP rank 0's experts, docs/integration.md §6.4). `<save>/latest` names the newest tag.
+Layout of `<save>/iter_0000010/`: the model file of each tensor- and pipeline-parallel shard in DeepSpeed's layout
+(`mp_rank_<m>_model_states.pt`, m = pp_rank x TP + tp_rank, from data-parallel rank 0: the shard's dense weights
+and buffers, decoder layers numbered from 0 within the stage, the LR scheduler and step counters);
+`experts_ep<r>.pt` (`experts_ep<r>_pp<s>.pt` per pipeline stage s), the routed experts of expert-parallel rank r
+keyed by their module's global name and global expert id; `optimizer_any_layout/` (train/reshard.py), Adam's
+moments and fp32 master weights written with torch.distributed.checkpoint, each rank its own part;
+`rng_state_rank<r>.pt` per rank (dropout streams differ per rank); `config.yaml` (the resolved config).
+`<save>/latest` names the newest tag. Every file is written by megamoe from a snapshot in host memory (Saver: in
+the background while training continues, by default), then published whole (train/integrity.py).
 
-Resuming with the saved tensor-, pipeline- and expert-parallel sizes restores everything (the learning-rate
-schedule is the run's config's, applied from the checkpoint's step: train/optim.py). With another layout the
-model weights are loaded (TP shards merged and re-cut, layers taken from whichever stage held them, experts placed
-from their shards) before the engine exists, the step count and data position continue, and the optimizer state
-starts afresh (DeepSpeed cannot reshard it). Before anything loads, its tensors' shapes are compared with the
-model's (ShapeMismatch names the first that differs), and the loaded weights must be finite. `checkpoint.finetune` and
-weights-only checkpoints (written by tools/upcycle.py: the same files without DeepSpeed's optimizer state, plus
-a `weights_only` marker) load the weights the same way and start at iteration 0.
+A resume, at the saved layout or any other, loads the weights before the engine exists (tensor-parallel shards
+merged and re-cut when TP changes, layers taken from whichever stage held them, experts from the shards that hold
+this rank's), then the optimizer state, each rank reading the saved pieces that overlap its own part; the step
+count, data position and LR schedule continue, and at the saved layout the random streams too (bit-identical
+losses). Checkpoints written by DeepSpeed's engine (earlier megamoe) still load: at their own layout through
+DeepSpeed's loader. Before anything loads, tensors' shapes are compared with the model's (ShapeMismatch names
+the first that differs), and the loaded weights must be finite. `checkpoint.finetune` and weights-only
+checkpoints (written by tools/upcycle.py: a model file, expert shards and a `weights_only` marker) load the
+weights the same way and start at iteration 0.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,14 +121,26 @@ def load_expert_shards(model: torch.nn.Module, tag_dir: Path) -> None:
     integrity.on_every_rank(lambda: _fill_experts(model, tag_dir))
 
 
-def _fill_experts(model: torch.nn.Module, tag_dir: Path) -> None:
-    """The shards' errors as the checkpoint's: ShapeMismatch (a CheckpointError) or CheckpointError."""
+def _fill_experts(model: torch.nn.Module, tag_dir: Path, files: list[Path] | None = None) -> None:
+    """The shards' errors as the checkpoint's: ShapeMismatch (a CheckpointError) or CheckpointError. `files`: the
+    shards to read (default: all)."""
     try:
-        expert_shards.fill_local_experts(_experts(model), tag_dir)
+        expert_shards.fill_local_experts(_experts(model), tag_dir, files)
     except expert_shards.ExpertShapeMismatch as err:
         raise ShapeMismatch(str(err)) from None
     except expert_shards.ExpertShardError as err:
         raise integrity.CheckpointError(str(err)) from None
+
+
+def needed_shards(model: torch.nn.Module, tag_dir: Path, saved: SavedLayout, groups: ParallelGroups) -> list[Path]:
+    """The expert-shard files holding this rank's experts (a rank reads its own share, not every shard)."""
+    per_stage = saved.num_layers // saved.pp
+
+    def stage_of(name: str) -> tuple[int, int]:
+        layer = re.search(r"layers\.(\d+)\.", name)
+        return (int(layer.group(1)) // per_stage if layer else 0), saved.pp
+
+    return expert_shards.shards_holding(_experts(model), tag_dir, saved.ep, groups.ep_size, stage_of)
 
 
 RESHARD_DIR = "optimizer_any_layout"
@@ -147,15 +166,113 @@ def require_fit(saved: dict, own: dict[str, torch.Tensor], where: Path, elsewher
                                 "this model")
 
 
-def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> Path:
-    """Write a checkpoint of this step under cfg.checkpoint.save and publish it atomically (train/integrity.py);
-    every rank calls this. Refused (CheckpointError) if any weight is not finite."""
-    assert cfg.checkpoint.save is not None
+@dataclass
+class Snapshot:
+    """One rank's part of a checkpoint, copied to host memory at a step boundary: what it writes, under `tag`."""
+
+    tag: str
+    iteration: int
+    files: dict[str, object]
+    """File name -> object for torch.save: the RNG streams, the expert shard, the model file."""
+    texts: dict[str, str]
+    """File name -> text (rank 0: the resolved config, the tokenizer record)."""
+    optimizer: object
+    """reshard.OptimizerSnapshot."""
+
+
+def take_snapshot(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups, copy=None) -> Snapshot:
+    """This step's checkpoint content on this rank, each tensor passed through `copy` (reshard.HostCopies: copies in
+    host memory, so training may change the live state while they are written; default: the live tensors, for a
+    write training waits for). Collective. Refused (CheckpointError) if any weight is not finite."""
+    from megamoe.train import reshard  # (imports DeepSpeed: not for the tools that only read checkpoints)
+
+    copy = copy or reshard.in_host_memory
     require_finite_weights(engine.module, progress.iteration)
-    tag = tag_for(progress.iteration)
-    for module in engine.module.modules():
+    sync_moe_buffers(engine.module)
+    files: dict[str, object] = {f"rng_state_rank{dist.get_rank()}.pt": rng_state()}
+    experts = expert_shards.shard_state(_experts(engine.module), groups, lambda n, t: copy(f"experts/{n}", t))
+    if experts is not None:
+        files[experts[0]] = experts[1]
+    if groups.dp_rank == 0:  # one copy of each tensor- and pipeline-parallel shard of the dense weights
+        files[model_file_name(groups)] = model_file_state(engine, progress, groups,
+                                                          lambda n, t: copy(f"model/{n}", t))
+    texts = run_records(cfg) if dist.get_rank() == 0 else {}
+    return Snapshot(tag_for(progress.iteration), progress.iteration, files, texts,
+                    reshard.snapshot(engine, engine.module, groups, copy))
+
+
+def sync_moe_buffers(model: torch.nn.Module) -> None:
+    """Make every rank's MoE buffers equal (collective): the model file holds one rank's copy."""
+    for module in model.modules():
         if isinstance(module, MoELayer):
-            module.sync_buffers()  # DeepSpeed writes rank 0's copy of the buffers
+            module.sync_buffers()
+
+
+def model_file_name(groups: ParallelGroups) -> str:
+    """DeepSpeed's name of the model file of this rank's tensor- and pipeline-parallel shard."""
+    return f"mp_rank_{groups.pp_rank * groups.tp_size + groups.tp_rank:02d}_model_states.pt"
+
+
+def model_file_state(engine, progress: Progress, groups: ParallelGroups, copy) -> dict:
+    """The model file, in DeepSpeed's layout (`module`: this shard's weights and buffers without the routed experts,
+    which are in the expert shards; the run's scalars beside it), each tensor passed through `copy`."""
+    expert_names = _expert_parameter_names(engine.module)
+    module = {name: copy(name, value) if isinstance(value, torch.Tensor) else value
+              for name, value in engine.module.state_dict().items() if name not in expert_names}
+    return {"module": module, "iteration": progress.iteration, "consumed_samples": progress.consumed_samples,
+            "megamoe_skipped_steps": progress.skipped_steps,
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+            "global_steps": engine.global_steps, "global_samples": engine.global_samples,
+            "skipped_steps": engine.skipped_steps, "dp_world_size": groups.dp_size,
+            "mp_world_size": groups.tp_size * groups.pp_size}
+
+
+def _expert_parameter_names(model: torch.nn.Module) -> set[str]:
+    """The state-dict names of the routed experts' parameters (local names)."""
+    return {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, Experts)
+            for p, _ in m.named_parameters(recurse=False)}
+
+
+def write_snapshot(snap: Snapshot, save_dir: str, keep_last: int | None, group: dist.ProcessGroup | None = None
+                   ) -> Path:
+    """Write a snapshot into the staging directory (integrity.begin made it) and publish it. Collective over `group`
+    (all ranks; None: the default group). A failure on any rank fails every rank with the same CheckpointError and
+    publishes nothing: `latest` stays on the previous checkpoint."""
+    from megamoe.train import reshard
+
+    staging = integrity.staging_dir(save_dir, snap.tag)
+
+    def write_mine() -> None:
+        with integrity.writing(staging, snap.iteration):
+            reshard.write(snap.optimizer, staging / RESHARD_DIR, group)  # first: its collectives fail on every rank
+            for name, value in snap.files.items():
+                torch.save(value, staging / name)
+            for name, text in snap.texts.items():
+                (staging / name).write_text(text)
+
+    integrity.on_every_rank(write_mine, group)
+    return integrity.publish(save_dir, snap.tag, keep_last, group)
+
+
+def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> Path:
+    """Write a checkpoint of this step under cfg.checkpoint.save and publish it atomically (train/integrity.py),
+    before returning; every rank calls this. Refused (CheckpointError) if any weight is not finite."""
+    assert cfg.checkpoint.save is not None
+    if engine.zero_optimization_stage() == 3:
+        return save_through_deepspeed(engine, cfg, progress, groups)
+    snap = take_snapshot(engine, cfg, progress, groups)
+    integrity.begin(cfg.checkpoint.save, snap.tag)
+    tag_dir = write_snapshot(snap, cfg.checkpoint.save, cfg.checkpoint.keep_last)
+    get_logger().info(f"saved checkpoint {tag_dir}")
+    return tag_dir
+
+
+def save_through_deepspeed(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> Path:
+    """ZeRO-3's checkpoint: its parameters live partitioned inside DeepSpeed's optimizer, so DeepSpeed's engine
+    writes them (and loads them, at the same layout only), synchronously; megamoe adds its own files."""
+    require_finite_weights(engine.module, progress.iteration)
+    sync_moe_buffers(engine.module)
+    tag = tag_for(progress.iteration)
     staging = integrity.begin(cfg.checkpoint.save, tag)
     with integrity.writing(staging, progress.iteration):
         torch.save(rng_state(), staging / f"rng_state_rank{dist.get_rank()}.pt")
@@ -167,21 +284,88 @@ def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> 
                                              "consumed_samples": progress.consumed_samples,
                                              # DeepSpeed keeps a `skipped_steps` of its own under that name
                                              "megamoe_skipped_steps": progress.skipped_steps})
-        from megamoe.train import reshard  # (imports DeepSpeed: not for the tools that only read checkpoints)
-
-        reshard.save(engine, engine.module, groups, staging / RESHARD_DIR)  # for a resume at another layout
         tag_dir = integrity.publish(cfg.checkpoint.save, tag, cfg.checkpoint.keep_last)
     get_logger().info(f"saved checkpoint {tag_dir}")
     return tag_dir
 
 
-def write_run_records(staging: Path, cfg: RunConfig) -> None:
+class Saver:
+    """Checkpoints of a training run: written before `save` returns, or (checkpoint.async_save) by a background
+    thread from a snapshot taken at the step boundary while training continues. At most one save is in flight: the
+    next waits for it. The background writes communicate over a process group of their own (gloo, host memory), so
+    they never interleave with training's collectives. A background save that failed raises its CheckpointError
+    at the next save or at `wait`."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.background = cfg.checkpoint.async_save and cfg.checkpoint.save is not None
+        # Every rank creates the group, in the same order (new_group is collective).
+        self.group = dist.new_group(backend="gloo") if self.background and dist.get_world_size() > 1 else None
+        self.thread: threading.Thread | None = None
+        self.outcome: Path | BaseException | None = None
+        self.copies = None  # reshard.HostCopies: the snapshot's buffers, kept for the next save
+        self.write_s = 0.0
+        """Seconds the last background write took (snapshot to publication)."""
+
+    def save(self, engine, progress: Progress, groups: ParallelGroups, wait: bool = False) -> float:
+        """Checkpoint this step (every rank calls it); `wait`: return once it is published (the last step, a stop
+        signal). Returns the seconds training waited (the whole write when synchronous; the snapshot, and any wait
+        for the previous save, when not)."""
+        started = time.perf_counter()
+        self.wait()
+        save_dir, keep_last = self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last
+        if not self.background or engine.zero_optimization_stage() == 3:
+            save(engine, self.cfg, progress, groups)
+        else:
+            from megamoe.train.reshard import HostCopies
+
+            self.copies = self.copies or HostCopies()
+            snap = take_snapshot(engine, self.cfg, progress, groups, self.copies)
+            integrity.begin(save_dir, snap.tag)
+            self.thread = threading.Thread(target=self._write, args=(snap, save_dir, keep_last, started),
+                                           name=f"megamoe-save-{snap.tag}", daemon=True)
+            self.thread.start()
+            if wait:
+                self.wait()
+        return time.perf_counter() - started
+
+    def _write(self, snap: Snapshot, save_dir: str, keep_last: int | None, started: float) -> None:
+        try:
+            self.outcome = write_snapshot(snap, save_dir, keep_last, self.group)
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread, which raises it
+            self.outcome = err
+        self.write_s = time.perf_counter() - started
+
+    def wait_quietly(self) -> None:
+        """`wait`, a failure logged rather than raised (training is already ending with an error of its own)."""
+        try:
+            self.wait()
+        except Exception as err:  # noqa: BLE001 - the error ending training is the one to raise
+            get_logger().warning(f"the checkpoint written in the background failed too: {err}")
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight (if any) is published; raises its error. Returns its directory."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        self.thread, outcome, self.outcome = None, self.outcome, None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        get_logger().info(f"saved checkpoint {outcome} (written in the background in {self.write_s:.1f} s)")
+        return outcome
+
+
+def run_records(cfg: RunConfig) -> dict[str, str]:
     """The resolved config and the tokenizer's identity (a resume with another tokenizer is refused)."""
     from megamoe.data.tokenizer import tokenizer_identity
 
-    (staging / "config.yaml").write_text(dump(cfg))
     identity = tokenizer_identity(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
-    (staging / integrity.TOKENIZER_RECORD).write_text(json.dumps(identity))
+    return {"config.yaml": dump(cfg), integrity.TOKENIZER_RECORD: json.dumps(identity)}
+
+
+def write_run_records(staging: Path, cfg: RunConfig) -> None:
+    for name, text in run_records(cfg).items():
+        (staging / name).write_text(text)
 
 
 def require_finite_weights(model: torch.nn.Module, iteration: int) -> None:
@@ -246,7 +430,7 @@ class SavedLayout:
     """Ranks that wrote it (one RNG file each); None when unknown (weights-only checkpoints)."""
 
     def stage_files(self, tag_dir: Path) -> list[list[Path]]:
-        """DeepSpeed's model files, [stage][tp_rank]."""
+        """The model files, [stage][tp_rank]."""
         return [[tag_dir / f"mp_rank_{s * self.tp + r:02d}_model_states.pt" for r in range(self.tp)]
                 for s in range(self.pp)]
 
@@ -267,7 +451,7 @@ def saved_layout(tag_dir: Path) -> SavedLayout:
 
 
 def global_module_states(tag_dir: Path) -> dict[str, list]:
-    """Every entry of DeepSpeed's model files by global name: a list over the tensor-parallel ranks."""
+    """Every entry of the model files by global name: a list over the tensor-parallel ranks."""
     layout = saved_layout(tag_dir)
     out: dict[str, list] = {}
     for stage, files in enumerate(layout.stage_files(tag_dir)):
@@ -282,22 +466,34 @@ def restarts(tag_dir: Path | None, cfg: RunConfig) -> bool:
     return tag_dir is not None and (cfg.checkpoint.finetune or integrity.is_weights_only(tag_dir))
 
 
-def loads_weights_only(tag_dir: Path | None, cfg: RunConfig) -> bool:
-    """True when only the weights of `tag_dir` load, before the engine exists (then load_weights, and the
-    optimizer state from its layout-free copy): fine-tuning, a weights-only checkpoint, or another layout than the
-    checkpoint's (tensor-, pipeline-, expert- or data-parallel size, ZeRO stage): DeepSpeed's own files load
-    only into the layout that wrote them."""
-    if tag_dir is None:
-        return False
+def layout_changed(tag_dir: Path, cfg: RunConfig) -> bool:
+    """Whether this run's tensor-, pipeline-, expert-parallel or world size differs from the checkpoint's (then
+    its per-rank random streams do not apply)."""
     saved, par = saved_layout(tag_dir), cfg.parallel
-    return (restarts(tag_dir, cfg) or saved.ep != par.expert_model_parallel_size
-            or saved.tp != par.tensor_model_parallel_size or saved.pp != par.pipeline_model_parallel_size
-            or saved.zero_stage != cfg.deepspeed.zero_stage
+    return (saved.ep != par.expert_model_parallel_size or saved.tp != par.tensor_model_parallel_size
+            or saved.pp != par.pipeline_model_parallel_size
             or saved.world_size not in (None, dist.get_world_size()))
 
 
+def written_by_deepspeed(tag_dir: Path) -> bool:
+    """A checkpoint written by DeepSpeed's engine (ZeRO-3's; any of megamoe before it wrote its own files): its
+    optimizer state is in DeepSpeed's files, which load only into the layout that wrote them."""
+    return not (tag_dir / RESHARD_DIR).is_dir() or any(tag_dir.glob("*optim_states.pt"))
+
+
+def loads_weights_only(tag_dir: Path | None, cfg: RunConfig) -> bool:
+    """True when the weights of `tag_dir` load before the engine exists (load_weights; the optimizer state then
+    comes from its layout-free copy, read for this rank's part only): every checkpoint megamoe writes, at any
+    layout, and fine-tuning. False for a checkpoint DeepSpeed's engine wrote, resumed at its own layout (tensor-,
+    pipeline-, expert-, data-parallel size and ZeRO stage): DeepSpeed loads it."""
+    if tag_dir is None:
+        return False
+    return (restarts(tag_dir, cfg) or not written_by_deepspeed(tag_dir) or layout_changed(tag_dir, cfg)
+            or saved_layout(tag_dir).zero_stage != cfg.deepspeed.zero_stage)
+
+
 def _load_model_file(path: Path, mmap: bool = False) -> dict:
-    """DeepSpeed's model file (written by deepspeed.save_checkpoint), read without executing code (`mmap`: tensors
+    """A model file (DeepSpeed's layout), read without executing code (`mmap`: tensors
     read only when touched, e.g. for their shapes)."""
     if not path.is_file():
         raise integrity.CheckpointError(f"{path} is missing: the checkpoint is incomplete")
@@ -358,9 +554,8 @@ def _load_weights(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups)
     dense = {k: v for k, v in module.items() if k not in expert_keys}
     require_fit(dense, model.state_dict(), tag_dir, elsewhere=expert_keys)
     model.load_state_dict(dense, strict=False)
-    _fill_experts(model, tag_dir)
-    get_logger().info(f"loaded the weights of {tag_dir} (fine-tuning, a weights-only checkpoint or another "
-                      "parallel layout)")
+    _fill_experts(model, tag_dir, needed_shards(model, tag_dir, saved, groups))
+    get_logger().info(f"loaded the weights of {tag_dir}")
     return states
 
 
@@ -382,9 +577,10 @@ def save_weights_only(model: torch.nn.Module, cfg: RunConfig, save_dir: Path, gr
 
 
 def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: dict | None = None,
-         restart: bool = False) -> Progress:
-    """Resume from `tag_dir` (None: a new run); `weights_states` from load_weights when only the weights were
-    loaded; `restart`: start at iteration 0 (fine-tuning). Call last in setup: it restores the RNG streams."""
+         restart: bool = False, same_layout: bool = True) -> Progress:
+    """Resume from `tag_dir` (None: a new run); `weights_states` from load_weights when the weights were loaded
+    before the engine; `restart`: start at iteration 0 (fine-tuning); `same_layout`: the run has the checkpoint's
+    parallel sizes (its random streams apply). Call last in setup: it restores the RNG streams."""
     if tag_dir is None:
         return Progress()
     if restart:
@@ -392,13 +588,13 @@ def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: d
         return Progress()
     if weights_states is not None:
         client_state = weights_states
-        if engine.lr_scheduler is not None and "lr_scheduler" in weights_states:
-            engine.lr_scheduler.load_state_dict(weights_states["lr_scheduler"])
+        _restore_engine_scalars(engine, weights_states)
         if (tag_dir / RESHARD_DIR).is_dir():
             from megamoe.train import reshard
 
             step = reshard.load(engine, engine.module, groups, tag_dir / RESHARD_DIR)
-            get_logger().info(f"optimizer state of {tag_dir} (step {step}) re-cut for this layout")
+            get_logger().info(f"optimizer state of {tag_dir} (step {step}) loaded"
+                              + ("" if same_layout else ", re-cut for this layout"))
         else:
             get_logger().warning(f"{tag_dir} holds no optimizer state for another layout (saved before megamoe "
                                  f"wrote {RESHARD_DIR}): the optimizer state starts afresh")
@@ -411,9 +607,9 @@ def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: d
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
         load_expert_shards(engine.module, tag_dir)  # DeepSpeed's file holds EP rank 0's experts only
     rng_file = tag_dir / f"rng_state_rank{dist.get_rank()}.pt"
-    if rng_file.is_file() and weights_states is None:
+    if rng_file.is_file() and same_layout:
         set_rng_state(torch.load(rng_file, weights_only=True))
-    elif weights_states is None:
+    elif same_layout:
         get_logger().warning(f"{rng_file} is missing: the random streams (dropout, data masking) restart from the "
                              "seed, so later losses differ from an uninterrupted run's")
     else:
@@ -422,3 +618,28 @@ def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: d
                         skipped_steps=client_state.get("megamoe_skipped_steps", 0))
     get_logger().info(f"resumed from {tag_dir} at iteration {progress.iteration}")
     return progress
+
+
+def _restore_engine_scalars(engine, states: dict) -> None:
+    """The LR scheduler and DeepSpeed's step counters of a model file (as DeepSpeed's own loader restores them)."""
+    if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
+    engine.global_steps = states.get("global_steps", states["iteration"])
+    engine.global_samples = states.get("global_samples", engine.global_samples)
+    engine.skipped_steps = states.get("skipped_steps", engine.skipped_steps)
+
+
+def fp32_weights(tag_dir: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The dense model weights of a one-process checkpoint (TP = PP = 1) in fp32: the model file's, or for bf16/fp16
+    runs the optimizer's fp32 master weights where it holds them."""
+    module = _load_model_file(tag_dir / "mp_rank_00_model_states.pt")["module"]
+    if not (cfg.train.bf16 or cfg.train.fp16):
+        return module
+    if written_by_deepspeed(tag_dir):  # the master weights are in DeepSpeed's ZeRO files
+        from megamoe.train.deepspeed import zero_fp32_weights
+
+        return zero_fp32_weights(tag_dir)
+    from megamoe.train import reshard
+
+    masters = reshard.read_whole(tag_dir / RESHARD_DIR, "master")
+    return {name: masters[name].view_as(value) if name in masters else value for name, value in module.items()}

@@ -313,13 +313,8 @@ def build_deepspeed_moe_layer(hidden_size: int, expert: torch.nn.Module, *, num_
     return layer
 
 
-def fp32_module_weights(tag_dir: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The model weights of checkpoint `tag_dir` in fp32: DeepSpeed's module file for fp32 runs, its ZeRO fp32
-    master weights (deepspeed.utils.zero_to_fp32) for bf16/fp16 runs."""
-    from megamoe.train.integrity import load_trusted
-
-    if not (cfg.train.bf16 or cfg.train.fp16):
-        return load_trusted(tag_dir / "mp_rank_00_model_states.pt")["module"]
+def zero_fp32_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint DeepSpeed's engine wrote (its ZeRO files), by parameter name."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

@@ -192,11 +192,12 @@ def staging_dir(save_dir: str | Path, tag: str) -> Path:
     return Path(save_dir) / PARTIAL / tag
 
 
-def publish(save_dir: str | Path, tag: str, keep_last: int | None) -> Path:
-    """Manifest, rename into place, `latest`, pruning. Collective: every rank calls it after writing its files."""
+def publish(save_dir: str | Path, tag: str, keep_last: int | None, group: dist.ProcessGroup | None = None) -> Path:
+    """Manifest, rename into place, `latest`, pruning. Collective over `group` (default: all ranks; an asynchronous
+    save passes its own): every rank calls it after writing its files."""
     staging = staging_dir(save_dir, tag)
-    _barrier()  # every rank's files are complete
-    write_manifest(staging)
+    _barrier(group)  # every rank's files are complete
+    write_manifest(staging, group)
     final = Path(save_dir) / tag
     if _rank() == 0:
         replaced = staging.with_name(f"{tag}.replaced")
@@ -207,7 +208,7 @@ def publish(save_dir: str | Path, tag: str, keep_last: int | None) -> Path:
         write_atomically(Path(save_dir) / "latest", tag)
         if keep_last is not None:
             prune(Path(save_dir), keep_last, keep=tag)
-    _barrier()
+    _barrier(group)
     return final
 
 
@@ -240,7 +241,8 @@ def _no_space(err: BaseException, directory: Path) -> bool:
             return True
         if "No space left on device" in str(err):
             return True
-        if any(text in str(err) for text in ("iostream error", "failed writing file")):  # torch.save's writer
+        # How torch.save's writer reports a short write:
+        if any(text in str(err) for text in ("iostream error", "failed writing file", "unexpected pos")):
             return shutil.disk_usage(directory).free < 64 << 20
         err = err.__cause__ or err.__context__
     return False
@@ -257,18 +259,19 @@ def begin(save_dir: str | Path, tag: str) -> Path:
     return staging
 
 
-def write_manifest(directory: Path) -> None:
-    """Size and SHA-256 of every file, each rank hashing a share; rank 0 writes the manifest. Collective."""
+def write_manifest(directory: Path, group: dist.ProcessGroup | None = None) -> None:
+    """Size and SHA-256 of every file, each rank hashing a share; rank 0 writes the manifest. Collective over
+    `group` (all ranks)."""
     # One listing, rank 0's: on a shared file system with client caching, ranks' listings may differ.
     files = [sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
                     if p.is_file() and p.name != MANIFEST) if _rank() == 0 else None]
     if _world() > 1:
-        dist.broadcast_object_list(files, src=0)
+        dist.broadcast_object_list(files, src=0, group=group)
     mine = {name: _describe(directory / name) for name in files[0][_rank()::_world()]}
     parts = [mine]
     if _world() > 1:
         parts = [None] * _world()
-        dist.all_gather_object(parts, mine)
+        dist.all_gather_object(parts, mine, group=group)
     if _rank() == 0:
         entries = {name: part[name] for part in parts for name in part}
         write_atomically(directory / MANIFEST, json.dumps({"files": dict(sorted(entries.items()))}, indent=1))
@@ -307,18 +310,18 @@ def _check_file(path: Path, entry: dict, mode: str) -> str | None:
     return None
 
 
-def on_every_rank(check: Callable[[], T]) -> T:
+def on_every_rank(check: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
     """`check()` on this rank; if it raised a CheckpointError on any rank, every rank raises the first one (by
     rank): a problem only some ranks see (the shard of their experts is gone) ends them all with the same line,
-    instead of leaving the others to die in the next collective. Collective when distributed; `check` must hold
-    none."""
+    instead of leaving the others to die in the next collective. Collective over `group` (all ranks) when
+    distributed; `check` must hold none, or only collectives that fail on every rank alike."""
     try:
         result, error = check(), None
     except CheckpointError as err:
         result, error = None, err
     if _world() > 1:
         errors = [None] * _world()
-        dist.all_gather_object(errors, error)
+        dist.all_gather_object(errors, error, group=group)
         error = next((e for e in errors if e is not None), None)
     if error is not None:
         raise error
@@ -395,6 +398,35 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _barrier() -> None:
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+class ReadMeter:
+    """Bytes this process reads inside its `with` blocks, summed over them: Linux's count of bytes its read calls
+    returned (/proc/self/io `rchar`: files whether cached or not, and sockets read with read(), so collectives
+    inside count too: an upper bound on the file bytes). `total` is None where the OS does not say."""
+
+    PROC_IO = Path("/proc/self/io")
+
+    def __init__(self) -> None:
+        self.total: int | None = 0 if self.PROC_IO.is_file() else None
+        self._start: int | None = None
+
+    @classmethod
+    def _rchar(cls) -> int:
+        for line in cls.PROC_IO.read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+        raise OSError(f"{cls.PROC_IO} has no rchar line")
+
+    def __enter__(self) -> ReadMeter:
+        if self.total is not None:
+            self._start = self._rchar()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.total is not None and self._start is not None:
+            self.total += self._rchar() - self._start
+

@@ -30,6 +30,7 @@ from megamoe.train.deepspeed import (
     skip_if_not_finite,
 )
 from megamoe.train.flops import Ledger
+from megamoe.train.integrity import ReadMeter
 from megamoe.train.metrics import (
     ExpertLoadLog,
     MetricsWriter,
@@ -56,13 +57,15 @@ class Trainer:
     engine: object  # deepspeed.DeepSpeedEngine
     datasets: Datasets
     progress: Progress
+    checkpoint_bytes_read: int | None = None
+    """Bytes this rank read from the checkpoint it resumed from (after its verification), where the OS says."""
 
 
 def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
     """Groups -> tokenizer -> model -> engine -> datasets -> resume (last: it restores the RNG streams).
 
-    Weights-only loads (another expert-parallel size, fine-tuning, upcycled checkpoints) go into the model
-    before the engine exists, so DeepSpeed's master weights start from them.
+    A checkpoint's weights go into the model before the engine exists, so DeepSpeed's master weights start from
+    them; its optimizer state follows, each rank reading its own part (train/checkpoint.py).
     """
     groups = initialize(cfg.parallel, cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
@@ -70,16 +73,23 @@ def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
     log_parameter_count(model)
     tag_dir = checkpoint.latest_tag_dir(cfg.checkpoint.load, cfg.checkpoint.save)
     checkpoint.verify_for_use(tag_dir, cfg)
+    bytes_read = ReadMeter()
     with checkpoint.loading(tag_dir, cfg):
-        weights = (checkpoint.load_weights(model, tag_dir, groups) if checkpoint.loads_weights_only(tag_dir, cfg)
-                   else None)
+        with bytes_read:
+            weights = (checkpoint.load_weights(model, tag_dir, groups) if checkpoint.loads_weights_only(tag_dir, cfg)
+                       else None)
         engine = build_engine(model, cfg, layout, groups)
         datasets = build_datasets(cfg, layout, tokenizer)
-        progress = checkpoint.load(engine, tag_dir, groups, weights, restart=checkpoint.restarts(tag_dir, cfg))
+        with bytes_read:
+            progress = checkpoint.load(engine, tag_dir, groups, weights, restart=checkpoint.restarts(tag_dir, cfg),
+                                       same_layout=tag_dir is None or not checkpoint.layout_changed(tag_dir, cfg))
     if tag_dir is not None:
         checkpoint.require_finite_loaded(engine.module, tag_dir)
         apply_hyperparameters(base_optimizer(engine), engine.lr_scheduler, cfg.train)
-    return Trainer(cfg=cfg, layout=layout, groups=groups, engine=engine, datasets=datasets, progress=progress)
+        if bytes_read.total is not None:
+            get_logger().info(f"this rank read {bytes_read.total / 2**20:,.1f} MiB of {tag_dir} to resume")
+    return Trainer(cfg=cfg, layout=layout, groups=groups, engine=engine, datasets=datasets, progress=progress,
+                   checkpoint_bytes_read=bytes_read.total)
 
 
 def log_parameter_count(model: torch.nn.Module) -> None:
@@ -305,13 +315,20 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
             validate(0)
         batches = iter(IntactBatches(build_loader(trainer.datasets.train, trainer.progress.consumed_samples,
                                                   trainer.cfg, trainer.groups), trainer.datasets.files))
-        run_steps(trainer, batches, metrics, expert_load, validate, stop, watchdog)
+        saver = checkpoint.Saver(trainer.cfg)
+        try:
+            run_steps(trainer, batches, metrics, expert_load, validate, stop, watchdog, saver)
+        except BaseException:
+            saver.wait_quietly()  # a save in flight is still published; the error that ends training is raised
+            raise
+        saver.wait()
     return perplexity
 
 
 def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter, expert_load: ExpertLoadLog,
-              validate: Callable[[int], None], stop: StopRequests | None, watchdog: StallWatchdog | None) -> None:
-    """The steps of `train` up to train_iters: log, validate, checkpoint, stop on a signal."""
+              validate: Callable[[int], None], stop: StopRequests | None, watchdog: StallWatchdog | None,
+              saver: checkpoint.Saver) -> None:
+    """The steps of `train` up to train_iters: log, validate, checkpoint (`saver`), stop on a signal."""
     cfg, layout = trainer.cfg, trainer.layout
     tokens_per_step = layout.global_batch_size * cfg.data.seq_length
     do_eval = bool(trainer.datasets.valid)
@@ -345,7 +362,8 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
             validate(step)
         signum = stop.agreed(trainer.engine.device) if stop is not None else 0
         if cfg.checkpoint.save and (step % cfg.checkpoint.save_interval == 0 or last or signum):
-            checkpoint.save(trainer.engine, cfg, trainer.progress, trainer.groups)
+            stall_s = saver.save(trainer.engine, trainer.progress, trainer.groups, wait=last or bool(signum))
+            metrics.log(step, {"checkpoint/stall_s": stall_s})
         if signum and not last:
             if cfg.checkpoint.save:
                 announce_requeue()

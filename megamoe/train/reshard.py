@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -43,6 +45,7 @@ from megamoe.models.sharding import shift_layer_index
 from megamoe.moe.experts import Experts
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.train.deepspeed import base_optimizer, optimized_parameters, partition_moments, set_partitioned_state
+from megamoe.train.integrity import CheckpointError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP_FILE = "optimizer.json"
@@ -198,8 +201,19 @@ def _fragment_values(flat: torch.Tensor, rect: Rect, start: int, cols: int) -> t
 
 # ---- save ----
 
-def save(engine, model: torch.nn.Module, groups: ParallelGroups, directory: Path) -> None:
-    """Write this rank's optimizer state into `directory` (every rank calls it; DCP gathers the plans)."""
+@dataclass
+class OptimizerSnapshot:
+    """This rank's optimizer state in host memory (`pieces`) and the run's scalars (`record`: the optimizer step,
+    the loss scaler's state), taken at a step boundary and written later, possibly while training goes on."""
+
+    pieces: list[Piece]
+    record: dict
+
+
+def snapshot(engine, model: torch.nn.Module, groups: ParallelGroups, copy: Copy | None = None) -> OptimizerSnapshot:
+    """This rank's optimizer state, each piece passed through `copy` (default `in_host_memory`: the live values
+    where they already are in host memory). Collective (the step count is agreed over ranks)."""
+    copy = copy or in_host_memory
     pieces: list[Piece] = []
     state = base_optimizer(engine).state
     for entry in entries(model, groups, optimized_parameters(engine)):
@@ -215,11 +229,76 @@ def save(engine, model: torch.nn.Module, groups: ParallelGroups, directory: Path
                 if key in state.get(entry.param, {}):
                     local = state[entry.param][key].detach().reshape(entry.geo.local)
                     pieces += pieces_of(f"{key}/{entry.geo.name}", entry.geo, local)
-    directory.mkdir(parents=True, exist_ok=True)
-    dcp.save({}, storage_writer=dcp.FileSystemWriter(str(directory)), planner=_PieceSavePlanner(pieces))
+    for piece in pieces:
+        piece.tensor = copy(f"{piece.key}@{piece.offsets}", piece.tensor)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # copies to pinned host memory are asynchronous
     steps = _all_steps(engine)
+    return OptimizerSnapshot(pieces, {"step": max(steps) if steps else 0, "loss_scaler": loss_scaler_state(engine)})
+
+
+Copy = Callable[[str, torch.Tensor], torch.Tensor]
+"""(a name for the tensor, the tensor) -> the tensor to write."""
+
+
+def in_host_memory(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself where it is in host memory, else a host copy: for a write that training waits for."""
+    return tensor.detach().cpu()
+
+
+class HostCopies:
+    """Copies into host-memory buffers kept from one save to the next, for a write that runs while training changes
+    the live tensors. A buffer is reused once the write that read it is done (at most one is in flight): a copy into
+    memory already mapped costs a memcpy, into a fresh buffer also its page faults. On a GPU the buffers are pinned
+    and the copies asynchronous (synchronise before writing)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        pinned = tensor.device.type == "cuda"
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = self.buffers[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
+        return buffer.copy_(tensor.detach(), non_blocking=pinned)
+
+
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+"""The dynamic loss scaler's state (fp16): a resume continues with the scale the run had reached."""
+
+
+def loss_scaler_state(engine) -> dict:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return {k: float(getattr(scaler, k)) for k in LOSS_SCALER_FIELDS if isinstance(getattr(scaler, k, None),
+                                                                                    (int, float))}
+
+
+def set_loss_scaler_state(engine, values: dict) -> None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in values.items():
+        if scaler is not None and hasattr(scaler, key):
+            setattr(scaler, key, type(getattr(scaler, key))(value))
+
+
+def write(snap: OptimizerSnapshot, directory: Path, group: dist.ProcessGroup | None = None) -> None:
+    """Write a snapshot into `directory`; every rank of `group` (all ranks; None: the default group) calls it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        dcp.save({}, storage_writer=dcp.FileSystemWriter(str(directory)), planner=_PieceSavePlanner(snap.pieces),
+                 process_group=group)
+    except CheckpointException as err:  # a BaseException: it would pass `except Exception` handlers by
+        raise _first_failure(err) from None
     if dist.get_rank() == 0:
-        (directory / STEP_FILE).write_text(json.dumps({"step": max(steps) if steps else 0}))
+        (directory / STEP_FILE).write_text(json.dumps(snap.record))
+
+
+def _first_failure(err: CheckpointException) -> Exception:
+    """DCP's report of failed ranks as an ordinary exception: the first failed rank's, caused by its own error (so a
+    full disk is recognised as one)."""
+    rank, (cause, _) = min(err.failures.items(), key=lambda item: item[0])
+    failure = RuntimeError(f"rank {rank}: {type(cause).__name__}: {cause}")
+    failure.__cause__ = cause
+    return failure
 
 
 def _all_steps(engine) -> list[int]:
@@ -276,7 +355,9 @@ def load(engine, model: torch.nn.Module, groups: ParallelGroups, directory: Path
     """Fill the optimizer's state from `directory`, written under any layout; returns the optimizer step. Every
     rank calls it, after the model's weights are loaded (they give the fp32 master weights where none were
     saved)."""
-    step = json.loads((directory / STEP_FILE).read_text())["step"]
+    record = json.loads((directory / STEP_FILE).read_text())
+    step = record["step"]
+    set_loss_scaler_state(engine, record.get("loss_scaler", {}))
     plan: list[tuple[Entry, str, list]] = []
     for entry in entries(model, groups, optimized_parameters(engine)):
         keys = ("master", *MOMENTS) if entry.fragment is not None else MOMENTS
@@ -318,7 +399,11 @@ def load(engine, model: torch.nn.Module, groups: ParallelGroups, directory: Path
 def _read(requests: list[Request], directory: Path) -> set[tuple[str, tuple[int, int]]]:
     """Read every request's overlap with the saved pieces; returns the requests whose tensor was saved."""
     planner = _RequestLoadPlanner(requests)
-    dcp.load({}, storage_reader=dcp.FileSystemReader(str(directory)), planner=planner)
+    try:
+        dcp.load({}, storage_reader=dcp.FileSystemReader(str(directory)), planner=planner)
+    except CheckpointException as err:
+        raise CheckpointError(f"{directory}: the optimizer state could not be read ({_first_failure(err)}): the "
+                              "checkpoint is damaged; resume from an earlier one") from None
     return planner.found
 
 
@@ -343,3 +428,14 @@ class _RequestLoadPlanner(DefaultLoadPlanner):
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         return self.requests[(index.fqn, tuple(index.offset))].buffer
+
+
+def read_whole(directory: Path, kind: str) -> dict[str, torch.Tensor]:
+    """Every saved tensor of `kind` ("master", "exp_avg", "exp_avg_sq") whole, in its 2-D global coordinates, by
+    global parameter name (one process reads everything: tools, not training)."""
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    requests = [Request(key, (0, 0), torch.zeros(tuple(saved.size)))
+                for key, saved in metadata.state_dict_metadata.items()
+                if key.startswith(f"{kind}/") and isinstance(saved, TensorStorageMetadata)]
+    _read(requests, directory)
+    return {r.key.removeprefix(f"{kind}/"): r.buffer for r in requests}

@@ -181,8 +181,8 @@ def test_a_checkpoint_that_does_not_fit_is_refused_when_it_loads(damage, ckpt, t
                     r"in this model: this model is not the checkpoint's \(its config differs in "
                     r"moe.num_experts 4 -> 8\)")
         if damage == "wider_experts":
-            expected = (r"ShapeMismatch: \S+: decoder.layers.0.mlp.moe.experts.\S+ is \[4, .*\] in the checkpoint, "
-                        r"\[4, .*\] in this model: .*its config differs in moe.ffn_hidden_size 64 -> 48")
+            expected = (r"ShapeMismatch: \S+: the experts of decoder.layers.0.mlp.moe.experts.\S+ are \[128, 64\] in "
+                        r"the checkpoint, \[96, 64\] in this model: .*config differs in moe.ffn_hidden_size 64 -> 48")
     elif damage == "expert_shard_gone":
         (tag / "experts_ep000.pt").unlink()
         overrides, expected = ["checkpoint.verify=none"], r"CheckpointError: \S+ holds no experts_ep\*.pt expert shards"
@@ -230,20 +230,21 @@ def test_resuming_with_a_changed_schedule_applies_it(ckpt, tiny_data):
 
 
 def _save_onto_a_full_disk(data: dict, save: str, failure: str) -> dict:
-    from megamoe.train import checkpoint, startup
+    from megamoe.train import checkpoint, reshard, startup
     from megamoe.train.integrity import CheckpointError
     from megamoe.train.loop import build_trainer
 
     cfg = tiny_config(data, *MOE, f"checkpoint.load={save}", f"checkpoint.save={save}")
     trainer = build_trainer(cfg, startup.check(cfg))
 
-    def fails(save_dir, tag, **kwargs):
-        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"part of a file")
+    def fails(snapshot, directory, group=None):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        (directory.parent / "mp_rank_00_model_states.pt").write_bytes(b"part of a file")
         if failure == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
-    trainer.engine.save_checkpoint = fails
+    reshard.write = fails  # the first write of a save
     trainer.progress = checkpoint.Progress(iteration=5, consumed_samples=20)
     try:
         checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)

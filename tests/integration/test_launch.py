@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import SlurmCluster, install_debian_packages
-from tests.helpers import ROOT, run_launch, tiny_launch_overrides
+from tests.helpers import ROOT, launch_command, run_launch, tiny_launch_overrides
 
 JOB_TIMEOUT_S = 420
 
@@ -39,12 +39,13 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def _submit(slurm: SlurmCluster, data: dict, run_dir: Path, *extra: str) -> int:
-    """The real job script on 1 node x 2 tasks; the script adds checkpoint.save/load=CKPT_DIR itself."""
+def _submit(slurm: SlurmCluster, data: dict, run_dir: Path, *extra: str, gpus: int = 2) -> int:
+    """The real job script on 1 node x `gpus` tasks (one per stand-in GPU); the script adds
+    checkpoint.save/load=CKPT_DIR itself."""
     overrides = [o for o in tiny_launch_overrides(data, run_dir) if not o.startswith("checkpoint.save=")]
     env = {"CONFIG": str(ROOT / "configs" / "tiny-dense.yaml"), "CKPT_DIR": str(run_dir / "checkpoints"),
            "VENV": sys.prefix, "MEGAMOE_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
-    return slurm.sbatch("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1",
+    return slurm.sbatch("--nodes=1", f"--ntasks-per-node={gpus}", f"--gpus-per-node={gpus}", "--cpus-per-task=1",
                         "--time=10", f"--output={run_dir / 'job.out'}",
                         str(ROOT / "launchers" / "slurm" / "pretrain.sbatch"), *overrides, *extra, env=env, cwd=ROOT)
 
@@ -82,6 +83,57 @@ def test_a_signal_before_the_time_limit_checkpoints_requeues_and_resumes(slurm, 
     assert f"resumed from {tmp_path / 'checkpoints' / f'iter_{stopped:07d}'}" in log, log[-3000:]
     assert _steps(tmp_path) == list(range(1, 61)), "the two runs together logged every step once"
     print(f"job {job_id}: stopped at step {stopped} on SIGUSR1, requeued, resumed and finished 60 steps")
+
+
+ELASTIC = ["moe.num_experts=4", "moe.ffn_hidden_size=64", "parallel.expert_model_parallel_size=2",
+           "model.hidden_dropout=0", "model.attention_dropout=0", "train.train_iters=30", "train.eval_interval=30",
+           "checkpoint.save_interval=1000"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    path = run_dir / "metrics.jsonl"
+    return {r["step"]: r["train/loss"] for r in map(json.loads, path.read_text().splitlines()) if "train/loss" in r}
+
+
+def test_a_job_requeued_on_fewer_gpus_continues_with_its_optimizer_state(slurm, tiny_data, tmp_path):
+    """4 tasks checkpoint on SIGUSR1 and requeue; before the job starts again it is given 2 GPUs instead of 4 (what a
+    requeue on fewer nodes does); the 2 tasks resume from the checkpoint with the optimizer state re-cut, and the
+    losses after it equal an uninterrupted 4-process run's (fp32, dropout off)."""
+    want = tmp_path / "uninterrupted"
+    command = launch_command(tiny_data, want, *ELASTIC, "checkpoint.save=null")
+    command[command.index("--num_gpus") + 1] = "4"
+    run_launch(command, JOB_TIMEOUT_S)
+    want_losses = _losses(want)
+    run = tmp_path / "job"
+    run.mkdir()
+    job_id = _submit(slurm, tiny_data, run, *ELASTIC, gpus=4)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not [s for s in _steps(run) if s >= 3]:
+        assert time.monotonic() < deadline and slurm.job(job_id).get("JobState") in ("PENDING", "RUNNING"), \
+            (run / "job.out").read_text()[-3000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", str(job_id)], env=slurm.env, check=True)
+    while not (slurm.job(job_id).get("JobState") == "PENDING" and slurm.job(job_id).get("Restarts") == "1"):
+        assert time.monotonic() < deadline, f"{slurm.job(job_id)}\n{(run / 'job.out').read_text()[-3000:]}"
+        time.sleep(0.2)
+    # Requeued jobs wait AuthInfo's cred_expire (20 s) before starting again: time to resize it.
+    for command in (["scontrol", "hold", str(job_id)], ["scontrol", "update", f"JobId={job_id}",
+                                                         "TresPerNode=gres:gpu:2"],
+                    ["scontrol", "update", f"JobId={job_id}", "NumTasks=2"], ["scontrol", "release", str(job_id)]):
+        subprocess.run(command, env=slurm.env, check=True, capture_output=True)
+    job = slurm.wait(job_id, JOB_TIMEOUT_S)
+    log = (run / "job.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", f"{job}\n{log[-3000:]}"
+    assert "megamoe: 4 tasks" in log and "megamoe: 2 tasks" in log, log[-3000:]
+    stopped = int(log.split("stopped at step ")[1].split()[0])
+    assert "re-cut for this layout" in log, log[-3000:]
+    got = _losses(run)
+    after = range(stopped + 1, 31)
+    rel = max(abs(got[s] - want_losses[s]) / abs(want_losses[s]) for s in after)
+    print(f"job {job_id}: 4 tasks stopped at step {stopped}, requeued on 2 GPUs; steps {stopped + 1}-30 "
+          f"{[round(got[s], 6) for s in after][:5]}... vs uninterrupted {[round(want_losses[s], 6) for s in after][:5]}"
+          f"..., max rel {rel:.1e}")
+    assert rel <= 1e-6, rel
 
 
 def test_mpirun_trains_with_ranks_from_mpi4py(tiny_data, tmp_path):

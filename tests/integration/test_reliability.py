@@ -153,18 +153,19 @@ def _steps(trainer, steps: int) -> None:
 
 
 def _crash_during_save(data: dict, save: str) -> dict:
-    from megamoe.train import checkpoint
+    from megamoe.train import checkpoint, reshard
 
     ckpt = [f"checkpoint.save={save}", "checkpoint.save_interval=1", "checkpoint.keep_last=2"]
     trainer = _trainer(data, *ckpt)
     _steps(trainer, 3)  # checkpoints 1, 2, 3; keep_last=2 leaves 2 and 3
     kept = sorted(p.name for p in Path(save).glob("iter_*"))
 
-    def dies_half_way(save_dir, tag, **kwargs):
-        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+    def dies_half_way(snapshot, directory, group=None):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        (directory.parent / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
         raise SystemExit("killed during save")
 
-    trainer.engine.save_checkpoint = dies_half_way
+    reshard.write = dies_half_way  # the first write of a save
     trainer.progress = checkpoint.Progress(iteration=4, consumed_samples=trainer.progress.consumed_samples + 4)
     with contextlib.suppress(SystemExit):  # the process "dies" inside DeepSpeed's save
         checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)

@@ -99,12 +99,12 @@ def test_upcycle_errors_are_one_line(tiny_data, dense, tmp_path):
 
 
 def _bf16_dense_weights(data: dict, save: str) -> dict:
-    from megamoe.train import checkpoint, deepspeed
+    from megamoe.train import checkpoint
 
     trainer = train_steps(data, [*DENSE, "train.bf16=true", "deepspeed.zero_stage=2", f"checkpoint.save={save}"],
                           2)["trainer"]
     checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
-    weights = deepspeed.fp32_module_weights(checkpoint.latest_tag_dir(save), trainer.cfg)
+    weights = checkpoint.fp32_weights(checkpoint.latest_tag_dir(save), trainer.cfg)
     params = {n: p.detach().float() for n, p in trainer.engine.module.named_parameters()}
     return {"loss": _first_batch_loss(trainer), "has_params": set(params) <= set(weights),
             "fp32": all(weights[n].dtype == torch.float32 for n in params),
