@@ -389,9 +389,10 @@ def _check_moe(moe: MoEConfig, cfg: RunConfig, world_size: int) -> None:
         _fail("deepspeed.zero_stage=0 with expert parallelism and train.clip_grad > 0: DeepSpeed's stage-0 clipping "
               "averages per-rank norms, which is wrong when ranks hold different experts; use deepspeed.zero_stage=1 "
               "or 2 (or train.clip_grad=0)")
-    if ep > 1 and cfg.deepspeed.zero_stage == 3:
-        _fail("deepspeed.zero_stage=3 with expert parallelism is not supported by DeepSpeed's MoE; use ZeRO 1 or "
-              "2, or parallel.expert_model_parallel_size=1")
+    if cfg.deepspeed.zero_stage == 3:
+        _fail("deepspeed.zero_stage=3 with MoE layers is not supported: ZeRO-3 gathers a module's parameters only "
+              "around its own forward, and the MoE layers use their router and expert weights directly (and "
+              "DeepSpeed's MoE has no ZeRO-3 expert parallelism); use deepspeed.zero_stage=1 or 2")
     variants.of(moe).check(moe, cfg)
 
 

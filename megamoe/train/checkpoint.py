@@ -599,9 +599,10 @@ def load(engine, tag_dir: Path | None, groups: ParallelGroups, weights_states: d
             get_logger().warning(f"{tag_dir} holds no optimizer state for another layout (saved before megamoe "
                                  f"wrote {RESHARD_DIR}): the optimizer state starts afresh")
     else:
-        model_file = saved_layout(tag_dir).stage_files(tag_dir)[groups.pp_rank][groups.tp_rank]
-        integrity.on_every_rank(lambda: require_fit(_load_model_file(model_file, mmap=True)["module"],
-                                                    engine.module.state_dict(), tag_dir))
+        if engine.zero_optimization_stage() != 3:  # ZeRO-3's files hold placeholders: DeepSpeed checks its own
+            model_file = saved_layout(tag_dir).stage_files(tag_dir)[groups.pp_rank][groups.tp_rank]
+            integrity.on_every_rank(lambda: require_fit(_load_model_file(model_file, mmap=True)["module"],
+                                                        engine.module.state_dict(), tag_dir))
         path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")

@@ -34,6 +34,9 @@ CHANGES = {
 }
 CASES = {f"{model}_{change}": (MODELS[model], *CHANGES[change]) for model in MODELS for change in CHANGES}
 CASES["topk_zero2_to_zero0"] = (MODELS["topk"], ZERO2, (), 2)
+# ZeRO-3 keeps its parameters inside DeepSpeed's optimizer: its checkpoints are DeepSpeed's own, resumed at their
+# layout (and megamoe's MoE layers do not train under ZeRO-3: the dense model).
+CASES["dense_zero3_same_layout"] = ([], ("deepspeed.zero_stage=3",), ("deepspeed.zero_stage=3",), 2)
 
 
 def _train(data: dict, log_dir: str, steps: int, overrides: tuple[str, ...]) -> None:

@@ -104,7 +104,9 @@ MISTAKES = [
      r"moe.router_topk=1 with moe.router_pre_softmax=false .* CartesianMoE authors' top-1 gate\)$"),
     (["moe.num_experts=4", "parallel.tensor_model_parallel_size=2"], 2, r"need parallel.sequence_parallel=true"),
     (["moe.num_experts=4", "parallel.expert_model_parallel_size=2", "deepspeed.zero_stage=3"], 2,
-     r"deepspeed.zero_stage=3 with expert parallelism is not supported"),
+     r"deepspeed.zero_stage=3 with MoE layers is not supported"),
+    (["moe.num_experts=4", "deepspeed.zero_stage=3"], 1, r"deepspeed.zero_stage=3 with MoE layers is not supported: "
+     r".*use deepspeed.zero_stage=1 or 2"),
     (["moe.num_experts=4", "parallel.expert_model_parallel_size=2"], 2,
      r"deepspeed.zero_stage=0 with expert parallelism and train.clip_grad > 0"),
     (["moe.num_experts=4", "moe.layer_freq=[1, 0]"], 1, r"moe.layer_freq=\[1, 0\] must be a list of 4 zeros and ones"),
