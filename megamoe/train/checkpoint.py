@@ -258,7 +258,7 @@ def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> 
     """Write a checkpoint of this step under cfg.checkpoint.save and publish it atomically (train/integrity.py),
     before returning; every rank calls this. Refused (CheckpointError) if any weight is not finite."""
     assert cfg.checkpoint.save is not None
-    if engine.zero_optimization_stage() == 3:
+    if deepspeed_keeps_the_state(engine):
         return save_through_deepspeed(engine, cfg, progress, groups)
     snap = take_snapshot(engine, cfg, progress, groups)
     integrity.begin(cfg.checkpoint.save, snap.tag)
@@ -267,9 +267,15 @@ def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> 
     return tag_dir
 
 
+def deepspeed_keeps_the_state(engine) -> bool:
+    """Whether part of the training state is only in DeepSpeed's own structures: ZeRO-3's partitioned parameters,
+    fp16 without ZeRO's fp32 master weights (FP16_Optimizer's flat groups, CUDA only)."""
+    return engine.zero_optimization_stage() == 3 or (engine.fp16_enabled() and engine.zero_optimization_stage() == 0)
+
+
 def save_through_deepspeed(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> Path:
-    """ZeRO-3's checkpoint: its parameters live partitioned inside DeepSpeed's optimizer, so DeepSpeed's engine
-    writes them (and loads them, at the same layout only), synchronously; megamoe adds its own files."""
+    """The checkpoint of a run whose state DeepSpeed keeps (deepspeed_keeps_the_state): DeepSpeed's engine writes
+    it (and loads it, at the same layout only), synchronously; megamoe adds its own files."""
     require_finite_weights(engine.module, progress.iteration)
     sync_moe_buffers(engine.module)
     tag = tag_for(progress.iteration)
@@ -314,7 +320,7 @@ class Saver:
         started = time.perf_counter()
         self.wait()
         save_dir, keep_last = self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last
-        if not self.background or engine.zero_optimization_stage() == 3:
+        if not self.background or deepspeed_keeps_the_state(engine):
             save(engine, self.cfg, progress, groups)
         else:
             from megamoe.train.reshard import HostCopies

@@ -1,6 +1,8 @@
 """Optimizer state that any layout can load: every parameter's Adam moments (and the fp32 master weights of a
 ZeRO or bf16 optimizer) saved in the parameter's global coordinates with torch.distributed.checkpoint (DCP), so a
 run resumed under another tensor-, pipeline-, expert- or data-parallel size, or ZeRO stage, continues with them.
+It is a checkpoint's only copy of the optimizer state (ZeRO-3 aside: train/checkpoint.py), read at the saved
+layout too, each rank reading its own part.
 
 Why DCP and not DeepSpeed's universal checkpoint: the universal format is an offline conversion (ds_to_universal)
 of ZeRO files into one file per parameter holding the whole tensor, which every rank then reads whole; it knows
@@ -52,6 +54,9 @@ STEP_FILE = "optimizer.json"
 PIECE_BYTES = 4 << 20
 """Largest piece a rank writes: a rank loading part of a tensor reads whole saved pieces that overlap it."""
 
+
+Copy = Callable[[str, torch.Tensor], torch.Tensor]
+"""(a name for the tensor, the tensor) -> the tensor to write (a snapshot's copy, or the live tensor)."""
 
 Rect = tuple[int, int, int, int]
 """Rows [r0, r1) and columns [c0, c1) of a local 2-D view."""
@@ -237,10 +242,6 @@ def snapshot(engine, model: torch.nn.Module, groups: ParallelGroups, copy: Copy 
     return OptimizerSnapshot(pieces, {"step": max(steps) if steps else 0, "loss_scaler": loss_scaler_state(engine)})
 
 
-Copy = Callable[[str, torch.Tensor], torch.Tensor]
-"""(a name for the tensor, the tensor) -> the tensor to write."""
-
-
 def in_host_memory(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """The tensor itself where it is in host memory, else a host copy: for a write that training waits for."""
     return tensor.detach().cpu()
@@ -286,7 +287,7 @@ def write(snap: OptimizerSnapshot, directory: Path, group: dist.ProcessGroup | N
     try:
         dcp.save({}, storage_writer=dcp.FileSystemWriter(str(directory)), planner=_PieceSavePlanner(snap.pieces),
                  process_group=group)
-    except CheckpointException as err:  # a BaseException: it would pass `except Exception` handlers by
+    except CheckpointException as err:  # a BaseException, which `except Exception` handlers would let through
         raise _first_failure(err) from None
     if dist.get_rank() == 0:
         (directory / STEP_FILE).write_text(json.dumps(snap.record))

@@ -46,6 +46,28 @@ def test_product_keys_equal_exhaustive_top_k(shared):
     torch.testing.assert_close(scores, want_scores)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_product_key_gradients_equal_those_of_scoring_all_pairs(shared):
+    """The backward through the chosen sub-keys only gives the gradients autograd gives the exhaustive scores."""
+    gen = torch.Generator().manual_seed(1)
+    n, half, heads, k = 32, 5, 3, 4
+    q = torch.randn(50, heads, 2 * half, generator=gen, dtype=torch.float64, requires_grad=True)
+    shape = (n, half) if shared else (heads, n, half)
+    keys1 = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    keys2 = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(50, heads, k, generator=gen, dtype=torch.float64)
+    scores, _ = product_key_topk(q, keys1, keys2, k)
+    got = torch.autograd.grad((scores * weights).sum(), (q, keys1, keys2))
+    k1 = keys1.expand(heads, n, half) if shared else keys1
+    k2 = keys2.expand(heads, n, half) if shared else keys2
+    full = (torch.einsum("thc,hac->tha", q[..., :half], k1)[..., :, None]
+            + torch.einsum("thc,hbc->thb", q[..., half:], k2)[..., None, :]).flatten(-2)
+    want = torch.autograd.grad((full.topk(k, dim=-1).values * weights).sum(), (q, keys1, keys2))
+    for name, g, w in zip(("q", "keys1", "keys2"), got, want, strict=True):
+        torch.testing.assert_close(g, w, msg=name)
+        assert w.abs().sum() > 0, name
+
+
 def per_token_reference(layer, x_TD: torch.Tensor) -> torch.Tensor:
     """y_t = sum over heads and retrieved experts of g * gelu(u . x_t) v, one token at a time."""
     gates, ids = layer.retrieve(x_TD, None)
