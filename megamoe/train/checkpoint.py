@@ -7,8 +7,8 @@ and buffers, decoder layers numbered from 0 within the stage, the LR scheduler a
 keyed by their module's global name and global expert id; `optimizer_any_layout/` (train/reshard.py), Adam's
 moments and fp32 master weights written with torch.distributed.checkpoint, each rank its own part;
 `rng_state_rank<r>.pt` per rank (dropout streams differ per rank); `config.yaml` (the resolved config).
-`<save>/latest` names the newest tag. Every file is written by megamoe from a snapshot in host memory (Saver: in
-the background while training continues, by default), then published whole (train/integrity.py).
+`<save>/latest` names the newest tag. train/saving.py writes them (in the background while training continues, by
+default), train/integrity.py publishes them whole.
 
 A resume, at the saved layout or any other, loads the weights before the engine exists (tensor-parallel shards
 merged and re-cut when TP changes, layers taken from whichever stage held them, experts from the shards that hold
@@ -27,8 +27,6 @@ import contextlib
 import json
 import random
 import re
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +36,6 @@ import torch.distributed as dist
 
 from megamoe.config import RunConfig, dump
 from megamoe.models.sharding import merge_tp, shard_tp, shift_layer_index
-from megamoe.moe import MoELayer
 from megamoe.moe.experts import Experts
 from megamoe.parallel import experts as expert_shards
 from megamoe.parallel.groups import ParallelGroups
@@ -98,7 +95,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _experts(model: torch.nn.Module) -> dict[str, Experts]:
+def expert_modules(model: torch.nn.Module) -> dict[str, Experts]:
     """This stage's expert modules by their global name."""
     offset = layer_offset(model)
     return {shift_layer_index(name, offset): m for name, m in model.named_modules() if isinstance(m, Experts)}
@@ -112,7 +109,7 @@ def layer_offset(model: torch.nn.Module) -> int:
 
 def save_expert_shard(model: torch.nn.Module, tag_dir: Path, groups: ParallelGroups) -> None:
     """The first expert-data-parallel replica of each EP rank (of each stage) writes its experts."""
-    expert_shards.save_shard(_experts(model), tag_dir, groups)
+    expert_shards.save_shard(expert_modules(model), tag_dir, groups)
 
 
 def load_expert_shards(model: torch.nn.Module, tag_dir: Path) -> None:
@@ -125,7 +122,7 @@ def _fill_experts(model: torch.nn.Module, tag_dir: Path, files: list[Path] | Non
     """The shards' errors as the checkpoint's: ShapeMismatch (a CheckpointError) or CheckpointError. `files`: the
     shards to read (default: all)."""
     try:
-        expert_shards.fill_local_experts(_experts(model), tag_dir, files)
+        expert_shards.fill_local_experts(expert_modules(model), tag_dir, files)
     except expert_shards.ExpertShapeMismatch as err:
         raise ShapeMismatch(str(err)) from None
     except expert_shards.ExpertShardError as err:
@@ -140,7 +137,7 @@ def needed_shards(model: torch.nn.Module, tag_dir: Path, saved: SavedLayout, gro
         layer = re.search(r"layers\.(\d+)\.", name)
         return (int(layer.group(1)) // per_stage if layer else 0), saved.pp
 
-    return expert_shards.shards_holding(_experts(model), tag_dir, saved.ep, groups.ep_size, stage_of)
+    return expert_shards.shards_holding(expert_modules(model), tag_dir, saved.ep, groups.ep_size, stage_of)
 
 
 RESHARD_DIR = "optimizer_any_layout"
@@ -164,201 +161,6 @@ def require_fit(saved: dict, own: dict[str, torch.Tensor], where: Path, elsewher
         if isinstance(tensor, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape != tensor.shape:
             raise ShapeMismatch(f"{where}: {name} is {list(value.shape)} in the checkpoint, {list(tensor.shape)} in "
                                 "this model")
-
-
-@dataclass
-class Snapshot:
-    """One rank's part of a checkpoint, copied to host memory at a step boundary: what it writes, under `tag`."""
-
-    tag: str
-    iteration: int
-    files: dict[str, object]
-    """File name -> object for torch.save: the RNG streams, the expert shard, the model file."""
-    texts: dict[str, str]
-    """File name -> text (rank 0: the resolved config, the tokenizer record)."""
-    optimizer: object
-    """reshard.OptimizerSnapshot."""
-
-
-def take_snapshot(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups, copy=None) -> Snapshot:
-    """This step's checkpoint content on this rank, each tensor passed through `copy` (reshard.HostCopies: copies in
-    host memory, so training may change the live state while they are written; default: the live tensors, for a
-    write training waits for). Collective. Refused (CheckpointError) if any weight is not finite."""
-    from megamoe.train import reshard  # (imports DeepSpeed: not for the tools that only read checkpoints)
-
-    copy = copy or reshard.in_host_memory
-    require_finite_weights(engine.module, progress.iteration)
-    sync_moe_buffers(engine.module)
-    files: dict[str, object] = {f"rng_state_rank{dist.get_rank()}.pt": rng_state()}
-    experts = expert_shards.shard_state(_experts(engine.module), groups, lambda n, t: copy(f"experts/{n}", t))
-    if experts is not None:
-        files[experts[0]] = experts[1]
-    if groups.dp_rank == 0:  # one copy of each tensor- and pipeline-parallel shard of the dense weights
-        files[model_file_name(groups)] = model_file_state(engine, progress, groups,
-                                                          lambda n, t: copy(f"model/{n}", t))
-    texts = run_records(cfg) if dist.get_rank() == 0 else {}
-    return Snapshot(tag_for(progress.iteration), progress.iteration, files, texts,
-                    reshard.snapshot(engine, engine.module, groups, copy))
-
-
-def sync_moe_buffers(model: torch.nn.Module) -> None:
-    """Make every rank's MoE buffers equal (collective): the model file holds one rank's copy."""
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            module.sync_buffers()
-
-
-def model_file_name(groups: ParallelGroups) -> str:
-    """DeepSpeed's name of the model file of this rank's tensor- and pipeline-parallel shard."""
-    return f"mp_rank_{groups.pp_rank * groups.tp_size + groups.tp_rank:02d}_model_states.pt"
-
-
-def model_file_state(engine, progress: Progress, groups: ParallelGroups, copy) -> dict:
-    """The model file, in DeepSpeed's layout (`module`: this shard's weights and buffers without the routed experts,
-    which are in the expert shards; the run's scalars beside it), each tensor passed through `copy`."""
-    expert_names = _expert_parameter_names(engine.module)
-    module = {name: copy(name, value) if isinstance(value, torch.Tensor) else value
-              for name, value in engine.module.state_dict().items() if name not in expert_names}
-    return {"module": module, "iteration": progress.iteration, "consumed_samples": progress.consumed_samples,
-            "megamoe_skipped_steps": progress.skipped_steps,
-            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-            "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-            "skipped_steps": engine.skipped_steps, "dp_world_size": groups.dp_size,
-            "mp_world_size": groups.tp_size * groups.pp_size}
-
-
-def _expert_parameter_names(model: torch.nn.Module) -> set[str]:
-    """The state-dict names of the routed experts' parameters (local names)."""
-    return {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, Experts)
-            for p, _ in m.named_parameters(recurse=False)}
-
-
-def write_snapshot(snap: Snapshot, save_dir: str, keep_last: int | None, group: dist.ProcessGroup | None = None
-                   ) -> Path:
-    """Write a snapshot into the staging directory (integrity.begin made it) and publish it. Collective over `group`
-    (all ranks; None: the default group). A failure on any rank fails every rank with the same CheckpointError and
-    publishes nothing: `latest` stays on the previous checkpoint."""
-    from megamoe.train import reshard
-
-    staging = integrity.staging_dir(save_dir, snap.tag)
-
-    def write_mine() -> None:
-        with integrity.writing(staging, snap.iteration):
-            reshard.write(snap.optimizer, staging / RESHARD_DIR, group)  # first: its collectives fail on every rank
-            for name, value in snap.files.items():
-                torch.save(value, staging / name)
-            for name, text in snap.texts.items():
-                (staging / name).write_text(text)
-
-    integrity.on_every_rank(write_mine, group)
-    return integrity.publish(save_dir, snap.tag, keep_last, group)
-
-
-def save(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> Path:
-    """Write a checkpoint of this step under cfg.checkpoint.save and publish it atomically (train/integrity.py),
-    before returning; every rank calls this. Refused (CheckpointError) if any weight is not finite."""
-    assert cfg.checkpoint.save is not None
-    if deepspeed_keeps_the_state(engine):
-        return save_through_deepspeed(engine, cfg, progress, groups)
-    snap = take_snapshot(engine, cfg, progress, groups)
-    integrity.begin(cfg.checkpoint.save, snap.tag)
-    tag_dir = write_snapshot(snap, cfg.checkpoint.save, cfg.checkpoint.keep_last)
-    get_logger().info(f"saved checkpoint {tag_dir}")
-    return tag_dir
-
-
-def deepspeed_keeps_the_state(engine) -> bool:
-    """Whether part of the training state is only in DeepSpeed's own structures: ZeRO-3's partitioned parameters,
-    fp16 without ZeRO's fp32 master weights (FP16_Optimizer's flat groups, CUDA only)."""
-    return engine.zero_optimization_stage() == 3 or (engine.fp16_enabled() and engine.zero_optimization_stage() == 0)
-
-
-def save_through_deepspeed(engine, cfg: RunConfig, progress: Progress, groups: ParallelGroups) -> Path:
-    """The checkpoint of a run whose state DeepSpeed keeps (deepspeed_keeps_the_state): DeepSpeed's engine writes
-    it (and loads it, at the same layout only), synchronously; megamoe adds its own files."""
-    require_finite_weights(engine.module, progress.iteration)
-    sync_moe_buffers(engine.module)
-    tag = tag_for(progress.iteration)
-    staging = integrity.begin(cfg.checkpoint.save, tag)
-    with integrity.writing(staging, progress.iteration):
-        torch.save(rng_state(), staging / f"rng_state_rank{dist.get_rank()}.pt")
-        save_expert_shard(engine.module, staging, groups)
-        if dist.get_rank() == 0:
-            write_run_records(staging, cfg)
-        engine.save_checkpoint(str(staging.parent), tag=tag, save_latest=False,
-                               client_state={"iteration": progress.iteration,
-                                             "consumed_samples": progress.consumed_samples,
-                                             # DeepSpeed keeps a `skipped_steps` of its own under that name
-                                             "megamoe_skipped_steps": progress.skipped_steps})
-        tag_dir = integrity.publish(cfg.checkpoint.save, tag, cfg.checkpoint.keep_last)
-    get_logger().info(f"saved checkpoint {tag_dir}")
-    return tag_dir
-
-
-class Saver:
-    """Checkpoints of a training run: written before `save` returns, or (checkpoint.async_save) by a background
-    thread from a snapshot taken at the step boundary while training continues. At most one save is in flight: the
-    next waits for it. The background writes communicate over a process group of their own (gloo, host memory), so
-    they never interleave with training's collectives. A background save that failed raises its CheckpointError
-    at the next save or at `wait`."""
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self.background = cfg.checkpoint.async_save and cfg.checkpoint.save is not None
-        # Every rank creates the group, in the same order (new_group is collective).
-        self.group = dist.new_group(backend="gloo") if self.background and dist.get_world_size() > 1 else None
-        self.thread: threading.Thread | None = None
-        self.outcome: Path | BaseException | None = None
-        self.copies = None  # reshard.HostCopies: the snapshot's buffers, kept for the next save
-        self.write_s = 0.0
-        """Seconds the last background write took (snapshot to publication)."""
-
-    def save(self, engine, progress: Progress, groups: ParallelGroups, wait: bool = False) -> float:
-        """Checkpoint this step (every rank calls it); `wait`: return once it is published (the last step, a stop
-        signal). Returns the seconds training waited (the whole write when synchronous; the snapshot, and any wait
-        for the previous save, when not)."""
-        started = time.perf_counter()
-        self.wait()
-        save_dir, keep_last = self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last
-        if not self.background or deepspeed_keeps_the_state(engine):
-            save(engine, self.cfg, progress, groups)
-        else:
-            from megamoe.train.reshard import HostCopies
-
-            self.copies = self.copies or HostCopies()
-            snap = take_snapshot(engine, self.cfg, progress, groups, self.copies)
-            integrity.begin(save_dir, snap.tag)
-            self.thread = threading.Thread(target=self._write, args=(snap, save_dir, keep_last, started),
-                                           name=f"megamoe-save-{snap.tag}", daemon=True)
-            self.thread.start()
-            if wait:
-                self.wait()
-        return time.perf_counter() - started
-
-    def _write(self, snap: Snapshot, save_dir: str, keep_last: int | None, started: float) -> None:
-        try:
-            self.outcome = write_snapshot(snap, save_dir, keep_last, self.group)
-        except BaseException as err:  # noqa: BLE001 - handed to the training thread, which raises it
-            self.outcome = err
-        self.write_s = time.perf_counter() - started
-
-    def wait_quietly(self) -> None:
-        """`wait`, a failure logged rather than raised (training is already ending with an error of its own)."""
-        try:
-            self.wait()
-        except Exception as err:  # noqa: BLE001 - the error ending training is the one to raise
-            get_logger().warning(f"the checkpoint written in the background failed too: {err}")
-
-    def wait(self) -> Path | None:
-        """Block until the save in flight (if any) is published; raises its error. Returns its directory."""
-        if self.thread is None:
-            return None
-        self.thread.join()
-        self.thread, outcome, self.outcome = None, self.outcome, None
-        if isinstance(outcome, BaseException):
-            raise outcome
-        get_logger().info(f"saved checkpoint {outcome} (written in the background in {self.write_s:.1f} s)")
-        return outcome
 
 
 def run_records(cfg: RunConfig) -> dict[str, str]:

@@ -19,7 +19,7 @@ from megamoe.moe.losses import set_aux_loss_scale
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.parallel.initialize import destroy, initialize
 from megamoe.profiling import region
-from megamoe.train import checkpoint, pipeline
+from megamoe.train import checkpoint, pipeline, saving
 from megamoe.train.checkpoint import Progress
 from megamoe.train.deepspeed import (
     aux_loss_scale,
@@ -315,7 +315,7 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
             validate(0)
         batches = iter(IntactBatches(build_loader(trainer.datasets.train, trainer.progress.consumed_samples,
                                                   trainer.cfg, trainer.groups), trainer.datasets.files))
-        saver = checkpoint.Saver(trainer.cfg)
+        saver = saving.Saver(trainer.cfg)
         try:
             run_steps(trainer, batches, metrics, expert_load, validate, stop, watchdog, saver)
         except BaseException:
@@ -327,7 +327,7 @@ def train(trainer: Trainer, metrics: MetricsWriter, expert_load: ExpertLoadLog,
 
 def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter, expert_load: ExpertLoadLog,
               validate: Callable[[int], None], stop: StopRequests | None, watchdog: StallWatchdog | None,
-              saver: checkpoint.Saver) -> None:
+              saver: saving.Saver) -> None:
     """The steps of `train` up to train_iters: log, validate, checkpoint (`saver`), stop on a signal."""
     cfg, layout = trainer.cfg, trainer.layout
     tokens_per_step = layout.global_batch_size * cfg.data.seq_length

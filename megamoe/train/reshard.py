@@ -1,7 +1,7 @@
 """Optimizer state that any layout can load: every parameter's Adam moments (and the fp32 master weights of a
 ZeRO or bf16 optimizer) saved in the parameter's global coordinates with torch.distributed.checkpoint (DCP), so a
 run resumed under another tensor-, pipeline-, expert- or data-parallel size, or ZeRO stage, continues with them.
-It is a checkpoint's only copy of the optimizer state (ZeRO-3 aside: train/checkpoint.py), read at the saved
+It is a checkpoint's only copy of the optimizer state (ZeRO-3 aside: train/saving.py), read at the saved
 layout too, each rank reading its own part.
 
 Why DCP and not DeepSpeed's universal checkpoint: the universal format is an offline conversion (ds_to_universal)

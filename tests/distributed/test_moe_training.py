@@ -50,9 +50,9 @@ def _train(data: dict, overrides: list[str], control: str = "") -> dict:
     with torch.no_grad():
         eval_loss = lm_loss(trainer.engine, _eval_batch()).item()
     if cfg.checkpoint.save:
-        from megamoe.train import checkpoint
+        from megamoe.train import saving
 
-        checkpoint.save(trainer.engine, cfg, trainer.progress, trainer.groups)
+        saving.save(trainer.engine, cfg, trainer.progress, trainer.groups)
     local_experts = trainer.engine.module.decoder.layers[0].mlp.moe.experts.linear_fc1.detach().clone()
     return {**run, "eval_loss": eval_loss, "local_experts": local_experts}
 

@@ -45,11 +45,11 @@ CUSTOM = {  # each trained with TP=2 x EP=2 (4 processes)
 
 
 def _train(data: dict, save: str, overrides: list[str]) -> dict:
-    from megamoe.train import checkpoint
+    from megamoe.train import saving
 
     run = train_steps(data, ["train.train_iters=2", f"checkpoint.save={save}", *overrides], 2)
     trainer = run.pop("trainer")
-    checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+    saving.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
     return run
 
 

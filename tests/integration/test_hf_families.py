@@ -122,7 +122,7 @@ def _logits_then_train(load: str, layout: list[str], data: dict, steps: int, sav
     from megamoe import config
     from megamoe.data.loader import build_loader
     from megamoe.data.tokenizer import vocab_size
-    from megamoe.train import checkpoint, startup
+    from megamoe.train import saving, startup
     from megamoe.train.loop import build_trainer, causal_mask, train_step
 
     finetune = Path(load) / "finetune.yaml"
@@ -138,7 +138,7 @@ def _logits_then_train(load: str, layout: list[str], data: dict, steps: int, sav
     batches = iter(build_loader(trainer.datasets.train, 0, cfg, trainer.groups))
     losses = [train_step(trainer, batches)["train/loss"] for _ in range(steps)]
     if save:
-        checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+        saving.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
     return {"logits": logits if dist.get_rank() == 0 else None, "losses": losses}
 
 

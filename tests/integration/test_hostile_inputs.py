@@ -230,7 +230,7 @@ def test_resuming_with_a_changed_schedule_applies_it(ckpt, tiny_data):
 
 
 def _save_onto_a_full_disk(data: dict, save: str, failure: str) -> dict:
-    from megamoe.train import checkpoint, reshard, startup
+    from megamoe.train import checkpoint, reshard, saving, startup
     from megamoe.train.integrity import CheckpointError
     from megamoe.train.loop import build_trainer
 
@@ -247,7 +247,7 @@ def _save_onto_a_full_disk(data: dict, save: str, failure: str) -> dict:
     reshard.write = fails  # the first write of a save
     trainer.progress = checkpoint.Progress(iteration=5, consumed_samples=20)
     try:
-        checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+        saving.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
     except CheckpointError as err:
         return {"error": str(err), "partial": sorted(p.name for p in Path(save, ".partial").glob("*")),
                 "latest": (Path(save) / "latest").read_text()}

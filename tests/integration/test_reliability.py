@@ -153,7 +153,7 @@ def _steps(trainer, steps: int) -> None:
 
 
 def _crash_during_save(data: dict, save: str) -> dict:
-    from megamoe.train import checkpoint, reshard
+    from megamoe.train import checkpoint, reshard, saving
 
     ckpt = [f"checkpoint.save={save}", "checkpoint.save_interval=1", "checkpoint.keep_last=2"]
     trainer = _trainer(data, *ckpt)
@@ -168,7 +168,7 @@ def _crash_during_save(data: dict, save: str) -> dict:
     reshard.write = dies_half_way  # the first write of a save
     trainer.progress = checkpoint.Progress(iteration=4, consumed_samples=trainer.progress.consumed_samples + 4)
     with contextlib.suppress(SystemExit):  # the process "dies" inside DeepSpeed's save
-        checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+        saving.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
     latest = (Path(save) / "latest").read_text()
     resumed = _trainer(data, *ckpt, f"checkpoint.load={save}")
     return {"kept": kept, "latest": latest, "resumed_at": resumed.progress.iteration,
@@ -183,11 +183,11 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tiny_data, tmp_pa
 
 
 def _load_damaged(data: dict, save: str, damage: str) -> str:
-    from megamoe.train import checkpoint
+    from megamoe.train import checkpoint, saving
 
     trainer = _trainer(data, f"checkpoint.save={save}")
     trainer.progress = checkpoint.Progress(iteration=1, consumed_samples=4)
-    tag_dir = checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+    tag_dir = saving.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
     target = tag_dir / "mp_rank_00_model_states.pt"
     if damage == "truncated":
         target.write_bytes(target.read_bytes()[:-100])
@@ -236,7 +236,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tiny_data, tmp_path, da
 
 
 def _nonfinite(data: dict, save: str, nan_steps: list[int], limit: int, zero: int) -> dict:
-    from megamoe.train import checkpoint, loop
+    from megamoe.train import loop, saving
 
     trainer = _trainer(data, f"checkpoint.save={save}", "checkpoint.save_interval=1", f"deepspeed.zero_stage={zero}",
                        f"train.max_skipped_steps={limit}", "train.micro_batch_size=2", "train.global_batch_size=4")
@@ -264,7 +264,7 @@ def _nonfinite(data: dict, save: str, nan_steps: list[int], limit: int, zero: in
     with torch.no_grad():
         next(trainer.engine.module.parameters()).fill_(float("inf"))
     try:
-        checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+        saving.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
         refused = None
     except Exception as err:
         refused = str(err)

@@ -27,10 +27,10 @@ def _first_batch_loss(trainer) -> float:
 
 
 def _train_dense(data: dict, save: str) -> float:
-    from megamoe.train import checkpoint
+    from megamoe.train import saving
 
     trainer = train_steps(data, [*DENSE, f"checkpoint.save={save}"], 2)["trainer"]
-    checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+    saving.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
     return _first_batch_loss(trainer)
 
 
@@ -99,11 +99,11 @@ def test_upcycle_errors_are_one_line(tiny_data, dense, tmp_path):
 
 
 def _bf16_dense_weights(data: dict, save: str) -> dict:
-    from megamoe.train import checkpoint
+    from megamoe.train import checkpoint, saving
 
     trainer = train_steps(data, [*DENSE, "train.bf16=true", "deepspeed.zero_stage=2", f"checkpoint.save={save}"],
                           2)["trainer"]
-    checkpoint.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
+    saving.save(trainer.engine, trainer.cfg, trainer.progress, trainer.groups)
     weights = checkpoint.fp32_weights(checkpoint.latest_tag_dir(save), trainer.cfg)
     params = {n: p.detach().float() for n, p in trainer.engine.module.named_parameters()}
     return {"loss": _first_batch_loss(trainer), "has_params": set(params) <= set(weights),
