@@ -114,6 +114,7 @@ def markdown(results: list[RunResult], meta: dict) -> str:
     lines += ["", "| claim | holds | numbers |", "|---|---|---|"]
     lines += [f"| {c} | {verdict} | {numbers} |" for c, verdict, numbers in claims(results)]
     lines += _trend_section(v, held_out)
+    lines += _gaps_section(v)
     lines += _specialisation_section(v)
     lines += _paper_sections(v)
     total_s = sum(r.seconds for r in results)
@@ -166,6 +167,68 @@ def _trend_section(v: dict[str, list[RunResult]], held_out: list[str]) -> list[s
                 if name != DENSE else "") for label, h in parts))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def gap_pairs() -> list[tuple[str, str, float]]:
+    """(run, baseline, allowed) of every study's claims (Study.gaps), each once."""
+    return list(dict.fromkeys(pair for study in studies().values() for pair in study.gaps))
+
+
+def gap_points(runs: list[RunResult], baseline: list[RunResult]) -> list[tuple[int, float]]:
+    """(step, gap) at every step after 0 that every run of both evaluated: the gap is runs' pooled held-out
+    perplexity over the baseline's, minus 1, in %, on the means over seeds."""
+    steps = sorted(set.intersection(*(set(dict(r.curve)) for r in [*runs, *baseline])) - {0})
+    return [(step, 100 * (ppl_at(runs, step) / ppl_at(baseline, step) - 1)) for step in steps]
+
+
+def gap_verdict(points: list[tuple[int, float]], tokens_per_step: float, allowed_pct: float) -> str:
+    """How the gap moves over the second half of the run, from a least-squares line of the gap against
+    log(tokens) through the evaluations there, and, for a claim that does not hold at the end, the budget at which
+    that line reaches the allowed gap. A straight line in log(tokens) is the simplest reading of a loss curve's
+    tail: an extrapolation, not a prediction."""
+    late = [(step, gap) for step, gap in points if step >= points[-1][0] / 2]
+    if len(late) < 3:
+        return "too few evaluations to read a trend"
+    slope, intercept = statistics.linear_regression([math.log(step * tokens_per_step) for step, _ in late],
+                                                    [gap for _, gap in late])
+    per_doubling = slope * math.log(2)
+    move = f"{per_doubling:+.1f} points per doubling of tokens over the second half"
+    if points[-1][1] <= allowed_pct:
+        return f"holds at the end ({move})"
+    if slope >= 0:
+        return f"does not hold, and the gap does not close ({move})"
+    budget = math.exp((allowed_pct - intercept) / slope)
+    run_tokens = points[-1][0] * tokens_per_step
+    return (f"does not hold yet; closing ({move}), the line reaches {allowed_pct:+.0f} % at about "
+            f"{budget / 1e6:,.0f} M tokens, {budget / run_tokens:,.1f}x this budget")
+
+
+def _gaps_section(v: dict[str, list[RunResult]]) -> list[str]:
+    pairs = [(run, base, allowed) for run, base, allowed in gap_pairs() if run in v and base in v]
+    if not pairs:
+        return []
+    points = {pair: gap_points(v[pair[0]], v[pair[1]]) for pair in pairs}
+    steps = [step for step, _ in points[pairs[0]]]
+    tokens_per_step = v[pairs[0][0]][0].tokens / max(steps[-1], 1) if steps else 0.0
+    lines = ["", "Gaps along the run: each claim's comparison at every evaluation, the pooled held-out perplexity "
+             "of the run over its baseline's (means over seeds; negative: the run is better), the final gap per "
+             "seed, and how the gap moves with tokens (a least-squares line of the gap against log(tokens) over the "
+             "second half of the run; where a claim does not hold, the budget at which that line would reach it).",
+             "", "| run vs baseline | allowed | " + " | ".join(f"{s * tokens_per_step / 1e6:.2f} M" for s in steps)
+             + " | end, per seed | trend |", "|---|---|" + "---|" * len(steps) + "---|---|"]
+    for (run, base, allowed), gaps in points.items():
+        by_step = dict(gaps)
+        cells = " | ".join(f"{by_step[s]:+.1f} %" if s in by_step else "" for s in steps)
+        seeds = sorted({r.seed for r in v[run]} & {r.seed for r in v[base]})
+        per_seed = ", ".join(f"{100 * (_seed(v[run], s).valid_ppl / _seed(v[base], s).valid_ppl - 1):+.1f} %"
+                             for s in seeds)
+        verdict = gap_verdict(gaps, tokens_per_step, 100 * allowed) if gaps else ""
+        lines.append(f"| {run} vs {base} | {100 * allowed:g} % | {cells} | {per_seed} | {verdict} |")
+    return lines
+
+
+def _seed(runs: list[RunResult], seed: int) -> RunResult:
+    return next(r for r in runs if r.seed == seed)
 
 
 def domain_information(load_by_set: dict[str, list[float]]) -> float:

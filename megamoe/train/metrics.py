@@ -16,6 +16,7 @@ import yaml
 
 from megamoe.config import LoggingConfig, RunConfig, dump
 from megamoe.moe import MoELayer
+from megamoe.moe.host import read_on_host
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.utils import get_logger, global_rank
 
@@ -210,7 +211,7 @@ def collect_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple
 
 
 def _stage_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple[dict[str, float], dict[str, list]]:
-    """Per-layer metrics and loads of this stage's MoE layers."""
+    """Per-layer metrics and loads of this stage's MoE layers: one all-reduce and one host read for all of them."""
     layers = moe_layers(model)
     if not layers:
         return {}, {}
@@ -221,15 +222,18 @@ def _stage_moe_metrics(model: torch.nn.Module, groups: ParallelGroups) -> tuple[
     if groups.tp_dp_group is not None:
         dist.all_reduce(flat, group=groups.tp_dp_group)
         dist.all_reduce(k_max, op=dist.ReduceOp.MAX, group=groups.tp_dp_group)
+    # One read for the whole log line: on an accelerator a read per metric would be a synchronisation each.
+    values = read_on_host(torch.cat([flat, k_max]), "the MoE statistics of a logged step")
+    k_max_values = values[flat.numel():]
     scalars, loads, offset = {}, {}, 0
     for i, layer in enumerate(layers):
         sums = {}
         for name, length in layer.stat_layout():
-            sums[name], offset = flat[offset:offset + length], offset + length
+            sums[name], offset = values[offset:offset + length], offset + length
         label = layer.shape.label
         if "tokens_per_expert" in sums:
-            loads[label] = (sums["tokens_per_expert"] / sums["tokens_per_expert"].sum().clamp(min=1.0)).tolist()
-        scalars.update(layer_metrics(f"moe/{label}", sums, k_max[i]))
+            loads[label] = shares(sums["tokens_per_expert"])
+        scalars.update(layer_metrics(f"moe/{label}", sums, k_max_values[i]))
     return scalars, loads
 
 
@@ -249,30 +253,35 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def shares(counts: list[float]) -> list[float]:
+    """Each count over their sum (at least 1)."""
+    total = max(sum(counts), 1.0)
+    return [n / total for n in counts]
+
+
 def stats_vector(layer: MoELayer, stats: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """The layer's summed statistics as one flat vector, in its stat_layout order (zeros where absent)."""
     return torch.cat([stats[name].float().reshape(-1).to(device) if name in stats
                       else torch.zeros(length, device=device) for name, length in layer.stat_layout()])
 
 
-def layer_metrics(prefix: str, sums: dict[str, torch.Tensor], k_max: torch.Tensor) -> dict:
-    """The metrics a layer's summed statistics give (each only if the layer records its inputs)."""
-    copies, valid = sums["copies"].squeeze(), sums["valid_tokens"].squeeze()
-    forwards = sums["forwards"].squeeze().clamp(min=1e-9)
-    out = {f"{prefix}/experts_per_token_mean": (copies / valid.clamp(min=1.0)).item()}
+def layer_metrics(prefix: str, sums: dict[str, list[float]], k_max: float) -> dict:
+    """The metrics a layer's summed statistics give (each only if the layer records its inputs); one-element
+    statistics are lists of one."""
+    copies, valid, forwards = sums["copies"][0], sums["valid_tokens"][0], max(sums["forwards"][0], 1e-9)
+    out = {f"{prefix}/experts_per_token_mean": copies / max(valid, 1.0)}
     if "tokens_per_expert" in sums:
         load_E = sums["tokens_per_expert"]
-        out[f"{prefix}/load_max_over_mean"] = (load_E.max() / load_E.mean().clamp(min=1e-9)).item()
-        out[f"{prefix}/experts_per_token_max"] = k_max.item()
+        out[f"{prefix}/load_max_over_mean"] = max(load_E) / max(_mean(load_E), 1e-9)
+        out[f"{prefix}/experts_per_token_max"] = k_max
     if "dropped" in sums:
-        out[f"{prefix}/dropped_frac"] = (sums["dropped"].squeeze() / (copies + sums["dropped"].squeeze()).clamp(
-            min=1.0)).item()
+        dropped = sums["dropped"][0]
+        out[f"{prefix}/dropped_frac"] = dropped / max(copies + dropped, 1.0)
     for name in ("balance_loss", "z_loss", "router_loss"):
         if name in sums:
-            out[f"{prefix}/{name}"] = (sums[name].squeeze() / forwards).item()
+            out[f"{prefix}/{name}"] = sums[name][0] / forwards
     if "k_hist" in sums:  # share of valid tokens with K = 0, 1, ... experts
-        hist = sums["k_hist"] / sums["k_hist"].sum().clamp(min=1.0)
-        out.update({f"{prefix}/k{k}_frac": v for k, v in enumerate(hist.tolist())})
+        out.update({f"{prefix}/k{k}_frac": v for k, v in enumerate(shares(sums["k_hist"]))})
     return out
 
 

@@ -105,6 +105,10 @@ class Study:
     """Runs compared with dense at 1/4, 1/2 and all of the budget."""
     routers: tuple[str, ...] = ()
     """Runs whose routers' split of the domains is measured (data with several held-out sets)."""
+    gaps: tuple[tuple[str, str, float], ...] = ()
+    """(run, baseline, allowed): the comparisons its claims make, 'run's perplexity at most (1 + allowed) x the
+    baseline's', followed along the run: how the gap moves with tokens, and the budget at which a claim that does
+    not hold yet would if the trend held."""
 
 
 # ---- parameter arithmetic shared by the variants (megamoe's experts and routers, unsharded) ----

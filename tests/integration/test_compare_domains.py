@@ -60,6 +60,7 @@ def test_each_domain_is_evaluated_on_its_own_held_out_set(study):
     report = (root / "out" / "report.md").read_text()
     assert "| code | held_out |" in report and "code ppl | prose ppl |" in report
     assert "Trend: held-out perplexity" in report and "| peer | all " in report
+    assert "Gaps along the run" in report and "| peer vs dense | 0 % |" in report
     assert "| cartesian | layer2b |" in report and "MoE: top-2 below dense" in report
     assert (root / "out" / "specialisation.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -48,3 +48,36 @@ def test_loss_curves_show_every_seed_with_causal_and_masked_lm_apart(tmp_path):
     _plots([*dense, encoder], tmp_path)
     height, width = imread(tmp_path / "loss_curves.png").shape[:2]
     assert width > 1.8 * height  # two panels side by side
+
+
+def _curve_run(variant: str, seed: int, losses: list[float]) -> RunResult:
+    import dataclasses
+    import math
+
+    steps = range(0, 100 * len(losses), 100)
+    return dataclasses.replace(_run(variant, seed, math.exp(losses[-1])), curve=list(zip(steps, losses, strict=True)),
+                               tokens=100 * (len(losses) - 1) * 1000)
+
+
+def test_a_gap_closing_along_the_run_is_extrapolated_to_the_budget_where_the_line_reaches_the_claim():
+    """Gap against log(tokens) over the second half: halving every doubling of the tokens reaches 0 % where the
+    straight line says; a widening gap is said not to close; a held claim says how its gap moves."""
+    import math
+
+    from megamoe.studies.compare_report import gap_points, gap_verdict
+
+    dense = [_curve_run("dense", 1, [5.0] * 9)]
+    # The run's perplexity is dense's x (1 + g) with g falling by 2 points per doubling of steps from step 200.
+    gaps = {step: 0.12 - 0.02 * math.log2(step / 200) for step in range(100, 900, 100)}
+    switch = [_curve_run("switch", 1, [5.0] + [5.0 + math.log(1 + gaps[s]) for s in range(100, 900, 100)])]
+    points = gap_points(switch, dense)
+    assert [s for s, _ in points] == list(range(100, 900, 100))
+    assert all(abs(g - 100 * gaps[s]) < 1e-9 for s, g in points)
+    verdict = gap_verdict(points, 1000.0, 0.0)
+    # The fit over steps 400..800 is exact: 0 % at step 200 * 2**6 = 12,800, 16x the 800 steps run.
+    assert verdict.startswith("does not hold yet; closing (-2.0 points per doubling")
+    assert "about 13 M tokens, 16.0x this budget" in verdict
+    widening = [(s, 10.0 + s / 100) for s in range(100, 900, 100)]
+    assert gap_verdict(widening, 1000.0, 0.0).startswith("does not hold, and the gap does not close (+")
+    assert gap_verdict([(s, -3.0) for s in range(100, 900, 100)], 1000.0, 0.0).startswith("holds at the end (+0.0")
+    assert gap_verdict(points, 1000.0, 10.0).startswith("holds at the end")  # 8 % at the end: within 10 %

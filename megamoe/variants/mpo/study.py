@@ -21,4 +21,5 @@ def claims(v: dict) -> list[tuple[str, bool, str]]:
              f"MPOE {m:.1f} vs Switch {s:.1f}; Switch's MoE layers hold {ratio:.1f}x MPOE's parameters")]
 
 
-STUDY = Study(runs={"mpo": ["moe.variant=mpo", "moe.num_experts=8"]}, claims=claims)
+STUDY = Study(runs={"mpo": ["moe.variant=mpo", "moe.num_experts=8"]}, claims=claims,
+              gaps=(("mpo", BASELINE, TOLERANCE),))

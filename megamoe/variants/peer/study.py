@@ -38,4 +38,5 @@ def report(v: dict) -> list[str]:
 
 
 STUDY = Study(runs={"peer": PEER, "peer_no_batchnorm": [*PEER, "moe.query_norm=none"]},
-              quick={name: QUICK for name in RUNS}, evaluate=evaluate, claims=claims, report=report, trend=("peer",))
+              quick={name: QUICK for name in RUNS}, evaluate=evaluate, claims=claims, report=report, trend=("peer",),
+              gaps=(("peer", DENSE, 0.0),))
