@@ -54,6 +54,10 @@ class ModelConfig:
     """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    attention_backend: Literal["sdpa", "unfused"] = "sdpa"
+    """How self-attention's softmax(q k^T) v is computed: torch's scaled_dot_product_attention (flash kernels on CPU
+    and GPU), or megatron-core's unfused DotProductAttention (its own scores, masked softmax and bmm). sdpa hands a
+    layer to the unfused module where it cannot match it (attention dropout, an explicit padding mask)."""
     vocab_size: int | None = None
     """Rows of the embedding and output layer. None: the tokenizer's vocabulary (data.tokenizer_model). May exceed it,
     never fall short: a Hugging Face checkpoint's padded vocabulary (Qwen's 151,936 rows for 151,665 tokens)."""

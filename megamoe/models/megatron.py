@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megamoe import variants
 from megamoe.config import RunConfig
 from megamoe.config.validate import moe_layer_numbers
+from megamoe.models.attention import SdpaAttention
 from megamoe.models.moe_mlp import moe_mlp_spec
 from megamoe.models.norms import HEAD_NORMS, NORMS
 from megamoe.moe import LayerShape
@@ -114,6 +115,8 @@ def decoder_block_spec(cfg: RunConfig, groups: ParallelGroups) -> TransformerBlo
             attention.q_layernorm = attention.k_layernorm = HEAD_NORMS[cfg.model.normalization]
         if cfg.model.objective == "masked_lm":
             spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
+        if cfg.model.attention_backend == "sdpa":
+            spec.submodules.self_attention.submodules.core_attention = SdpaAttention
         moe_params = {}
         if layer_number in moe_layers:
             variant = variants.of(cfg.moe)

@@ -141,13 +141,26 @@ def grad_norm_before_step(engine: deepspeed.DeepSpeedEngine) -> float | None:
     it). Call after the last backward of a step, before engine.step(); None where DeepSpeed reports it."""
     if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return None
-    from deepspeed.runtime.utils import get_flattened_grad_norm, is_model_parallel_parameter
+    from deepspeed.runtime.utils import is_model_parallel_parameter
 
     # Each TP rank holds its own shard of a TP-parallel weight but a copy of a replicated one (norms):
     # count the copies once, as DeepSpeed's clipping does (ZeRO-0: no pipeline parallelism, validate.py).
     tp_rank = engine.mpu.get_tensor_model_parallel_rank()
     params = [p for p in engine.module.parameters() if tp_rank == 0 or is_model_parallel_parameter(p)]
-    return float(get_flattened_grad_norm(params, mpu=engine.mpu))
+    return grad_norm(params, engine.mpu.get_model_parallel_group())
+
+
+def grad_norm(params: list[torch.nn.Parameter], model_parallel_group) -> float:
+    """DeepSpeed's get_flattened_grad_norm (2-norm over the model-parallel group; -1 where not finite) with one
+    host read where it reads each parameter's norm (a synchronisation each on an accelerator). Its arithmetic:
+    fp32 norms, squares summed in float64, the sum all-reduced in fp32."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    squares = (torch.stack(torch._foreach_norm(grads)).double().pow(2).sum() if grads
+               else torch.zeros((), dtype=torch.float64))
+    total = squares.float().reshape(1)
+    dist.all_reduce(total, group=model_parallel_group)
+    norm = total.item() ** 0.5
+    return norm if math.isfinite(norm) else -1.0
 
 
 class ExpertParallelMarker(DeepSpeedMoE):

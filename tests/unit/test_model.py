@@ -99,3 +99,48 @@ def test_padded_vocab_size():
     assert padded_vocab_size(50257, 128, 1) == 50304
     assert padded_vocab_size(50257, 128, 2) == 50432
     assert padded_vocab_size(512, 64, 2) == 512
+
+
+ATTENTION_CASES = {"causal, GQA": [], "causal, one group per head": ["model.num_query_groups=null"],
+                   "masked LM": ["model.objective=masked_lm"], "dropout (handed to megatron's module)":
+                   ["model.attention_dropout=0.1"]}
+
+
+def _sdpa_against_unfused(data: dict) -> dict:
+    """Loss and every gradient of the same model with each attention backend (same seed, same batch)."""
+    from megamoe.models.attention import SdpaAttention
+    from megamoe.models.gpt import build_model
+    from megamoe.parallel.initialize import initialize
+
+    out = {}
+    for case, overrides in ATTENTION_CASES.items():
+        runs = {}
+        for backend in ("sdpa", "unfused"):
+            cfg = tiny_config(data, *overrides, f"model.attention_backend={backend}")
+            groups = initialize(cfg.parallel, cfg.train.seed)
+            model = build_model(cfg, 500, groups)
+            torch.manual_seed(1)
+            ids = torch.randint(0, 500, (2, 32))
+            mask = None if "masked_lm" in str(overrides) else torch.ones(1, 1, 32, 32, dtype=torch.bool).triu(1)
+            loss = model(ids, torch.arange(32).expand(2, -1), mask, labels=ids).mean()
+            loss.backward()
+            runs[backend] = {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                             "sdpa_modules": sum(isinstance(m, SdpaAttention) for m in model.modules())}
+        out[case] = runs
+    return out
+
+
+@pytest.fixture(scope="module")
+def attention_backends(tiny_data) -> dict:
+    return spawn(_sdpa_against_unfused, 1, tiny_data)[0]
+
+
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_sdpa_attention_equals_megatrons_unfused_attention(attention_backends, case):
+    """model.attention_backend=sdpa (the default) gives megatron's DotProductAttention's loss and gradients to
+    float32 rounding, causal or bidirectional, with grouped queries; dropout runs megatron's own module."""
+    sdpa, unfused = attention_backends[case]["sdpa"], attention_backends[case]["unfused"]
+    assert sdpa["sdpa_modules"] == 2 and unfused["sdpa_modules"] == 0  # one per layer of the 2-layer model
+    torch.testing.assert_close(sdpa["loss"], unfused["loss"], rtol=1e-6, atol=0)
+    for name, grad in unfused["grads"].items():
+        torch.testing.assert_close(sdpa["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
