@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         data = compare.prepare_recipe(args.recipe, work / "data" / args.recipe, vocab_size=vocab_size)
     else:
         data = compare.prepare_data(args.corpus, work / "data", vocab_size=vocab_size)
-    commit = compare.git_commit(ROOT)
+    commit = compare.git_commit(ROOT, outputs=(out, work))
     meta = {"commit": commit, "seeds": seeds, "corpus": args.recipe or args.corpus, "quick": args.quick,
             "budget": budget.__dict__, "tokens_per_run": budget.tokens, "variants": args.variants,
             "command": " ".join(["python", "tools/compare_variants.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -184,13 +184,18 @@ def prepare_recipe(recipe: str, data_dir: Path, vocab_size: int, workers: int = 
                      corpus={"recipe": recipe, **manifest})
 
 
-def git_commit(checkout: Path) -> str:
-    """HEAD of the checkout ('+uncommitted' if its tree differs), or 'unknown' outside git."""
+def git_commit(checkout: Path, outputs: tuple[Path, ...] = ()) -> str:
+    """HEAD of the checkout ('+uncommitted' if a tracked file differs from it), or 'unknown' outside git. Files the
+    comparison writes itself (`outputs`: its report and work directories, when inside the checkout) and untracked
+    files do not count: a study whose report is committed rewrites it after every run."""
+    root = Path(checkout).resolve()
+    excluded = [f":(exclude){path.resolve().relative_to(root)}" for path in outputs
+                if path.resolve().is_relative_to(root) and path.resolve() != root]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True,
                                 timeout=30)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True, text=True,
-                               timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+                               cwd=checkout, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if commit.returncode != 0:

@@ -81,3 +81,28 @@ def test_a_gap_closing_along_the_run_is_extrapolated_to_the_budget_where_the_lin
     assert gap_verdict(widening, 1000.0, 0.0).startswith("does not hold, and the gap does not close (+")
     assert gap_verdict([(s, -3.0) for s in range(100, 900, 100)], 1000.0, 0.0).startswith("holds at the end (+0.0")
     assert gap_verdict(points, 1000.0, 10.0).startswith("holds at the end")  # 8 % at the end: within 10 %
+
+
+def test_the_recorded_commit_is_marked_uncommitted_for_changed_code_not_for_the_studys_own_outputs(tmp_path):
+    import subprocess
+
+    from megamoe.studies.compare import git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "report.md").write_text("committed report")
+    (tmp_path / "code.py").write_text("x = 1")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    outputs = (tmp_path / "docs" / "results", tmp_path / "runs")
+    clean = git_commit(tmp_path, outputs)
+    assert len(clean) == 40 and not clean.endswith("+uncommitted")
+    (tmp_path / "docs" / "results" / "report.md").write_text("rewritten after a run")
+    (tmp_path / "run_study.sh").write_text("untracked")
+    assert git_commit(tmp_path, outputs) == clean
+    (tmp_path / "code.py").write_text("x = 2")
+    assert git_commit(tmp_path, outputs) == clean + "+uncommitted"
