@@ -4,6 +4,7 @@ Claims: Cartesian <= fine-grained + shared <= top-2, and the smallest rise with 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from megamoe.studies.compare import evaluate_without_top1
@@ -32,4 +33,4 @@ def claims(v: dict) -> list[tuple[str, bool, str]]:
 STUDY = Study(runs={"cartesian": ["moe.variant=cartesian", "moe.num_experts=8", "moe.router_topk=2",
                                   "moe.ffn_hidden_size=64", "moe.shared_expert_intermediate_size=48"]},
               evaluate=evaluate, claims=claims, routers=("cartesian",),
-              gaps=tuple(zip(COMPARED, COMPARED[1:], (0.0, 0.0))))
+              gaps=tuple((run, baseline, 0.0) for run, baseline in itertools.pairwise(COMPARED)))
