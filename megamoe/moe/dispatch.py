@@ -115,7 +115,8 @@ class AllToAllDispatcher:
         self.rank_experts = [placement.experts_of(p) for p in range(placement.groups.ep_size)]
 
     def dispatch(self, x_TD: Tensor, routing: Routing,
-                 pad_to: int | None = None) -> tuple[Tensor, Tensor, DispatchMeta]:
+                 pad_to: int | None = None) -> tuple[Tensor, list[int], DispatchMeta]:
+        """(this rank's rows grouped by expert, rows per local expert as host ints, meta)."""
         order_N, x_ND, counts_E, slot_N = _sorted_rows(x_TD, routing, pad_to)
         if pad_to is not None:
             send_Pe = [[pad_to] * self.num_local for _ in self.rank_experts]
@@ -129,7 +130,7 @@ class AllToAllDispatcher:
         send_splits, recv_splits = [sum(c) for c in send_Pe], [sum(c) for c in recv_Pe]
         x_recv_RD = all_to_all(x_ND, recv_splits, send_splits, self.group)
         regroup_R, inverse_R = _rank_major_to_expert_major(recv_Pe, x_TD.device)
-        counts_e = torch.tensor([sum(col) for col in zip(*recv_Pe, strict=True)], device=x_TD.device)
+        counts_e = [sum(col) for col in zip(*recv_Pe, strict=True)]  # known on the host: no second read
         meta = DispatchMeta(order_N=order_N, send_splits=send_splits, recv_splits=recv_splits, regroup_R=regroup_R,
                             inverse_R=inverse_R, slot_N=slot_N)
         # index_select, not x[index]: its backward is an index_add (advanced indexing's is a slower index_put).

@@ -7,6 +7,7 @@ linear_fc1 [e, 2F, D] (SwiGLU: gate rows then up rows) or [e, F, D], linear_fc2 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -15,6 +16,10 @@ from torch import Tensor
 
 from megamoe.moe import host
 from megamoe.parallel.comm import reduce_grad
+
+Counts = Tensor | list[int]
+"""Rows per local expert: an int64 tensor, or a list where the host knows them already (the all-to-all dispatcher
+read them for its split sizes), so that the per-expert GEMMs need no second host read."""
 
 
 def expert_generator(seed: int, layer_number: int, expert: int) -> torch.Generator:
@@ -62,7 +67,7 @@ class GroupedExperts(Experts):
                 self.linear_fc1[j].normal_(0.0, init_std, generator=gen)
                 self.linear_fc2[j].normal_(0.0, output_init_std, generator=gen)
 
-    def forward(self, x_RD: Tensor, counts_e: Tensor) -> Tensor:
+    def forward(self, x_RD: Tensor, counts_e: Counts) -> Tensor:
         """Expert j transforms rows [sum(counts_e[:j]), sum(counts_e[:j+1])); experts with 0 rows are fine."""
         fc1, fc2 = reduce_grad(self.linear_fc1, self.replica_group), reduce_grad(self.linear_fc2, self.replica_group)
         return expert_ffn(x_RD, counts_e, fc1, fc2, self.swiglu, self.grouped_gemm)
@@ -83,7 +88,7 @@ class GroupedExperts(Experts):
         return {"linear_fc1.weight": self.linear_fc1[local_expert], "linear_fc2.weight": self.linear_fc2[local_expert]}
 
 
-def expert_ffn(x_RD: Tensor, counts_e: Tensor, fc1_eXD: Tensor, fc2_eDF: Tensor, swiglu: bool,
+def expert_ffn(x_RD: Tensor, counts_e: Counts, fc1_eXD: Tensor, fc2_eDF: Tensor, swiglu: bool,
                grouped_gemm: str = "auto") -> Tensor:
     """Expert j's FFN on rows [sum(counts_e[:j]), sum(counts_e[:j+1])); fc1 [e, F or 2F, D], fc2 [e, D, F].
 
@@ -92,7 +97,7 @@ def expert_ffn(x_RD: Tensor, counts_e: Tensor, fc1_eXD: Tensor, fc2_eDF: Tensor,
     """
     grouped = (x_RD.is_cuda and x_RD.dtype == torch.bfloat16) if grouped_gemm == "auto" else grouped_gemm == "on"
     if grouped:
-        offsets = torch.cumsum(counts_e, 0).to(torch.int32)
+        offsets = torch.cumsum(torch.as_tensor(counts_e, device=x_RD.device), 0).to(torch.int32)
         h_RF = torch._grouped_mm(x_RD, fc1_eXD.transpose(1, 2), offs=offsets)
         return torch._grouped_mm(ffn_activation(h_RF, swiglu), fc2_eDF.transpose(1, 2), offs=offsets)
     return ExpertLoop.apply(x_RD, fc1_eXD, fc2_eDF, counts_e, swiglu)
@@ -143,8 +148,9 @@ class ExpertLoop(torch.autograd.Function):
         return dx_RD, dfc1, dfc2, None, None
 
 
-def _row_bounds(counts_e: Tensor) -> list[tuple[int, int]]:
-    ends = host.read_on_host(torch.cumsum(counts_e, 0), "row range of each expert's GEMMs")
+def _row_bounds(counts_e: Counts) -> list[tuple[int, int]]:
+    ends = (list(itertools.accumulate(counts_e)) if isinstance(counts_e, list)
+            else host.read_on_host(torch.cumsum(counts_e, 0), "row range of each expert's GEMMs"))
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 

@@ -62,6 +62,8 @@ def _parity(par: dict) -> dict[str, float]:
     """Relative differences of the sharded layer against the reference."""
     import torch.distributed as dist
 
+    from megamoe.moe import host
+
     reference, sharded, groups = _layers(par)
     rank, world = dist.get_rank(), dist.get_world_size()
     first, num_local = sharded.experts.first_expert, sharded.experts.num_local
@@ -74,9 +76,14 @@ def _parity(par: dict) -> dict[str, float]:
     # Replicas of these experts whose gradients the model itself does not sum: expert-data-parallel ranks
     # (DeepSpeed reduces over them); with EP = 1 the TP peers are summed in autograd, leaving the DP ranks.
     replicas = groups.edp_group if groups.ep_size > 1 else groups.dp_group
+    reads_before = sum(host.READS.values())
     out = sharded(x_local)
     (out * g_TD[mine]).sum().backward()
+    # One host read per forward and backward: the split sizes under EP (which give the experts' row ranges
+    # too), the experts' row ranges without it.
+    extra_reads = sum(host.READS.values()) - reads_before - 1
     return {
+        "host reads beyond one": float(extra_reads),
         "initial experts": init,
         "output": _rel(out.detach(), reference(x_TD).detach()[mine]),
         "input grad": _rel(x_local.grad, x_ref.grad[mine]),

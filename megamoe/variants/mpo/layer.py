@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from megamoe.moe import host
-from megamoe.moe.experts import Experts, expert_ffn, expert_generator, output_init_std
+from megamoe.moe.experts import Counts, Experts, expert_ffn, expert_generator, output_init_std
 from megamoe.moe.layer import LayerShape
 from megamoe.parallel.comm import reduce_grad
 from megamoe.parallel.groups import ParallelGroups
@@ -123,7 +123,7 @@ class MPOExperts(Experts):
         self._step_matrices, self._detached = None, {}
         return step
 
-    def forward(self, x_RD: Tensor, counts_e: Tensor) -> Tensor:
+    def forward(self, x_RD: Tensor, counts_e: Counts) -> Tensor:
         w = self.step_matrices()
         fc1, fc2 = (torch.cat([w["gate"], w["up"]], dim=1), w["down"]) if self.swiglu else (w["fc1"], w["fc2"])
         return expert_ffn(x_RD, counts_e, fc1, fc2, self.swiglu, self.grouped_gemm)
