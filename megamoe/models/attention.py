@@ -5,7 +5,7 @@ softmax, a bmm, each in memory (its fused kernels need TransformerEngine). torch
 kernel on a CPU and flash or memory-efficient kernels on a GPU: on this project's 2-core machine, forward and
 backward at sequence 512 take 0.6x the unfused time. `model.attention_backend: unfused` keeps megatron's module.
 
-Where SDPA cannot do what megatron's module does, it does it: attention dropout while training (megatron draws
+Where SDPA cannot match megatron's module, that module runs: attention dropout while training (megatron draws
 it from its tensor-parallel RNG tracker), an explicit mask on a bidirectional layer, query-key layer scaling,
 window attention, a softmax offset. A causal layer ignores the mask it is given and masks causally, as
 megatron's TransformerEngine backend does (megamoe's causal mask is that mask).
