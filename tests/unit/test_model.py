@@ -17,19 +17,28 @@ VARIANTS = {
 }
 
 
-def _forward_backward(data: dict) -> dict:
+def _model_and_loss(data: dict, overrides: list[str], causal: bool = True,
+                    batch_seed: int | None = None) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The tiny model with `overrides`, after one forward and backward of a random [2, 32] batch (drawn from
+    `batch_seed` if given), and its loss."""
     from megamoe.models.gpt import build_model
     from megamoe.parallel.initialize import initialize
 
+    cfg = tiny_config(data, *overrides)
+    model = build_model(cfg, 500, initialize(cfg.parallel, cfg.train.seed))
+    if batch_seed is not None:
+        torch.manual_seed(batch_seed)
+    ids = torch.randint(0, 500, (2, 32))
+    mask = torch.ones(1, 1, 32, 32, dtype=torch.bool).triu(1) if causal else None
+    loss = model(ids, torch.arange(32).expand(2, -1), mask, labels=ids).mean()
+    loss.backward()
+    return model, loss
+
+
+def _forward_backward(data: dict) -> dict:
     out = {}
     for name, overrides in VARIANTS.items():
-        cfg = tiny_config(data, *overrides)
-        groups = initialize(cfg.parallel, cfg.train.seed)
-        model = build_model(cfg, 500, groups)
-        ids = torch.randint(0, 500, (2, 32))
-        mask = torch.ones(1, 1, 32, 32, dtype=torch.bool).triu(1)
-        loss = model(ids, torch.arange(32).expand(2, -1), mask, labels=ids).mean()
-        loss.backward()
+        model, loss = _model_and_loss(data, overrides)
         out[name] = {
             "loss": loss.item(),
             "no_grad": [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0],
@@ -109,21 +118,13 @@ ATTENTION_CASES = {"causal, GQA": [], "causal, one group per head": ["model.num_
 def _sdpa_against_unfused(data: dict) -> dict:
     """Loss and every gradient of the same model with each attention backend (same seed, same batch)."""
     from megamoe.models.attention import SdpaAttention
-    from megamoe.models.gpt import build_model
-    from megamoe.parallel.initialize import initialize
 
     out = {}
     for case, overrides in ATTENTION_CASES.items():
         runs = {}
         for backend in ("sdpa", "unfused"):
-            cfg = tiny_config(data, *overrides, f"model.attention_backend={backend}")
-            groups = initialize(cfg.parallel, cfg.train.seed)
-            model = build_model(cfg, 500, groups)
-            torch.manual_seed(1)
-            ids = torch.randint(0, 500, (2, 32))
-            mask = None if "masked_lm" in str(overrides) else torch.ones(1, 1, 32, 32, dtype=torch.bool).triu(1)
-            loss = model(ids, torch.arange(32).expand(2, -1), mask, labels=ids).mean()
-            loss.backward()
+            model, loss = _model_and_loss(data, [*overrides, f"model.attention_backend={backend}"],
+                                          causal="masked_lm" not in str(overrides), batch_seed=1)
             runs[backend] = {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                              "sdpa_modules": sum(isinstance(m, SdpaAttention) for m in model.modules())}
         out[case] = runs
