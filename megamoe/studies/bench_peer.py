@@ -55,8 +55,11 @@ PEER_PYTORCH_DIFFERENCES = (
     "PEER-pytorch is built with non_competing_scores=False: its default (True) keeps 1 expert per head with "
     "ReLU scores; False gives softmax over each head's k experts (Alg. 1), as megamoe",
     "PEER-pytorch gathers the [T, h, k, d] down and up rows at once and keeps them for backward; megamoe "
-    "works in chunks of chunk_tokens, keeps only the [T, h*k] pre-activations and gathers each chunk's up rows "
-    "again in backward",
+    "keeps only the [T, h*k] pre-activations, takes the copies' dot products with their rows as a sampled "
+    "dense-dense product on a CPU (gathers in chunks of chunk_tokens elsewhere) and forms the table gradients "
+    "chunk by chunk",
+    "sub-key gradients: PEER-pytorch's autograd through topk forms dense [T, h, sqrt(N)] score gradients; "
+    "megamoe's backward touches only the chosen sub-keys",
 )
 
 

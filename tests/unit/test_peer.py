@@ -14,6 +14,7 @@ from megamoe.moe import LayerShape, build_moe
 from megamoe.moe.layer import TokenInfo
 from megamoe.parallel.groups import ParallelGroups
 from megamoe.variants.peer import PEERMoEConfig
+from megamoe.variants.peer import layer as peer_layer
 from megamoe.variants.peer.layer import PEERTables, _SingletonExperts
 from megamoe.variants.peer.product_keys import MaskedBatchNorm, product_key_topk
 
@@ -97,8 +98,11 @@ def test_chunked_equals_unchunked():
     torch.testing.assert_close(chunked(x_TD), whole(x_TD))
 
 
-def test_singleton_experts_backward_is_exact():
-    """gradcheck (float64) of the hand-written backward: masked slots, a row used twice, chunks of 2 tokens."""
+@pytest.mark.parametrize("sddmm", [True, False])
+def test_singleton_experts_backward_is_exact(sddmm, monkeypatch):
+    """gradcheck (float64) of the hand-written backward: masked slots, a row used twice, chunks of 2 tokens; the
+    slots' dot products by the CPU's sampled product and by gathers."""
+    monkeypatch.setattr(peer_layer, "_sddmm_applies", lambda *_: sddmm)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     rows = torch.tensor([[2, 5, 0], [2, 0, 0], [1, 4, 4], [0, 1, 3], [5, 5, 2]])
@@ -111,6 +115,22 @@ def test_singleton_experts_backward_is_exact():
         return _SingletonExperts.apply(x, rows, w * mask, mask, down, up, 2)
 
     assert torch.autograd.gradcheck(experts, (x, w, down, up))
+
+
+def test_slot_dots_by_sampled_product_equal_gathers():
+    """The CPU's sampled product takes each token's rows as routing leaves them (unsorted, repeated, the masked
+    slots' row 0); a token with more slots than the table has rows takes the gathers (the sampled product fails)."""
+    gen = torch.Generator().manual_seed(4)
+    x_GD, table_RD = torch.randn(7, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    rows_GM = torch.tensor([[4, 1, 1, 0], [0, 0, 0, 0], [3, 2, 4, 1], [1, 4, 0, 0], [2, 2, 2, 2], [4, 3, 2, 1],
+                            [0, 4, 0, 4]])
+    gathered_GM = (table_RD[rows_GM] * x_GD[:, None, :]).sum(-1)
+    assert peer_layer._sddmm_applies(x_GD, table_RD, rows_GM)
+    torch.testing.assert_close(peer_layer._slot_dots(x_GD, table_RD, rows_GM, chunk=3), gathered_GM)
+    wide_GM = torch.cat([rows_GM, rows_GM[:, :2]], dim=1)  # 6 slots, 5 rows
+    assert not peer_layer._sddmm_applies(x_GD, table_RD, wide_GM)
+    torch.testing.assert_close(peer_layer._slot_dots(x_GD, table_RD, wide_GM, chunk=3),
+                               (table_RD[wide_GM] * x_GD[:, None, :]).sum(-1))
 
 
 def test_batchnorm_train_and_eval_paths_and_padding():

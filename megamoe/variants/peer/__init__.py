@@ -39,7 +39,7 @@ class PEERMoEConfig(MoEConfig):
     gate: Literal["softmax", "sigmoid"] = "softmax"
     """Weights of a head's k experts: softmax over their scores (Alg. 1), or sigmoid of each (Eq. 2)."""
     chunk_tokens: int = 1024
-    """Tokens per chunk of the expert computation: bounds the gathered [tokens, h, k, d] rows."""
+    """Tokens per chunk of the expert computation: bounds its [tokens, h, k, d] gathered rows and gradient terms."""
     placement_seed: int = 0
     """Seed of the fixed permutation placing experts on table rows (stored in checkpoints)."""
 
