@@ -183,24 +183,27 @@ def gap_points(runs: list[RunResult], baseline: list[RunResult]) -> list[tuple[i
 
 def gap_verdict(points: list[tuple[int, float]], tokens_per_step: float, allowed_pct: float) -> str:
     """How the gap moves over the second half of the run, from a least-squares line of the gap against
-    log(tokens) through the evaluations there, and, for a claim that does not hold at the end, the budget at which
-    that line reaches the allowed gap. A straight line in log(tokens) is the simplest reading of a loss curve's
-    tail: an extrapolation, not a prediction."""
+    log(tokens) through the evaluations there, and the budget at which that line reaches the allowed gap: for a
+    claim that does not hold at the end, where it would; for one that holds with a shrinking margin, where it
+    would stop. A straight line in log(tokens) is the simplest reading of a loss curve's tail: an
+    extrapolation, not a prediction."""
     late = [(step, gap) for step, gap in points if step >= points[-1][0] / 2]
     if len(late) < 3:
         return "too few evaluations to read a trend"
     slope, intercept = statistics.linear_regression([math.log(step * tokens_per_step) for step, _ in late],
                                                     [gap for _, gap in late])
-    per_doubling = slope * math.log(2)
-    move = f"{per_doubling:+.1f} points per doubling of tokens over the second half"
-    if points[-1][1] <= allowed_pct:
+    move = f"{slope * math.log(2):+.1f} points per doubling of tokens over the second half"
+    holds = points[-1][1] <= allowed_pct
+    if holds and slope <= 0:
         return f"holds at the end ({move})"
-    if slope >= 0:
+    if not holds and slope >= 0:
         return f"does not hold, and the gap does not close ({move})"
     budget = math.exp((allowed_pct - intercept) / slope)
-    run_tokens = points[-1][0] * tokens_per_step
-    return (f"does not hold yet; closing ({move}), the line reaches {allowed_pct:+.0f} % at about "
-            f"{budget / 1e6:,.0f} M tokens, {budget / run_tokens:,.1f}x this budget")
+    reach = (f"the line reaches {allowed_pct:+.0f} % at about {budget / 1e6:,.0f} M tokens, "
+             f"{budget / (points[-1][0] * tokens_per_step):,.1f}x this budget")
+    if holds:
+        return f"holds at the end, with a shrinking margin ({move}): {reach}"
+    return f"does not hold yet; closing ({move}), {reach}"
 
 
 def _gaps_section(v: dict[str, list[RunResult]]) -> list[str]:
@@ -213,7 +216,8 @@ def _gaps_section(v: dict[str, list[RunResult]]) -> list[str]:
     lines = ["", "Gaps along the run: each claim's comparison at every evaluation, the pooled held-out perplexity "
              "of the run over its baseline's (means over seeds; negative: the run is better), the final gap per "
              "seed, and how the gap moves with tokens (a least-squares line of the gap against log(tokens) over the "
-             "second half of the run; where a claim does not hold, the budget at which that line would reach it).",
+             "second half of the run; where a claim does not hold, the budget at which that line would reach it, "
+             "and where it holds with a shrinking margin, the budget at which it would stop holding).",
              "", "| run vs baseline | allowed | " + " | ".join(f"{s * tokens_per_step / 1e6:.2f} M" for s in steps)
              + " | end, per seed | trend |", "|---|---|" + "---|" * len(steps) + "---|---|"]
     for (run, base, allowed), gaps in points.items():

@@ -61,7 +61,8 @@ def _curve_run(variant: str, seed: int, losses: list[float]) -> RunResult:
 
 def test_a_gap_closing_along_the_run_is_extrapolated_to_the_budget_where_the_line_reaches_the_claim():
     """Gap against log(tokens) over the second half: halving every doubling of the tokens reaches 0 % where the
-    straight line says; a widening gap is said not to close; a held claim says how its gap moves."""
+    straight line says; a widening gap is said not to close; a held claim says how its gap moves, and where a
+    shrinking margin would run out."""
     import math
 
     from megamoe.studies.compare_report import gap_points, gap_verdict
@@ -80,7 +81,12 @@ def test_a_gap_closing_along_the_run_is_extrapolated_to_the_budget_where_the_lin
     widening = [(s, 10.0 + s / 100) for s in range(100, 900, 100)]
     assert gap_verdict(widening, 1000.0, 0.0).startswith("does not hold, and the gap does not close (+")
     assert gap_verdict([(s, -3.0) for s in range(100, 900, 100)], 1000.0, 0.0).startswith("holds at the end (+0.0")
-    assert gap_verdict(points, 1000.0, 10.0).startswith("holds at the end")  # 8 % at the end: within 10 %
+    assert gap_verdict(points, 1000.0, 10.0).startswith("holds at the end (-2.0")  # 8 % at the end: within 10 %
+    # The mirror image: -8 % at the end, rising by 2 points per doubling: it would stop holding at step 12,800.
+    shrinking = [(s, -g) for s, g in points]
+    assert gap_verdict(shrinking, 1000.0, 0.0) == (
+        "holds at the end, with a shrinking margin (+2.0 points per doubling of tokens over the second half): the "
+        "line reaches +0 % at about 13 M tokens, 16.0x this budget")
 
 
 def test_the_recorded_commit_is_marked_uncommitted_for_changed_code_not_for_the_studys_own_outputs(tmp_path):
