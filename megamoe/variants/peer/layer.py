@@ -67,11 +67,11 @@ def _init_rows(table: Tensor, first_row: int, std: float, seed: int) -> None:
 class _SingletonExperts(torch.autograd.Function):
     """y[t] = sum over j of w[t, j] gelu(x_t . down[r[t, j]]) up[r[t, j]] for the slots j with mask[t, j].
 
-    The [G, M] dot products with gathered rows are `_slot_dots`; the weighted sum of up rows is an embedding_bag
-    (no [tokens, slots, D] product). Saved: x, rows, weights and the [G, M] pre-activations. Backward: the
-    dot products of dy with the up rows, dx an embedding_bag of down rows, and the table gradients accumulated
-    chunk by chunk into one [R, D] buffer per table (autograd's embedding backward would build a dense [R, D]
-    gradient per chunk: 2 GB each at N = 1024^2, d = 256).
+    The [G, M] dot products of the tokens with their down rows are `_slot_dots`; the weighted sum of up rows is
+    an embedding_bag (no [tokens, slots, D] product). Saved: x, rows, weights and the [G, M] pre-activations. The
+    backward: the dot products of dy with the up rows, dx an embedding_bag of down rows, and the table gradients
+    accumulated chunk by chunk into one [R, D] buffer per table (autograd's embedding backward would build a dense
+    [R, D] gradient per chunk: 2 GB each at N = 1024^2, d = 256).
     """
 
     @staticmethod
