@@ -4,8 +4,10 @@ launchers/pretrain.py on 2 processes, and where each run's step time goes (megam
 
   python tools/bench_train.py [--sizes demo small] [--runs NAME ...] [--steps 60] [--warmup 10]
                               [--out runs/bench-train] [--json f]
-Prints two markdown tables: throughput (medians over the steps after the warm-up) and rank 0's step time by part
-with its host syncs (from its last steps under the PyTorch profiler); --json writes one record per run.
+Prints three markdown tables: throughput (medians over the steps after the warm-up); rank 0's step time by part from
+the step timers, with each MoE run's ceiling (its ratio to dense if its MoE layers were as fast as the dense MLP); and
+rank 0's step time by part and region with its host syncs (its last steps under the PyTorch profiler); --json writes
+one record per run.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         return cli.fail("bench_train", err)
     results = bench_train.relative_to_dense(results)
-    cli.print_table(bench_train.table(results) + "\n\nRank 0's step time by part, ms per step under the profiler "
-                    "(docs/benchmarks.md):\n\n" + bench_train.breakdown_table(results), results, args.json)
+    cli.print_table(bench_train.table(results) + "\n\nRank 0's unprofiled step time by part, ms (medians; "
+                    "ceiling: the ratio to dense with MoE layers as fast as the dense MLP):\n\n"
+                    + bench_train.timers_table(results) + "\n\nRank 0's step time by part, ms per step under the "
+                    "profiler (docs/benchmarks.md):\n\n" + bench_train.breakdown_table(results), results, args.json)
     return 0
 
 

@@ -282,6 +282,10 @@ class LoggingConfig:
     log_dir/profile (docs/benchmarks.md). None: no profiling."""
     profile_ranks: list[int] = field(default_factory=lambda: [0])
     """Global ranks that profile profile_steps."""
+    step_timers: bool = False
+    """Time the parts of every step (data, forward, backward, gradient reduction, optimizer) and log them per step
+    as time/<part>_ms; the device is synchronised at the parts' boundaries (a few synchronisations per step, none
+    on a CPU), so a part's time is its work, unlike the profiler's breakdown (docs/benchmarks.md)."""
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -3,8 +3,10 @@
 Each run is launched as a user launches one (`deepspeed --num_gpus <ranks> launchers/pretrain.py --config
 configs/tiny-dense.yaml <overrides>`: the same engine, loop and data path), on the bundled corpus, and read back from
 its metrics.jsonl: the median of train/tokens_per_s, train/tflops and train/mfu over the steps after the warm-up and
-before the profiled ones. Its last PROFILED_STEPS steps run under the PyTorch profiler (logging.profile_steps) on
-rank 0: the step's time by part and its host synchronisations (megamoe/train/profile.py).
+before the profiled ones, and of each part of those steps (logging.step_timers: data, forward, backward, gradient
+reduction, optimizer; megamoe/train/timers.py). Its last PROFILED_STEPS steps run under the PyTorch profiler
+(logging.profile_steps) on rank 0: the step's time by operator and region, and its host synchronisations
+(megamoe/train/profile.py).
 
 Sizes: `demo` is configs/tiny-dense.yaml (4 layers, d = 128, sequence 128); `small` (8 layers, d = 512, sequence
 512) is large enough for GEMMs to dominate. Runs: the dense model; top-2 over 8 experts of half the dense width
@@ -43,6 +45,11 @@ PARTS = {"attention": ("attention",), "FFN / experts": ("mlp slot", "moe/experts
          "data + logging": ("data", "logging")}
 """Columns of the breakdown table -> the profile's parts they sum (the rest is 'other'). 'grad. reduction' is
 backward time outside the layers: DeepSpeed's gradient reduction and the waits for the other ranks in it."""
+TIMED_PARTS = ("data", "forward", "backward", "grad_reduction", "optimizer", "other")
+"""The step timers' parts (megamoe/train/timers.py)."""
+PARAMETER_PARTS = ("grad_reduction", "optimizer")
+"""Timed parts that grow with the parameter count, not with the work per token: MoE at equal active compute holds
+more parameters than dense (top-2 over 8 half-width experts: 4x the FFN's)."""
 
 
 def runs(size: str) -> dict[str, list[str]]:
@@ -78,6 +85,8 @@ class TrainThroughput:
     step_s: float
     vs_dense: float = 0.0
     """tokens/s over the dense run's of the same size (measured in the same invocation)."""
+    timers_ms: dict = field(default_factory=dict)
+    """Medians of rank 0's time/<part>_ms over the measured (unprofiled) steps (megamoe/train/timers.py)."""
     profile: dict = field(default_factory=dict)
     """Rank 0's breakdown of its profiled steps (megamoe/train/profile.py)."""
 
@@ -88,8 +97,8 @@ def measure(size: str, run: str, overrides: list[str], data: StudyData, out: Pat
     log_dir = out / size / run.replace(" ", "_").replace("=", "")
     profiled = [steps - PROFILED_STEPS + 1, steps]
     records = launch_run(f"the {size} {run} run", log_dir, data, steps, [
-        f"logging.profile_steps=[{profiled[0]},{profiled[1]}]", "checkpoint.save=null", *SIZES[size]["overrides"],
-        *overrides])
+        f"logging.profile_steps=[{profiled[0]},{profiled[1]}]", "logging.step_timers=true", "checkpoint.save=null",
+        *SIZES[size]["overrides"], *overrides])
     kept = [r for r in records if "train/tokens_per_s" in r and warmup < r["step"] < profiled[0]]
 
     def median(key: str) -> float:
@@ -98,7 +107,7 @@ def measure(size: str, run: str, overrides: list[str], data: StudyData, out: Pat
     profile = json.loads((log_dir / "profile" / "rank0.breakdown.json").read_text())
     return TrainThroughput(size=size, run=run, tokens_per_s=median("train/tokens_per_s"),
                            tflops=median("train/tflops"), mfu=median("train/mfu"), step_s=median("train/step_s"),
-                           profile=profile)
+                           timers_ms={part: median(f"time/{part}_ms") for part in TIMED_PARTS}, profile=profile)
 
 
 def launch_run(what: str, log_dir: Path, data: StudyData, steps: int, overrides: list[str]) -> list[dict]:
@@ -132,6 +141,32 @@ def table(results: list[TrainThroughput]) -> str:
     lines += [f"| {r.size} | {r.run} | {r.tokens_per_s:,.0f} | {r.vs_dense:.2f} | {r.step_s:.3f} | {r.tflops:.3f} | "
               f"{100 * r.mfu:.1f} % |" for r in results]
     return "\n".join(lines)
+
+
+def timers_table(results: list[TrainThroughput]) -> str:
+    """Each run's unprofiled step by timed part (medians, ms), and for MoE runs a ceiling: the run's ratio to dense
+    if everything but its parameter parts took dense's time, i.e. if its MoE layers were exactly as fast as the dense
+    MLP. Its gradients' reduction and optimizer step alone hold it there, however fast the layer. (ZeRO-2 reduces
+    gradient buckets during the backward too: that share stays in 'backward', so its ceiling is an upper bound.)"""
+    dense = {r.size: r for r in results if r.run == "dense" and r.timers_ms}
+    names = [p.replace("_", " ") for p in TIMED_PARTS]
+    lines = ["| size | run | step ms | " + " | ".join(names) + " | ceiling |", "|---|---|---|" + "---|" * len(names)
+             + "---|"]
+    for r in results:
+        if not r.timers_ms:
+            continue
+        base = dense.get(r.size)
+        ceiling = "" if r.run == "dense" or base is None else f"{ceiling_vs_dense(r, base):.2f}"
+        lines.append(f"| {r.size} | {r.run} | {1e3 * r.step_s:.1f} | "
+                     + " | ".join(f"{r.timers_ms[p]:.1f}" for p in TIMED_PARTS) + f" | {ceiling} |")
+    return "\n".join(lines)
+
+
+def ceiling_vs_dense(run: TrainThroughput, dense: TrainThroughput) -> float:
+    """dense step / (dense step + the run's extra time in the parameter parts)."""
+    extra_ms = sum(run.timers_ms[p] - dense.timers_ms[p] for p in PARAMETER_PARTS)
+    dense_ms = 1e3 * dense.step_s
+    return dense_ms / (dense_ms + max(extra_ms, 0.0))
 
 
 def part_ms(profile: dict) -> dict[str, float]:

@@ -6,7 +6,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,7 @@ from megamoe.train.metrics import (
 from megamoe.train.optim import apply_hyperparameters
 from megamoe.train.preemption import Preempted, StopRequests, announce_requeue
 from megamoe.train.profile import StepProfiler
+from megamoe.train.timers import StepTimers
 from megamoe.train.watchdog import StallWatchdog
 from megamoe.utils import get_logger
 
@@ -59,6 +60,8 @@ class Trainer:
     progress: Progress
     checkpoint_bytes_read: int | None = None
     """Bytes this rank read from the checkpoint it resumed from (after its verification), where the OS says."""
+    timers: StepTimers = field(default_factory=lambda: StepTimers(False, torch.device("cpu")))
+    """The parts of each step, timed (logging.step_timers)."""
 
 
 def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
@@ -89,7 +92,16 @@ def build_trainer(cfg: RunConfig, layout: Layout) -> Trainer:
         if bytes_read.total is not None:
             get_logger().info(f"this rank read {bytes_read.total / 2**20:,.1f} MiB of {tag_dir} to resume")
     return Trainer(cfg=cfg, layout=layout, groups=groups, engine=engine, datasets=datasets, progress=progress,
-                   checkpoint_bytes_read=bytes_read.total)
+                   checkpoint_bytes_read=bytes_read.total, timers=step_timers(cfg, engine))
+
+
+def step_timers(cfg: RunConfig, engine) -> StepTimers:
+    """The step's timers; enabled, DeepSpeed's gradient reduction (its allreduce_gradients, which its backward
+    calls at the accumulation boundary) is timed as a part of its own."""
+    timers = StepTimers(cfg.logging.step_timers, engine.device)
+    if timers.enabled:
+        engine.allreduce_gradients = timers.wrap(engine.allreduce_gradients, "grad_reduction")
+    return timers
 
 
 def log_parameter_count(model: torch.nn.Module) -> None:
@@ -139,10 +151,10 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
     `before_step(engine)` runs once the step's gradients are complete, before the optimizer uses them
     (after the MoE layers' own step work: expert-bias updates).
     """
-    engine, gas, groups = trainer.engine, trainer.layout.grad_accum_steps, trainer.groups
+    engine, gas, groups, timers = trainer.engine, trainer.layout.grad_accum_steps, trainer.groups, trainer.timers
     lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
     skipped_before = engine.skipped_steps
-    with region("data"):
+    with region("data"), timers.part("data"):
         micro_batches = [next(batches) for _ in range(gas)]
     # The step's loss is the mean over all its loss tokens (Megatron's per-token loss): with a varying number
     # of loss tokens per micro-batch (masked LM, masked EOD) a mean of per-micro-batch means would weight
@@ -157,7 +169,7 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
         set_aux_loss_scale(aux_loss_scale(engine))  # the fp16 loss scale may change between micro-batches
         for layer in moe_layers(engine.module):
             layer.begin_micro_batch(last=index == gas - 1)
-        with region("forward"):
+        with region("forward"), timers.part("forward"):
             out = stage_output(trainer, micro_batches[index], x)
         if not groups.last_stage:
             return out
@@ -165,6 +177,7 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
         return out * scale
 
     @region("backward")
+    @timers.wrap_as("backward")
     def backward(y: torch.Tensor, dy: torch.Tensor | None) -> None:
         if dy is None:
             engine.backward(y)
@@ -172,6 +185,7 @@ def train_step(trainer: Trainer, batches: Iterator[dict],
             engine.backward((y * dy).sum(), scale_wrt_gas=False)
 
     @region("optimizer")
+    @timers.wrap_as("optimizer")
     def step() -> None:
         if engine.is_gradient_accumulation_boundary():
             grad_norm.append(grad_norm_before_step(engine))
@@ -339,7 +353,8 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
     while trainer.progress.iteration < cfg.train.train_iters:
         with profiler.step(trainer.progress.iteration + 1):
             start = time.perf_counter()
-            values = train_step(trainer, batches)
+            with trainer.timers.part("step"):
+                values = train_step(trainer, batches)
             values["train/skipped_steps"] = skips.count(values.pop("train/skipped"), trainer.progress.iteration + 1)
             step_s = time.perf_counter() - start
             trainer.progress = replace(trainer.progress, iteration=trainer.progress.iteration + 1,
@@ -357,7 +372,8 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], metrics: MetricsWriter,
                         **values, "train/tokens_per_s": tokens_per_step / step_s, **throughput, "train/step_s": step_s,
                         "train/memory_gib": largest_memory_gib(trainer.engine.device), "train/elapsed_s": elapsed,
                         "train/eta_s": elapsed / (step - first_step) * (cfg.train.train_iters - step),
-                        "train/consumed_samples": trainer.progress.consumed_samples, **moe_values})
+                        "train/consumed_samples": trainer.progress.consumed_samples, **trainer.timers.pop(),
+                        **moe_values})
         if do_eval and (step % cfg.train.eval_interval == 0 or last):
             validate(step)
         signum = stop.agreed(trainer.engine.device) if stop is not None else 0

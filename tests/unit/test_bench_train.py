@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from megamoe.studies import bench_train
 from megamoe.studies.bench_train import SIZES, TrainThroughput, breakdown_table, relative_to_dense, runs, table
 
 
@@ -48,3 +49,19 @@ def test_the_breakdown_sums_parts_into_columns_and_keeps_the_rest_as_other():
     assert (value["attention"], value["FFN / experts"], value["all-to-all"], value["other"]) == (
         "2.0", "3.5", "1.0", "0.2")
     assert value["host syncs |"] == "3 |"
+
+
+def test_the_ceiling_takes_only_the_extra_parameter_time_over_dense():
+    def timed(**ms: float) -> dict:
+        return {"data": 1.0, "forward": 30.0, "backward": 50.0, "grad_reduction": 10.0, "optimizer": 5.0,
+                "other": 4.0} | ms
+
+    dense = TrainThroughput("demo", "dense", 1.0, 0.0, 0.0, 0.100, timers_ms=timed())
+    # 30 ms more, of which 15 in the parameter parts: with layers as fast as dense's MLP, 100 / 115 of dense.
+    moe = TrainThroughput("demo", "top2 EP=1", 1.0, 0.0, 0.0, 0.130,
+                          timers_ms=timed(forward=38.0, backward=57.0, grad_reduction=20.0, optimizer=10.0))
+    untimed = TrainThroughput("small", "top2 EP=1", 1.0, 0.0, 0.0, 1.0)
+    lines = bench_train.timers_table([dense, moe, untimed]).splitlines()
+    assert len(lines) == 4  # header, rule, the two timed runs
+    assert lines[2] == "| demo | dense | 100.0 | 1.0 | 30.0 | 50.0 | 10.0 | 5.0 | 4.0 |  |"
+    assert lines[3] == f"| demo | top2 EP=1 | 130.0 | 1.0 | 38.0 | 57.0 | 20.0 | 10.0 | 4.0 | {100 / 115:.2f} |"

@@ -28,7 +28,7 @@ BANNED = {"config": {"torch", "megatron", "deepspeed", "numpy"}, "moe": {"megatr
 BANNED_BY_LAYER = {0: {"torch", "megatron", "deepspeed", "numpy"}, 2: {"megatron", "deepspeed"}, 3: {"deepspeed"}}
 """For the variants' modules, by their layer."""
 TRAINING_RUN = {"__init__", "checkpoint", "deepspeed", "flops", "integrity", "loop", "metrics", "optim", "pipeline",
-                "preemption", "preflight", "profile", "reshard", "saving", "startup", "watchdog"}
+                "preemption", "preflight", "profile", "reshard", "saving", "startup", "timers", "watchdog"}
 """megamoe/train holds the training run only: a benchmark, study, planner or converter goes elsewhere."""
 SIBLINGS_APART = {("data", "hf"), ("hf", "data")}
 # Third-party modules confined to single files inside their package.
