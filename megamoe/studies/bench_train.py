@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megamoe.studies.compare import StudyData, study_runs
+from megamoe.train import timers
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_FFN = 352
@@ -45,8 +46,6 @@ PARTS = {"attention": ("attention",), "FFN / experts": ("mlp slot", "moe/experts
          "data + logging": ("data", "logging")}
 """Columns of the breakdown table -> the profile's parts they sum (the rest is 'other'). 'grad. reduction' is
 backward time outside the layers: DeepSpeed's gradient reduction and the waits for the other ranks in it."""
-TIMED_PARTS = ("data", "forward", "backward", "grad_reduction", "optimizer", "other")
-"""The step timers' parts (megamoe/train/timers.py)."""
 PARAMETER_PARTS = ("grad_reduction", "optimizer")
 """Timed parts that grow with the parameter count, not with the work per token: MoE at equal active compute holds
 more parameters than dense (top-2 over 8 half-width experts: 4x the FFN's)."""
@@ -107,7 +106,7 @@ def measure(size: str, run: str, overrides: list[str], data: StudyData, out: Pat
     profile = json.loads((log_dir / "profile" / "rank0.breakdown.json").read_text())
     return TrainThroughput(size=size, run=run, tokens_per_s=median("train/tokens_per_s"),
                            tflops=median("train/tflops"), mfu=median("train/mfu"), step_s=median("train/step_s"),
-                           timers_ms={part: median(f"time/{part}_ms") for part in TIMED_PARTS}, profile=profile)
+                           timers_ms={part: median(f"time/{part}_ms") for part in timers.REPORTED}, profile=profile)
 
 
 def launch_run(what: str, log_dir: Path, data: StudyData, steps: int, overrides: list[str]) -> list[dict]:
@@ -149,7 +148,7 @@ def timers_table(results: list[TrainThroughput]) -> str:
     MLP. Its gradients' reduction and optimizer step alone hold it there, however fast the layer. (ZeRO-2 reduces
     gradient buckets during the backward too: that share stays in 'backward', so its ceiling is an upper bound.)"""
     dense = {r.size: r for r in results if r.run == "dense" and r.timers_ms}
-    names = [p.replace("_", " ") for p in TIMED_PARTS]
+    names = [p.replace("_", " ") for p in timers.REPORTED]
     lines = ["| size | run | step ms | " + " | ".join(names) + " | ceiling |", "|---|---|---|" + "---|" * len(names)
              + "---|"]
     for r in results:
@@ -158,7 +157,7 @@ def timers_table(results: list[TrainThroughput]) -> str:
         base = dense.get(r.size)
         ceiling = "" if r.run == "dense" or base is None else f"{ceiling_vs_dense(r, base):.2f}"
         lines.append(f"| {r.size} | {r.run} | {1e3 * r.step_s:.1f} | "
-                     + " | ".join(f"{r.timers_ms[p]:.1f}" for p in TIMED_PARTS) + f" | {ceiling} |")
+                     + " | ".join(f"{r.timers_ms[p]:.1f}" for p in timers.REPORTED) + f" | {ceiling} |")
     return "\n".join(lines)
 
 

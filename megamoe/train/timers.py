@@ -19,6 +19,8 @@ import torch
 PARTS = ("step", "data", "forward", "backward", "grad_reduction", "optimizer")
 """'grad_reduction' is DeepSpeed's allreduce_gradients, called inside the backward at the accumulation boundary
 (all of ZeRO-0/1's reduction; ZeRO-2 also reduces buckets while the backward runs, which stays in 'backward')."""
+REPORTED = (*PARTS[1:], "other")
+"""The parts `pop` reports: the step split into the others and 'other', the rest of it."""
 
 
 class StepTimers:
@@ -64,8 +66,8 @@ class StepTimers:
             return {}
         ms = {name: 1e3 * seconds / self._steps for name, seconds in self._seconds.items()}
         ms["backward"] -= ms["grad_reduction"]
-        ms["other"] = ms.pop("step") - sum(ms[p] for p in ("data", "forward", "backward", "grad_reduction",
-                                                           "optimizer"))
+        step_ms = ms.pop("step")
+        ms["other"] = step_ms - sum(ms.values())
         self._seconds, self._steps = dict.fromkeys(PARTS, 0.0), 0
         return {f"time/{name}_ms": value for name, value in ms.items()}
 
